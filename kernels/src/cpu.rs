@@ -1,0 +1,1143 @@
+//! CPU backend: `gemm` for matrix products, rayon for row-parallel loops.
+//!
+//! Every function here works on plain slices with explicit dimensions; `ops` checks
+//! shapes and dispatches. Reductions accumulate in `f64` so that results do not depend
+//! on how rows are split across threads beyond the last bit.
+
+use rayon::prelude::*;
+
+/// Rows per rayon task so that small matrices do not pay for splitting.
+fn grain(cols: usize) -> usize {
+    (8192 / cols.max(1)).max(1)
+}
+
+/// Elements per rayon task for flat elementwise loops.
+const FLAT_GRAIN: usize = 16 * 1024;
+
+/// `out = beta*out + alpha*op(a)@op(b)` for row-major storage.
+/// `a` is `[m, k]` after the optional transpose, `b` is `[k, n]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        scale(out, beta);
+        return;
+    }
+    // Row-major [m, k]: row stride k, col stride 1. Transposed storage [k, m]: row
+    // stride 1, col stride m.
+    let (a_rs, a_cs) = if trans_a {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if trans_b {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    // SAFETY: the slices hold m*k, k*n and m*n elements (checked by `ops`), and the
+    // strides above address exactly those elements.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            beta != 0.0,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+pub fn fill(x: &mut [f32], v: f32) {
+    x.par_chunks_mut(FLAT_GRAIN).for_each(|c| c.fill(v));
+}
+
+pub fn scale(x: &mut [f32], s: f32) {
+    if s == 0.0 {
+        return fill(x, 0.0);
+    }
+    x.par_chunks_mut(FLAT_GRAIN)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+}
+
+pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    y.par_chunks_mut(FLAT_GRAIN)
+        .zip(x.par_chunks(FLAT_GRAIN))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x));
+}
+
+pub fn mul(y: &mut [f32], x: &[f32]) {
+    y.par_chunks_mut(FLAT_GRAIN)
+        .zip(x.par_chunks(FLAT_GRAIN))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, x)| *y *= x));
+}
+
+pub fn exp(x: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(FLAT_GRAIN)
+        .zip(x.par_chunks(FLAT_GRAIN))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o = x.exp()));
+}
+
+/// `x[r, :] += alpha * v`
+pub fn add_row_vec(x: &mut [f32], cols: usize, v: &[f32], alpha: f32) {
+    x.par_chunks_mut(cols)
+        .with_min_len(grain(cols))
+        .for_each(|row| {
+            row.iter_mut().zip(v).for_each(|(x, v)| *x += alpha * v);
+        });
+}
+
+/// `x[r, j] *= v[j]`
+pub fn mul_row_vec(x: &mut [f32], cols: usize, v: &[f32]) {
+    x.par_chunks_mut(cols)
+        .with_min_len(grain(cols))
+        .for_each(|row| {
+            row.iter_mut().zip(v).for_each(|(x, v)| *x *= v);
+        });
+}
+
+/// `x[r, :] = x[r, :] * scale[r] + shift[r]`
+pub fn row_affine(x: &mut [f32], cols: usize, scale: &[f32], shift: &[f32]) {
+    x.par_chunks_mut(cols)
+        .with_min_len(grain(cols))
+        .zip(scale.par_iter().zip(shift.par_iter()))
+        .for_each(|(row, (s, b))| row.iter_mut().for_each(|x| *x = *x * s + b));
+}
+
+/// `out = beta*out + alpha * sum_r x[r, :]`
+pub fn col_sums(x: &[f32], cols: usize, out: &mut [f32], alpha: f32, beta: f32) {
+    let acc = col_sums_f64(x, cols);
+    out.iter_mut().zip(acc).for_each(|(o, s)| {
+        let base = if beta == 0.0 { 0.0 } else { beta * *o };
+        *o = base + alpha * s as f32;
+    });
+}
+
+fn col_sums_f64(x: &[f32], cols: usize) -> Vec<f64> {
+    if cols == 0 {
+        return Vec::new();
+    }
+    x.par_chunks(cols)
+        .with_min_len(grain(cols).max(64))
+        .fold(
+            || vec![0f64; cols],
+            |mut acc, row| {
+                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
+                acc
+            },
+        )
+        .reduce(
+            || vec![0f64; cols],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
+/// `out[r] = ||x[r, :]||_2`
+pub fn row_norms(x: &[f32], cols: usize, out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(x.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|(o, row)| {
+            *o = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32;
+        });
+}
+
+/// Per-row mean and unbiased standard deviation (torch's `x.std(dim=-1)`).
+pub fn row_mean_std(x: &[f32], cols: usize, mean: &mut [f32], std: &mut [f32]) {
+    mean.par_iter_mut()
+        .zip(std.par_iter_mut())
+        .zip(x.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|((m, s), row)| {
+            let mu = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+            let ss: f64 = row.iter().map(|&v| (v as f64 - mu).powi(2)).sum();
+            *m = mu as f32;
+            *s = (ss / (cols as f64 - 1.0)).sqrt() as f32;
+        });
+}
+
+/// `out[r] = ||x[r, :] - mean_r(x)||_2` (the row norms of the batch-centred matrix).
+pub fn centered_row_norms(x: &[f32], cols: usize, out: &mut [f32]) {
+    let rows = x.len() / cols.max(1);
+    let mean: Vec<f32> = col_sums_f64(x, cols)
+        .into_iter()
+        .map(|s| (s / rows as f64) as f32)
+        .collect();
+    out.par_iter_mut()
+        .zip(x.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|(o, row)| {
+            *o = row
+                .iter()
+                .zip(&mean)
+                .map(|(&v, &m)| ((v - m) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt() as f32;
+        });
+}
+
+/// `dst[j, :] += c[j] * src[j, :]`
+pub fn add_scaled_rows(dst: &mut [f32], src: &[f32], cols: usize, c: &[f32]) {
+    dst.par_chunks_mut(cols)
+        .zip(src.par_chunks(cols))
+        .zip(c.par_iter())
+        .with_min_len(grain(cols))
+        .for_each(|((d, s), &c)| {
+            if c != 0.0 {
+                d.iter_mut().zip(s).for_each(|(d, s)| *d += c * s);
+            }
+        });
+}
+
+pub fn sum(x: &[f32]) -> f64 {
+    x.par_chunks(FLAT_GRAIN)
+        .map(|c| c.iter().map(|&v| v as f64).sum::<f64>())
+        .sum()
+}
+
+pub fn sum_squares(x: &[f32]) -> f64 {
+    x.par_chunks(FLAT_GRAIN)
+        .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
+        .sum()
+}
+
+pub fn relu(h: &[f32], f: &mut [f32]) {
+    f.par_chunks_mut(FLAT_GRAIN)
+        .zip(h.par_chunks(FLAT_GRAIN))
+        .for_each(|(f, h)| f.iter_mut().zip(h).for_each(|(f, &h)| *f = h.max(0.0)));
+}
+
+/// `dh = df * (h > 0)`
+pub fn relu_backward(h: &[f32], df: &[f32], dh: &mut [f32]) {
+    dh.par_chunks_mut(FLAT_GRAIN)
+        .zip(h.par_chunks(FLAT_GRAIN).zip(df.par_chunks(FLAT_GRAIN)))
+        .for_each(|(dh, (h, df))| {
+            for ((d, &h), &g) in dh.iter_mut().zip(h).zip(df) {
+                *d = if h > 0.0 { g } else { 0.0 };
+            }
+        });
+}
+
+/// `x *= (g > 0)`
+pub fn mask_positive(x: &mut [f32], g: &[f32]) {
+    x.par_chunks_mut(FLAT_GRAIN)
+        .zip(g.par_chunks(FLAT_GRAIN))
+        .for_each(|(x, g)| {
+            for (x, &g) in x.iter_mut().zip(g) {
+                if g <= 0.0 || g.is_nan() {
+                    *x = 0.0;
+                }
+            }
+        });
+}
+
+/// `f = h * (h > t[j])`
+pub fn jumprelu(h: &[f32], cols: usize, t: &[f32], f: &mut [f32]) {
+    f.par_chunks_mut(cols)
+        .zip(h.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|(f, h)| {
+            for ((f, &h), &t) in f.iter_mut().zip(h).zip(t) {
+                *f = if h > t { h } else { 0.0 };
+            }
+        });
+}
+
+/// The rectangle kernel of the JumpReLU straight-through estimator.
+#[inline]
+fn rectangle(x: f32) -> f32 {
+    if x > -0.5 && x < 0.5 {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// Backward of `f = h*(h>t)`: `dh += df*(h>t)` (+ the STE term when `ste_to_input`),
+/// `dt[j] -= sum_r (t/bw) rect((h-t)/bw) df`.
+#[allow(clippy::too_many_arguments)]
+pub fn jumprelu_backward(
+    h: &[f32],
+    cols: usize,
+    t: &[f32],
+    df: &[f32],
+    bandwidth: f32,
+    ste_to_input: bool,
+    dh: &mut [f32],
+    dt: &mut [f32],
+) {
+    let acc = dh
+        .par_chunks_mut(cols)
+        .zip(h.par_chunks(cols).zip(df.par_chunks(cols)))
+        .with_min_len(grain(cols).max(16))
+        .fold(
+            || vec![0f64; cols],
+            |mut acc, (dh, (h, df))| {
+                for j in 0..cols {
+                    let (hv, tv, g) = (h[j], t[j], df[j]);
+                    let ste = (tv / bandwidth) * rectangle((hv - tv) / bandwidth) * g;
+                    acc[j] -= ste as f64;
+                    let mut d = if hv > tv { g } else { 0.0 };
+                    if ste_to_input {
+                        d += ste;
+                    }
+                    dh[j] += d;
+                }
+                acc
+            },
+        )
+        .reduce(|| vec![0f64; cols], add_vecs);
+    dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+}
+
+fn add_vecs(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
+    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+    a
+}
+
+/// `out[r] = #{j : h[r,j] > t[j]}`
+pub fn step_count_rows(h: &[f32], cols: usize, t: &[f32], out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(h.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|(o, h)| *o = h.iter().zip(t).filter(|(h, t)| h > t).count() as f32);
+}
+
+/// Backward of the Heaviside step `(h > t)` with upstream gradient `g[r]` per row:
+/// `ste = (1/bw) rect((h-t)/bw) g[r]`; `dt[j] -= sum_r ste`; `dh += ste` if asked.
+#[allow(clippy::too_many_arguments)]
+pub fn step_backward(
+    h: &[f32],
+    cols: usize,
+    t: &[f32],
+    g: &[f32],
+    bandwidth: f32,
+    ste_to_input: bool,
+    dh: &mut [f32],
+    dt: &mut [f32],
+) {
+    let inv_bw = 1.0 / bandwidth;
+    let acc = dh
+        .par_chunks_mut(cols)
+        .zip(h.par_chunks(cols).zip(g.par_iter()))
+        .with_min_len(grain(cols).max(16))
+        .fold(
+            || vec![0f64; cols],
+            |mut acc, (dh, (h, &g))| {
+                for j in 0..cols {
+                    let ste = inv_bw * rectangle((h[j] - t[j]) / bandwidth) * g;
+                    acc[j] -= ste as f64;
+                    if ste_to_input {
+                        dh[j] += ste;
+                    }
+                }
+                acc
+            },
+        )
+        .reduce(|| vec![0f64; cols], add_vecs);
+    dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+}
+
+/// `sum_r sum_j tanh(s f n_j)`; adds `c s n_j (1 - tanh^2)` to `df` and
+/// `c s f (1 - tanh^2)` summed over rows to `dn`.
+pub fn tanh_sparsity(
+    f: &[f32],
+    cols: usize,
+    n: &[f32],
+    s: f32,
+    c: f32,
+    df: &mut [f32],
+    dn: &mut [f32],
+) -> f64 {
+    let (total, acc) = df
+        .par_chunks_mut(cols)
+        .zip(f.par_chunks(cols))
+        .with_min_len(grain(cols).max(16))
+        .fold(
+            || (0f64, vec![0f64; cols]),
+            |(mut tot, mut acc), (df, f)| {
+                for j in 0..cols {
+                    let u = s * f[j] * n[j];
+                    let th = u.tanh();
+                    tot += th as f64;
+                    let du = c * (1.0 - th * th);
+                    df[j] += du * s * n[j];
+                    acc[j] += (du * s * f[j]) as f64;
+                }
+                (tot, acc)
+            },
+        )
+        .reduce(
+            || (0.0, vec![0f64; cols]),
+            |a, b| (a.0 + b.0, add_vecs(a.1, b.1)),
+        );
+    dn.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+    total
+}
+
+/// `sum_r ||f_r * n||_p` (n = 1 when absent). Adds `c * d/df` to `df` and, when `n`
+/// is given, `c * d/dn` to `dn`. The gradient of a zero-norm row is zero (as torch).
+#[allow(clippy::too_many_arguments)]
+pub fn lp_sparsity(
+    f: &[f32],
+    cols: usize,
+    n: Option<&[f32]>,
+    p: f32,
+    c: f32,
+    df: Option<&mut [f32]>,
+    dn: Option<&mut [f32]>,
+) -> f64 {
+    let nj = |j: usize| n.map_or(1.0, |n| n[j]);
+    // Per-row norms first: the gradient needs them.
+    let norms: Vec<f64> = f
+        .par_chunks(cols)
+        .with_min_len(grain(cols))
+        .map(|row| {
+            if p == 1.0 {
+                row.iter()
+                    .enumerate()
+                    .map(|(j, &v)| (v * nj(j)).abs() as f64)
+                    .sum()
+            } else if p == 2.0 {
+                row.iter()
+                    .enumerate()
+                    .map(|(j, &v)| ((v * nj(j)) as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            } else {
+                row.iter()
+                    .enumerate()
+                    .map(|(j, &v)| ((v * nj(j)).abs() as f64).powf(p as f64))
+                    .sum::<f64>()
+                    .powf(1.0 / p as f64)
+            }
+        })
+        .collect();
+    let total: f64 = norms.iter().sum();
+    let Some(df) = df else { return total };
+    // d||w||_p / dw_j = sign(w_j) |w_j|^(p-1) / ||w||_p^(p-1)
+    let acc = df
+        .par_chunks_mut(cols)
+        .zip(f.par_chunks(cols).zip(norms.par_iter()))
+        .with_min_len(grain(cols).max(16))
+        .fold(
+            || vec![0f64; cols],
+            |mut acc, (df, (f, &norm))| {
+                if norm == 0.0 && p != 1.0 {
+                    return acc;
+                }
+                for j in 0..cols {
+                    let w = f[j] * nj(j);
+                    let dw = if p == 1.0 {
+                        w.signum() * (w != 0.0) as i32 as f32
+                    } else {
+                        (w.signum() as f64 * (w.abs() as f64).powf(p as f64 - 1.0)
+                            / norm.powf(p as f64 - 1.0)) as f32
+                    };
+                    let g = c * dw;
+                    df[j] += g * nj(j);
+                    acc[j] += (g * f[j]) as f64;
+                }
+                acc
+            },
+        )
+        .reduce(|| vec![0f64; cols], add_vecs);
+    if let Some(dn) = dn {
+        dn.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+    }
+    total
+}
+
+/// Anthropic's pre-activation loss on dead latents:
+/// `sum_r sum_j relu(t_j - h_rj) dead_j n_j`, with `c`-scaled gradients added to
+/// `dh`, `dt` and `dn`.
+#[allow(clippy::too_many_arguments)]
+pub fn pre_act_loss(
+    h: &[f32],
+    cols: usize,
+    t: &[f32],
+    dead: &[f32],
+    n: &[f32],
+    c: f32,
+    dh: &mut [f32],
+    dt: &mut [f32],
+    dn: &mut [f32],
+) -> f64 {
+    let (total, acc_t, acc_n) = dh
+        .par_chunks_mut(cols)
+        .zip(h.par_chunks(cols))
+        .with_min_len(grain(cols).max(16))
+        .fold(
+            || (0f64, vec![0f64; cols], vec![0f64; cols]),
+            |(mut tot, mut at, mut an), (dh, h)| {
+                for j in 0..cols {
+                    if dead[j] == 0.0 {
+                        continue;
+                    }
+                    let u = t[j] - h[j];
+                    if u > 0.0 {
+                        tot += (u * dead[j] * n[j]) as f64;
+                        let g = c * dead[j] * n[j];
+                        dh[j] -= g;
+                        at[j] += g as f64;
+                        an[j] += (c * u * dead[j]) as f64;
+                    }
+                }
+                (tot, at, an)
+            },
+        )
+        .reduce(
+            || (0.0, vec![0f64; cols], vec![0f64; cols]),
+            |a, b| (a.0 + b.0, add_vecs(a.1, b.1), add_vecs(a.2, b.2)),
+        );
+    dt.iter_mut().zip(acc_t).for_each(|(d, a)| *d += a as f32);
+    dn.iter_mut().zip(acc_n).for_each(|(d, a)| *d += a as f32);
+    total
+}
+
+/// `sum_r w_r sum_j (p - t)^2`; optionally writes `grad = gscale * 2 w_r (p - t)`.
+pub fn mse(
+    pred: &[f32],
+    target: &[f32],
+    cols: usize,
+    row_w: Option<&[f32]>,
+    grad: Option<(&mut [f32], f32)>,
+) -> f64 {
+    let w = |r: usize| row_w.map_or(1.0, |w| w[r]);
+    match grad {
+        None => pred
+            .par_chunks(cols)
+            .zip(target.par_chunks(cols))
+            .enumerate()
+            .with_min_len(grain(cols))
+            .map(|(r, (p, t))| {
+                let s: f64 = p.iter().zip(t).map(|(p, t)| ((p - t) as f64).powi(2)).sum();
+                s * w(r) as f64
+            })
+            .sum(),
+        Some((g, gscale)) => g
+            .par_chunks_mut(cols)
+            .zip(pred.par_chunks(cols).zip(target.par_chunks(cols)))
+            .enumerate()
+            .with_min_len(grain(cols))
+            .map(|(r, (g, (p, t)))| {
+                let wr = w(r);
+                let mut s = 0f64;
+                for ((g, p), t) in g.iter_mut().zip(p).zip(t) {
+                    let d = p - t;
+                    s += (d as f64).powi(2);
+                    *g = gscale * 2.0 * wr * d;
+                }
+                s * wr as f64
+            })
+            .sum(),
+    }
+}
+
+/// `sum w * (p - t)^2` element-wise; optionally writes `grad = gscale * 2 w (p - t)`.
+pub fn weighted_sq_err(
+    pred: &[f32],
+    target: &[f32],
+    weight: &[f32],
+    grad: Option<(&mut [f32], f32)>,
+) -> f64 {
+    match grad {
+        None => pred
+            .par_chunks(FLAT_GRAIN)
+            .zip(
+                target
+                    .par_chunks(FLAT_GRAIN)
+                    .zip(weight.par_chunks(FLAT_GRAIN)),
+            )
+            .map(|(p, (t, w))| {
+                p.iter()
+                    .zip(t)
+                    .zip(w)
+                    .map(|((p, t), w)| (w * (p - t) * (p - t)) as f64)
+                    .sum::<f64>()
+            })
+            .sum(),
+        Some((g, gscale)) => g
+            .par_chunks_mut(FLAT_GRAIN)
+            .zip(
+                pred.par_chunks(FLAT_GRAIN).zip(
+                    target
+                        .par_chunks(FLAT_GRAIN)
+                        .zip(weight.par_chunks(FLAT_GRAIN)),
+                ),
+            )
+            .map(|(g, (p, (t, w)))| {
+                let mut s = 0f64;
+                for (((g, p), t), w) in g.iter_mut().zip(p).zip(t).zip(w) {
+                    let d = p - t;
+                    s += (w * d * d) as f64;
+                    *g = gscale * 2.0 * w * d;
+                }
+                s
+            })
+            .sum(),
+    }
+}
+
+/// torch's single-tensor Adam update, element for element (same operation order).
+#[allow(clippy::too_many_arguments)]
+pub fn adam(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    step: u64,
+) {
+    let bc1 = 1.0 - beta1.powi(step as i32);
+    let bc2 = 1.0 - beta2.powi(step as i32);
+    let step_size = (lr / bc1) as f32;
+    let bc2_sqrt = bc2.sqrt() as f32;
+    let w = (1.0 - beta1) as f32;
+    let b2 = beta2 as f32;
+    let one_minus_b2 = (1.0 - beta2) as f32;
+    let eps = eps as f32;
+    param
+        .par_chunks_mut(FLAT_GRAIN)
+        .zip(grad.par_chunks(FLAT_GRAIN))
+        .zip(
+            m.par_chunks_mut(FLAT_GRAIN)
+                .zip(v.par_chunks_mut(FLAT_GRAIN)),
+        )
+        .for_each(|((p, g), (m, v))| {
+            for i in 0..p.len() {
+                let g = g[i];
+                // lerp(m, g, w): torch switches formula at |w| = 0.5
+                m[i] = if w.abs() < 0.5 {
+                    m[i] + w * (g - m[i])
+                } else {
+                    g - (g - m[i]) * (1.0 - w)
+                };
+                v[i] = v[i] * b2 + one_minus_b2 * g * g;
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                p[i] += -step_size * m[i] / denom;
+            }
+        });
+}
+
+/// `out = (p - t)^2 * w[r]` element-wise (`w` = 1 when absent).
+pub fn sq_err(p: &[f32], t: &[f32], cols: usize, row_w: Option<&[f32]>, out: &mut [f32]) {
+    out.par_chunks_mut(cols)
+        .zip(p.par_chunks(cols).zip(t.par_chunks(cols)))
+        .enumerate()
+        .with_min_len(grain(cols))
+        .for_each(|(r, (o, (p, t)))| {
+            let w = row_w.map_or(1.0, |w| w[r]);
+            for ((o, p), t) in o.iter_mut().zip(p).zip(t) {
+                *o = (p - t) * (p - t) * w;
+            }
+        });
+}
+
+/// `out = a / (b + eps)` element-wise.
+pub fn div_eps(a: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    out.par_chunks_mut(FLAT_GRAIN)
+        .zip(a.par_chunks(FLAT_GRAIN).zip(b.par_chunks(FLAT_GRAIN)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = a / (b + eps);
+            }
+        });
+}
+
+/// `out = (1 - tanh(relu(h))^2) * (h > 0) * df`: backward of SAELens 5's `tanh-relu`.
+pub fn tanh_relu_backward(h: &[f32], df: &[f32], dh: &mut [f32]) {
+    dh.par_chunks_mut(FLAT_GRAIN)
+        .zip(h.par_chunks(FLAT_GRAIN).zip(df.par_chunks(FLAT_GRAIN)))
+        .for_each(|(dh, (h, df))| {
+            for ((d, &h), &g) in dh.iter_mut().zip(h).zip(df) {
+                *d = if h > 0.0 {
+                    let t = h.tanh();
+                    g * (1.0 - t * t)
+                } else {
+                    0.0
+                };
+            }
+        });
+}
+
+pub fn tanh(x: &mut [f32]) {
+    x.par_chunks_mut(FLAT_GRAIN)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = v.tanh()));
+}
+
+/// `dst = src[:, start..start + dst_cols]`
+pub fn copy_cols(src: &[f32], src_cols: usize, start: usize, dst: &mut [f32], dst_cols: usize) {
+    dst.par_chunks_mut(dst_cols)
+        .zip(src.par_chunks(src_cols))
+        .with_min_len(grain(src_cols))
+        .for_each(|(d, s)| d.copy_from_slice(&s[start..start + dst_cols]));
+}
+
+/// `dst[:, start..start + src_cols] += src`
+pub fn add_cols(dst: &mut [f32], dst_cols: usize, start: usize, src: &[f32], src_cols: usize) {
+    dst.par_chunks_mut(dst_cols)
+        .zip(src.par_chunks(src_cols))
+        .with_min_len(grain(dst_cols))
+        .for_each(|(d, s)| {
+            d[start..start + src_cols]
+                .iter_mut()
+                .zip(s)
+                .for_each(|(d, s)| *d += s);
+        });
+}
+
+/// Smallest strictly positive value, if any.
+pub fn min_positive(x: &[f32]) -> Option<f32> {
+    x.par_chunks(FLAT_GRAIN)
+        .filter_map(|c| c.iter().copied().filter(|&v| v > 0.0).reduce(f32::min))
+        .reduce_with(f32::min)
+}
+
+/// Number of nonzero entries in each column.
+pub fn col_nonzero_counts(x: &[f32], cols: usize, out: &mut [f32]) {
+    let acc = x
+        .par_chunks(cols)
+        .with_min_len(grain(cols).max(64))
+        .fold(
+            || vec![0f64; cols],
+            |mut acc, row| {
+                acc.iter_mut()
+                    .zip(row)
+                    .for_each(|(a, &v)| *a += (v != 0.0) as u8 as f64);
+                acc
+            },
+        )
+        .reduce(|| vec![0f64; cols], add_vecs);
+    out.iter_mut().zip(acc).for_each(|(o, a)| *o = a as f32);
+}
+
+/// Number of nonzero entries in each row.
+pub fn row_nonzero_counts(x: &[f32], cols: usize, out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(x.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|(o, row)| *o = row.iter().filter(|&&v| v != 0.0).count() as f32);
+}
+
+pub fn add_normal_noise(x: &mut [f32], std: f32, seed: u64) {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+    // One stream per chunk keeps the result independent of the thread count.
+    x.par_chunks_mut(FLAT_GRAIN).enumerate().for_each(|(i, c)| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(i as u64);
+        for v in c {
+            let z: f32 = StandardNormal.sample(&mut rng);
+            *v += std * z;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// Selection
+
+/// Order key of an f32 such that larger floats have larger keys (total order).
+#[inline]
+fn key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// Top-`k` of each row (optionally only among columns with `mask[j] > 0`), written as
+/// CSR with `k` entries per row, columns ascending. Values are the raw inputs.
+pub fn topk_rows(
+    x: &[f32],
+    cols: usize,
+    k: usize,
+    mask: Option<&[f32]>,
+    offsets: &mut Vec<u32>,
+    indices: &mut Vec<u32>,
+    values: &mut Vec<f32>,
+) {
+    let rows = x.len() / cols.max(1);
+    offsets.clear();
+    offsets.extend((0..=rows).map(|r| (r * k) as u32));
+    indices.resize(rows * k, 0);
+    values.resize(rows * k, 0.0);
+    if k == 0 {
+        return;
+    }
+    let allowed: Option<Vec<u32>> = mask.map(|m| {
+        m.iter()
+            .enumerate()
+            .filter(|(_, &v)| v > 0.0)
+            .map(|(j, _)| j as u32)
+            .collect()
+    });
+    indices
+        .par_chunks_mut(k)
+        .zip(values.par_chunks_mut(k))
+        .zip(x.par_chunks(cols))
+        .with_min_len(grain(cols).max(4))
+        .for_each_init(
+            Vec::new,
+            |scratch: &mut Vec<(u32, u32)>, ((idx, val), row)| {
+                scratch.clear();
+                match &allowed {
+                    Some(a) => scratch.extend(a.iter().map(|&j| (key(row[j as usize]), j))),
+                    None => {
+                        scratch.extend(row.iter().enumerate().map(|(j, &v)| (key(v), j as u32)))
+                    }
+                }
+                assert!(
+                    k <= scratch.len(),
+                    "top-k with k={k} of {} candidates",
+                    scratch.len()
+                );
+                // Largest key first; among equal keys the lower column wins.
+                let cmp = |a: &(u32, u32), b: &(u32, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
+                if k < scratch.len() {
+                    scratch.select_nth_unstable_by(k - 1, cmp);
+                }
+                let chosen = &mut scratch[..k];
+                chosen.sort_unstable_by_key(|e| e.1);
+                for (i, &(_, j)) in chosen.iter().enumerate() {
+                    idx[i] = j;
+                    val[i] = row[j as usize];
+                }
+            },
+        );
+}
+
+/// The `total` largest entries of the whole matrix (ties at the cut broken by
+/// row-major position), dropping entries `<= 0`: used on ReLU outputs, where a
+/// selected zero contributes nothing to the decode or to any gradient.
+pub fn batch_topk(
+    x: &[f32],
+    cols: usize,
+    total: usize,
+    offsets: &mut Vec<u32>,
+    indices: &mut Vec<u32>,
+    values: &mut Vec<f32>,
+) {
+    let rows = x.len() / cols.max(1);
+    let (thr, n_above) = select_threshold(x, total);
+    // Entries with key > thr are in; `total - n_above` of those equal to thr join them
+    // in row-major order. Zeros and negatives never do.
+    let mut ties_left = total.saturating_sub(n_above);
+    let per_row: Vec<(usize, usize)> = x
+        .par_chunks(cols)
+        .with_min_len(grain(cols))
+        .map(|row| {
+            let above = row.iter().filter(|&&v| v > 0.0 && key(v) > thr).count();
+            let ties = row.iter().filter(|&&v| v > 0.0 && key(v) == thr).count();
+            (above, ties)
+        })
+        .collect();
+    offsets.clear();
+    offsets.push(0);
+    let mut take_ties = Vec::with_capacity(rows);
+    let mut acc = 0u32;
+    for &(above, ties) in &per_row {
+        let t = ties.min(ties_left);
+        ties_left -= t;
+        take_ties.push(t);
+        acc += (above + t) as u32;
+        offsets.push(acc);
+    }
+    let nnz = acc as usize;
+    indices.resize(nnz, 0);
+    values.resize(nnz, 0.0);
+    // Split the outputs into per-row slices, then fill rows in parallel.
+    let mut idx_parts: Vec<&mut [u32]> = Vec::with_capacity(rows);
+    let mut val_parts: Vec<&mut [f32]> = Vec::with_capacity(rows);
+    let (mut ir, mut vr) = (&mut indices[..], &mut values[..]);
+    for r in 0..rows {
+        let len = (offsets[r + 1] - offsets[r]) as usize;
+        let (a, b) = std::mem::take(&mut ir).split_at_mut(len);
+        let (c, d) = std::mem::take(&mut vr).split_at_mut(len);
+        idx_parts.push(a);
+        val_parts.push(c);
+        ir = b;
+        vr = d;
+    }
+    idx_parts
+        .into_par_iter()
+        .zip(val_parts.into_par_iter())
+        .zip(x.par_chunks(cols).zip(take_ties.par_iter()))
+        .for_each(|((idx, val), (row, &ties))| {
+            let mut n = 0;
+            let mut ties = ties;
+            for (j, &v) in row.iter().enumerate() {
+                if v <= 0.0 {
+                    continue;
+                }
+                let kv = key(v);
+                let take = kv > thr || (kv == thr && ties > 0);
+                if take {
+                    if kv == thr {
+                        ties -= 1;
+                    }
+                    idx[n] = j as u32;
+                    val[n] = v;
+                    n += 1;
+                }
+            }
+        });
+}
+
+/// Key of the `total`-th largest value and how many values lie strictly above it,
+/// by a two-pass radix select over the order keys (16 bits per pass).
+fn select_threshold(x: &[f32], total: usize) -> (u32, usize) {
+    if total == 0 {
+        return (u32::MAX, 0);
+    }
+    if total >= x.len() {
+        return (0, 0);
+    }
+    let hist = |shift: u32, prefix: Option<u32>| -> Vec<usize> {
+        x.par_chunks(FLAT_GRAIN)
+            .fold(
+                || vec![0usize; 1 << 16],
+                |mut h, c| {
+                    for &v in c {
+                        let k = key(v);
+                        if prefix.is_none_or(|p| k >> 16 == p) {
+                            h[((k >> shift) & 0xffff) as usize] += 1;
+                        }
+                    }
+                    h
+                },
+            )
+            .reduce(
+                || vec![0usize; 1 << 16],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            )
+    };
+    // Walk buckets from the top until `total` values are covered.
+    let pick = |h: &[usize], need: usize| -> (u32, usize) {
+        let mut above = 0;
+        for b in (0..h.len()).rev() {
+            if above + h[b] >= need {
+                return (b as u32, above);
+            }
+            above += h[b];
+        }
+        (0, above)
+    };
+    let h1 = hist(16, None);
+    let (hi, above_hi) = pick(&h1, total);
+    let h2 = hist(0, Some(hi));
+    let (lo, above_lo) = pick(&h2, total - above_hi);
+    ((hi << 16) | lo, above_hi + above_lo)
+}
+
+// ---------------------------------------------------------------------------------
+// Sparse (CSR) products
+
+/// `out[r, :] = beta*out[r, :] + alpha * sum_e val[e] * w[idx[e], :]`
+#[allow(clippy::too_many_arguments)]
+pub fn csr_matmul(
+    offsets: &[u32],
+    indices: &[u32],
+    values: &[f32],
+    w: &[f32],
+    d: usize,
+    out: &mut [f32],
+    alpha: f32,
+    beta: f32,
+) {
+    out.par_chunks_mut(d)
+        .enumerate()
+        .with_min_len(grain(d).max(4))
+        .for_each(|(r, o)| {
+            if beta == 0.0 {
+                o.fill(0.0);
+            } else if beta != 1.0 {
+                o.iter_mut().for_each(|v| *v *= beta);
+            }
+            for e in offsets[r] as usize..offsets[r + 1] as usize {
+                let a = alpha * values[e];
+                let wr = &w[indices[e] as usize * d..][..d];
+                o.iter_mut().zip(wr).for_each(|(o, w)| *o += a * w);
+            }
+        });
+}
+
+/// Column-major view of a CSR matrix: for each column, the (row, value) pairs in row
+/// order. Built by a counting sort, O(nnz).
+fn to_csc(
+    offsets: &[u32],
+    indices: &[u32],
+    values: &[f32],
+    cols: usize,
+) -> (Vec<u32>, Vec<(u32, f32)>) {
+    let mut col_off = vec![0u32; cols + 1];
+    for &j in indices {
+        col_off[j as usize + 1] += 1;
+    }
+    for j in 0..cols {
+        col_off[j + 1] += col_off[j];
+    }
+    let mut fill = col_off.clone();
+    let mut entries = vec![(0u32, 0f32); indices.len()];
+    for r in 0..offsets.len() - 1 {
+        for e in offsets[r] as usize..offsets[r + 1] as usize {
+            let j = indices[e] as usize;
+            entries[fill[j] as usize] = (r as u32, values[e]);
+            fill[j] += 1;
+        }
+    }
+    (col_off, entries)
+}
+
+/// `out = beta*out + alpha * csr^T @ x`, with `csr` `[rows, cols]`, `x` `[rows, d]`,
+/// `out` `[cols, d]` (or `[d, cols]` when `out_transposed`).
+#[allow(clippy::too_many_arguments)]
+pub fn csr_t_matmul(
+    offsets: &[u32],
+    indices: &[u32],
+    values: &[f32],
+    cols: usize,
+    x: &[f32],
+    d: usize,
+    out: &mut [f32],
+    out_transposed: bool,
+    alpha: f32,
+    beta: f32,
+) {
+    let (col_off, entries) = to_csc(offsets, indices, values, cols);
+    let product = |j: usize, o: &mut [f32]| {
+        for &(r, v) in &entries[col_off[j] as usize..col_off[j + 1] as usize] {
+            let a = alpha * v;
+            let xr = &x[r as usize * d..][..d];
+            o.iter_mut().zip(xr).for_each(|(o, x)| *o += a * x);
+        }
+    };
+    if !out_transposed {
+        out.par_chunks_mut(d)
+            .enumerate()
+            .with_min_len(grain(d).max(4))
+            .for_each(|(j, o)| {
+                if beta == 0.0 {
+                    o.fill(0.0);
+                } else if beta != 1.0 {
+                    o.iter_mut().for_each(|v| *v *= beta);
+                }
+                product(j, o);
+            });
+        return;
+    }
+    // out is [d, cols]: build [cols, d] rows, then add them in transposed, in
+    // column blocks so each thread owns whole output rows of the block.
+    let mut tmp = vec![0f32; cols * d];
+    tmp.par_chunks_mut(d)
+        .enumerate()
+        .with_min_len(grain(d).max(4))
+        .for_each(|(j, o)| product(j, o));
+    out.par_chunks_mut(cols)
+        .enumerate()
+        .with_min_len(grain(cols).max(4))
+        .for_each(|(i, orow)| {
+            for (j, o) in orow.iter_mut().enumerate() {
+                let base = if beta == 0.0 { 0.0 } else { beta * *o };
+                *o = base + tmp[j * d + i];
+            }
+        });
+}
+
+/// `out[e] = a[r, :] . w[idx[e], :]` for every stored entry `e` of row `r`.
+pub fn csr_sampled_dot(
+    offsets: &[u32],
+    indices: &[u32],
+    a: &[f32],
+    w: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
+    let rows = offsets.len() - 1;
+    // Split `out` by rows so each task owns its entries.
+    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(rows);
+    let mut rest = out;
+    for r in 0..rows {
+        let (p, q) = rest.split_at_mut((offsets[r + 1] - offsets[r]) as usize);
+        parts.push(p);
+        rest = q;
+    }
+    parts
+        .into_par_iter()
+        .enumerate()
+        .with_min_len(grain(d).max(4))
+        .for_each(|(r, o)| {
+            let ar = &a[r * d..][..d];
+            let start = offsets[r] as usize;
+            for (i, o) in o.iter_mut().enumerate() {
+                let wr = &w[indices[start + i] as usize * d..][..d];
+                *o = ar.iter().zip(wr).map(|(a, w)| a * w).sum();
+            }
+        });
+}
+
+/// `out[j] = beta*out[j] + alpha * sum over entries in column j of vals[e] * other[e]`
+/// (`other = None` means 1).
+pub fn csr_col_dot(
+    indices: &[u32],
+    values: &[f32],
+    other: Option<&[f32]>,
+    out: &mut [f32],
+    alpha: f32,
+    beta: f32,
+) {
+    let mut acc = vec![0f64; out.len()];
+    match other {
+        Some(o) => indices
+            .iter()
+            .zip(values)
+            .zip(o)
+            .for_each(|((&j, &v), &o)| acc[j as usize] += (v * o) as f64),
+        None => indices
+            .iter()
+            .zip(values)
+            .for_each(|(&j, &v)| acc[j as usize] += v as f64),
+    }
+    out.iter_mut().zip(acc).for_each(|(o, a)| {
+        let base = if beta == 0.0 { 0.0 } else { beta * *o };
+        *o = base + alpha * a as f32;
+    });
+}

@@ -1,0 +1,108 @@
+//! The numeric core shared by every model: row-major `f32` tensors, a sparse row
+//! format for top-k activations, and the ops the SAE math is written in.
+//!
+//! Callers only use [`Tensor`], [`Csr`], [`Device`] and the functions in [`ops`];
+//! they never touch a backend directly. Today the one backend is the CPU (the `gemm`
+//! crate for matrix products, rayon for everything else). A CUDA backend plugs in by
+//! adding a storage variant and a dispatch arm inside each op, so model code does not
+//! change.
+//!
+//! Conventions: every matrix is row-major `[rows, cols]`; a vector is 1-D `[n]`.
+//! Shape mismatches are programming errors and panic with the shapes involved.
+
+mod cpu;
+pub mod ops;
+mod sparse;
+mod tensor;
+
+pub use sparse::Csr;
+pub use tensor::Tensor;
+
+use std::fmt;
+
+/// Errors a caller can act on (device selection, bad data from outside).
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("device '{0}' is not known: expected 'cpu', 'cuda' or 'cuda:N'")]
+    UnknownDevice(String),
+    #[error("device '{0}' needs CUDA, but this binary was built without the `cuda` feature (rebuild with `--features cuda`)")]
+    NotBuiltWithCuda(String),
+    #[error("tensor data has {got} values but shape {shape:?} needs {want}")]
+    ShapeData {
+        shape: Vec<usize>,
+        want: usize,
+        got: usize,
+    },
+}
+
+/// Where tensors live and ops run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+}
+
+impl Device {
+    /// Parses SAELens-style device strings: `cpu`, `cuda`, `cuda:N`.
+    pub fn parse(s: &str) -> Result<Device, KernelError> {
+        let s = s.trim();
+        if s == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        let is_cuda = s == "cuda"
+            || s.strip_prefix("cuda:")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_cuda {
+            Err(KernelError::NotBuiltWithCuda(s.to_string()))
+        } else {
+            Err(KernelError::UnknownDevice(s.to_string()))
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+        }
+    }
+}
+
+/// Sets the number of CPU threads used by every op (call once, before the first op).
+/// Returns an error string if the global pool was already started.
+pub fn set_num_threads(n: usize) -> Result<(), String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| e.to_string())
+}
+
+/// Number of CPU threads the ops use.
+pub fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_strings() {
+        assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
+        assert!(matches!(
+            Device::parse("cuda:0"),
+            Err(KernelError::NotBuiltWithCuda(_))
+        ));
+        assert!(matches!(
+            Device::parse("cuda"),
+            Err(KernelError::NotBuiltWithCuda(_))
+        ));
+        assert!(matches!(
+            Device::parse("tpu"),
+            Err(KernelError::UnknownDevice(_))
+        ));
+        assert!(matches!(
+            Device::parse("cuda:x"),
+            Err(KernelError::UnknownDevice(_))
+        ));
+    }
+}

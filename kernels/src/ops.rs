@@ -1,0 +1,854 @@
+//! The op API. Every function checks shapes, then runs on the tensors' device.
+//!
+//! Naming: `x` `[rows, cols]` is a batch (one row per token), `v` `[cols]` a vector
+//! broadcast over rows, `s` `[rows]` a per-row value. Functions ending in `_backward`
+//! take upstream gradients and write or accumulate input gradients as documented.
+//! Nothing here allocates a `[rows, cols]` buffer unless its doc line says so.
+
+use crate::{cpu, Csr, Tensor};
+
+fn same_shape(a: &Tensor, b: &Tensor, what: &str) {
+    assert_eq!(a.shape(), b.shape(), "{what}: shape mismatch");
+}
+
+fn is_vec(v: &Tensor, n: usize, what: &str) {
+    assert!(
+        v.shape().len() == 1 && v.shape()[0] == n,
+        "{what}: expected a vector of length {n}, got shape {:?}",
+        v.shape()
+    );
+}
+
+fn dims2(t: &Tensor) -> (usize, usize) {
+    (t.rows(), t.cols())
+}
+
+/// `out = beta*out + alpha * op(a) @ op(b)` where `op` transposes when asked.
+/// Shapes: `op(a)` `[m, k]`, `op(b)` `[k, n]`, `out` `[m, n]`.
+pub fn matmul(
+    out: &mut Tensor,
+    a: &Tensor,
+    trans_a: bool,
+    b: &Tensor,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+) {
+    let (ar, ac) = dims2(a);
+    let (br, bc) = dims2(b);
+    let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
+    let (k2, n) = if trans_b { (bc, br) } else { (br, bc) };
+    assert_eq!(
+        k,
+        k2,
+        "matmul: inner dims differ ({:?}{} @ {:?}{})",
+        a.shape(),
+        if trans_a { "^T" } else { "" },
+        b.shape(),
+        if trans_b { "^T" } else { "" }
+    );
+    assert_eq!(
+        (out.rows(), out.cols()),
+        (m, n),
+        "matmul: output shape {:?}, expected [{m}, {n}]",
+        out.shape()
+    );
+    cpu::matmul(
+        m,
+        n,
+        k,
+        out.cpu_mut(),
+        a.cpu(),
+        trans_a,
+        b.cpu(),
+        trans_b,
+        alpha,
+        beta,
+    );
+}
+
+/// `out = beta*out + alpha * op(a) @ x` for a matrix `a` and vectors `x`, `out`.
+pub fn matvec(out: &mut Tensor, a: &Tensor, trans_a: bool, x: &Tensor, alpha: f32, beta: f32) {
+    let (ar, ac) = dims2(a);
+    let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
+    is_vec(x, k, "matvec input");
+    is_vec(out, m, "matvec output");
+    cpu::matmul(
+        m,
+        1,
+        k,
+        out.cpu_mut(),
+        a.cpu(),
+        trans_a,
+        x.cpu(),
+        false,
+        alpha,
+        beta,
+    );
+}
+
+pub fn fill(t: &mut Tensor, v: f32) {
+    cpu::fill(t.cpu_mut(), v);
+}
+
+pub fn copy(dst: &mut Tensor, src: &Tensor) {
+    same_shape(dst, src, "copy");
+    dst.cpu_mut().copy_from_slice(src.cpu());
+}
+
+/// `t *= s`
+pub fn scale(t: &mut Tensor, s: f32) {
+    cpu::scale(t.cpu_mut(), s);
+}
+
+/// `y += alpha * x`
+pub fn axpy(y: &mut Tensor, alpha: f32, x: &Tensor) {
+    same_shape(y, x, "axpy");
+    cpu::axpy(y.cpu_mut(), alpha, x.cpu());
+}
+
+/// `y *= x` element-wise.
+pub fn mul(y: &mut Tensor, x: &Tensor) {
+    same_shape(y, x, "mul");
+    cpu::mul(y.cpu_mut(), x.cpu());
+}
+
+/// `out = exp(x)` element-wise.
+pub fn exp(x: &Tensor, out: &mut Tensor) {
+    same_shape(x, out, "exp");
+    cpu::exp(x.cpu(), out.cpu_mut());
+}
+
+/// `x[r, :] += alpha * v` (bias add).
+pub fn add_row_vec(x: &mut Tensor, v: &Tensor, alpha: f32) {
+    let c = x.cols();
+    is_vec(v, c, "add_row_vec");
+    cpu::add_row_vec(x.cpu_mut(), c, v.cpu(), alpha);
+}
+
+/// `x[r, j] *= v[j]` (scale each column).
+pub fn mul_row_vec(x: &mut Tensor, v: &Tensor) {
+    let c = x.cols();
+    is_vec(v, c, "mul_row_vec");
+    cpu::mul_row_vec(x.cpu_mut(), c, v.cpu());
+}
+
+/// `x[r, :] = x[r, :] * scale[r] + shift[r]`
+pub fn row_affine(x: &mut Tensor, scale: &Tensor, shift: &Tensor) {
+    let (r, c) = dims2(x);
+    is_vec(scale, r, "row_affine scale");
+    is_vec(shift, r, "row_affine shift");
+    cpu::row_affine(x.cpu_mut(), c, scale.cpu(), shift.cpu());
+}
+
+/// `out = beta*out + alpha * sum over rows of x`.
+pub fn col_sums(x: &Tensor, out: &mut Tensor, alpha: f32, beta: f32) {
+    let c = x.cols();
+    is_vec(out, c, "col_sums");
+    cpu::col_sums(x.cpu(), c, out.cpu_mut(), alpha, beta);
+}
+
+/// `out[r] = ||x[r, :]||_2`
+pub fn row_norms(x: &Tensor, out: &mut Tensor) {
+    let (r, c) = dims2(x);
+    is_vec(out, r, "row_norms");
+    cpu::row_norms(x.cpu(), c, out.cpu_mut());
+}
+
+/// Per-row mean and unbiased standard deviation.
+pub fn row_mean_std(x: &Tensor, mean: &mut Tensor, std: &mut Tensor) {
+    let (r, c) = dims2(x);
+    is_vec(mean, r, "row_mean_std mean");
+    is_vec(std, r, "row_mean_std std");
+    cpu::row_mean_std(x.cpu(), c, mean.cpu_mut(), std.cpu_mut());
+}
+
+/// `out[r] = ||x[r, :] - mean over rows of x||_2`
+pub fn centered_row_norms(x: &Tensor, out: &mut Tensor) {
+    let (r, c) = dims2(x);
+    is_vec(out, r, "centered_row_norms");
+    cpu::centered_row_norms(x.cpu(), c, out.cpu_mut());
+}
+
+/// `dst[j, :] += c[j] * src[j, :]`
+pub fn add_scaled_rows(dst: &mut Tensor, src: &Tensor, c: &Tensor) {
+    same_shape(dst, src, "add_scaled_rows");
+    let (r, cols) = dims2(src);
+    is_vec(c, r, "add_scaled_rows coefficients");
+    cpu::add_scaled_rows(dst.cpu_mut(), src.cpu(), cols, c.cpu());
+}
+
+/// Sum of all elements (accumulated in f64).
+pub fn sum(t: &Tensor) -> f64 {
+    cpu::sum(t.cpu())
+}
+
+/// Sum of squares of all elements (accumulated in f64).
+pub fn sum_squares(t: &Tensor) -> f64 {
+    cpu::sum_squares(t.cpu())
+}
+
+/// `f = max(h, 0)`
+pub fn relu(h: &Tensor, f: &mut Tensor) {
+    same_shape(h, f, "relu");
+    cpu::relu(h.cpu(), f.cpu_mut());
+}
+
+/// `dh = df * (h > 0)`
+pub fn relu_backward(h: &Tensor, df: &Tensor, dh: &mut Tensor) {
+    same_shape(h, df, "relu_backward");
+    same_shape(h, dh, "relu_backward");
+    cpu::relu_backward(h.cpu(), df.cpu(), dh.cpu_mut());
+}
+
+/// `x *= (g > 0)` element-wise (a gate).
+pub fn mask_positive(x: &mut Tensor, g: &Tensor) {
+    same_shape(x, g, "mask_positive");
+    cpu::mask_positive(x.cpu_mut(), g.cpu());
+}
+
+/// JumpReLU: `f = h * (h > t[j])`.
+pub fn jumprelu(h: &Tensor, t: &Tensor, f: &mut Tensor) {
+    same_shape(h, f, "jumprelu");
+    let c = h.cols();
+    is_vec(t, c, "jumprelu threshold");
+    cpu::jumprelu(h.cpu(), c, t.cpu(), f.cpu_mut());
+}
+
+/// Backward of [`jumprelu`] with the rectangle-kernel straight-through estimator of
+/// width `bandwidth`: adds `df*(h>t)` to `dh` (plus the estimator when
+/// `ste_to_input`), adds `-sum_r (t/bw) rect((h-t)/bw) df` to `dt`.
+#[allow(clippy::too_many_arguments)]
+pub fn jumprelu_backward(
+    h: &Tensor,
+    t: &Tensor,
+    df: &Tensor,
+    bandwidth: f32,
+    ste_to_input: bool,
+    dh: &mut Tensor,
+    dt: &mut Tensor,
+) {
+    same_shape(h, df, "jumprelu_backward");
+    same_shape(h, dh, "jumprelu_backward");
+    let c = h.cols();
+    is_vec(t, c, "jumprelu_backward threshold");
+    is_vec(dt, c, "jumprelu_backward dt");
+    cpu::jumprelu_backward(
+        h.cpu(),
+        c,
+        t.cpu(),
+        df.cpu(),
+        bandwidth,
+        ste_to_input,
+        dh.cpu_mut(),
+        dt.cpu_mut(),
+    );
+}
+
+/// `out[r] = number of j with h[r, j] > t[j]` (the L0 of a JumpReLU row).
+pub fn step_count_rows(h: &Tensor, t: &Tensor, out: &mut Tensor) {
+    let (r, c) = dims2(h);
+    is_vec(t, c, "step_count_rows threshold");
+    is_vec(out, r, "step_count_rows out");
+    cpu::step_count_rows(h.cpu(), c, t.cpu(), out.cpu_mut());
+}
+
+/// Backward of the step `(h > t)` given `g[r]`, the gradient of each row's count:
+/// adds `-sum_r (1/bw) rect((h-t)/bw) g[r]` to `dt`, and the same estimator to `dh`
+/// when `ste_to_input`.
+#[allow(clippy::too_many_arguments)]
+pub fn step_backward(
+    h: &Tensor,
+    t: &Tensor,
+    g: &Tensor,
+    bandwidth: f32,
+    ste_to_input: bool,
+    dh: &mut Tensor,
+    dt: &mut Tensor,
+) {
+    let (r, c) = dims2(h);
+    same_shape(h, dh, "step_backward");
+    is_vec(t, c, "step_backward threshold");
+    is_vec(g, r, "step_backward g");
+    is_vec(dt, c, "step_backward dt");
+    cpu::step_backward(
+        h.cpu(),
+        c,
+        t.cpu(),
+        g.cpu(),
+        bandwidth,
+        ste_to_input,
+        dh.cpu_mut(),
+        dt.cpu_mut(),
+    );
+}
+
+/// Anthropic's tanh sparsity penalty `sum_r sum_j tanh(s * f[r,j] * n[j])`.
+/// Adds `c` times its gradient to `df` and `dn`; returns the unscaled sum.
+pub fn tanh_sparsity(
+    f: &Tensor,
+    n: &Tensor,
+    s: f32,
+    c: f32,
+    df: &mut Tensor,
+    dn: &mut Tensor,
+) -> f64 {
+    same_shape(f, df, "tanh_sparsity");
+    let cols = f.cols();
+    is_vec(n, cols, "tanh_sparsity norms");
+    is_vec(dn, cols, "tanh_sparsity dn");
+    cpu::tanh_sparsity(f.cpu(), cols, n.cpu(), s, c, df.cpu_mut(), dn.cpu_mut())
+}
+
+/// `sum_r ||f[r, :] * n||_p` (`n` = 1 when `None`). With `df`, adds `c` times the
+/// gradient to `df` (and to `dn` when both `n` and `dn` are given). A zero row has
+/// zero gradient, as in torch.
+pub fn lp_sparsity(
+    f: &Tensor,
+    n: Option<&Tensor>,
+    p: f32,
+    c: f32,
+    df: Option<&mut Tensor>,
+    dn: Option<&mut Tensor>,
+) -> f64 {
+    let cols = f.cols();
+    if let Some(n) = n {
+        is_vec(n, cols, "lp_sparsity norms");
+    }
+    if let Some(df) = &df {
+        same_shape(f, df, "lp_sparsity");
+    }
+    if let Some(dn) = &dn {
+        is_vec(dn, cols, "lp_sparsity dn");
+    }
+    assert!(p > 0.0, "lp_sparsity: p must be positive, got {p}");
+    cpu::lp_sparsity(
+        f.cpu(),
+        cols,
+        n.map(|n| n.cpu()),
+        p,
+        c,
+        df.map(|d| d.cpu_mut()),
+        dn.map(|d| d.cpu_mut()),
+    )
+}
+
+/// Pre-activation loss on dead latents: `sum_r sum_j relu(t[j] - h[r,j]) dead[j] n[j]`.
+/// Adds `c` times its gradient to `dh`, `dt` and `dn`; returns the unscaled sum.
+#[allow(clippy::too_many_arguments)]
+pub fn pre_act_loss(
+    h: &Tensor,
+    t: &Tensor,
+    dead: &Tensor,
+    n: &Tensor,
+    c: f32,
+    dh: &mut Tensor,
+    dt: &mut Tensor,
+    dn: &mut Tensor,
+) -> f64 {
+    same_shape(h, dh, "pre_act_loss");
+    let cols = h.cols();
+    for (v, w) in [(t, "threshold"), (dead, "dead mask"), (n, "norms")] {
+        is_vec(v, cols, w);
+    }
+    is_vec(dt, cols, "pre_act_loss dt");
+    is_vec(dn, cols, "pre_act_loss dn");
+    cpu::pre_act_loss(
+        h.cpu(),
+        cols,
+        t.cpu(),
+        dead.cpu(),
+        n.cpu(),
+        c,
+        dh.cpu_mut(),
+        dt.cpu_mut(),
+        dn.cpu_mut(),
+    )
+}
+
+/// Squared error `sum_r w[r] sum_j (pred - target)^2` (`w` = 1 when `None`).
+/// With `grad = Some((g, s))` also writes `g = s * 2 w[r] (pred - target)`.
+pub fn mse(
+    pred: &Tensor,
+    target: &Tensor,
+    row_w: Option<&Tensor>,
+    grad: Option<(&mut Tensor, f32)>,
+) -> f64 {
+    same_shape(pred, target, "mse");
+    let (r, c) = dims2(pred);
+    if let Some(w) = row_w {
+        is_vec(w, r, "mse row weights");
+    }
+    if let Some((g, _)) = &grad {
+        same_shape(pred, g, "mse grad");
+    }
+    cpu::mse(
+        pred.cpu(),
+        target.cpu(),
+        c,
+        row_w.map(|w| w.cpu()),
+        grad.map(|(g, s)| (g.cpu_mut(), s)),
+    )
+}
+
+/// `sum w * (pred - target)^2` with an element-wise weight; with `grad = Some((g, s))`
+/// also writes `g = s * 2 w (pred - target)`.
+pub fn weighted_sq_err(
+    pred: &Tensor,
+    target: &Tensor,
+    weight: &Tensor,
+    grad: Option<(&mut Tensor, f32)>,
+) -> f64 {
+    same_shape(pred, target, "weighted_sq_err");
+    same_shape(pred, weight, "weighted_sq_err");
+    if let Some((g, _)) = &grad {
+        same_shape(pred, g, "weighted_sq_err grad");
+    }
+    cpu::weighted_sq_err(
+        pred.cpu(),
+        target.cpu(),
+        weight.cpu(),
+        grad.map(|(g, s)| (g.cpu_mut(), s)),
+    )
+}
+
+/// One Adam step for one parameter, exactly as torch's single-tensor Adam computes it
+/// (bias corrections from `step`, which counts from 1).
+#[allow(clippy::too_many_arguments)]
+pub fn adam(
+    param: &mut Tensor,
+    grad: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    step: u64,
+) {
+    same_shape(param, grad, "adam grad");
+    same_shape(param, m, "adam m");
+    same_shape(param, v, "adam v");
+    assert!(step >= 1, "adam: step counts from 1");
+    cpu::adam(
+        param.cpu_mut(),
+        grad.cpu(),
+        m.cpu_mut(),
+        v.cpu_mut(),
+        lr,
+        beta1,
+        beta2,
+        eps,
+        step,
+    );
+}
+
+/// Scales all gradients so that their global L2 norm is at most `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_` does (coefficient `max_norm / (norm + 1e-6)`,
+/// capped at 1). Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [&mut Tensor], max_norm: f32) -> f32 {
+    // torch: norm of the per-tensor norms, each computed in f32.
+    let norms: Vec<f32> = grads.iter().map(|g| sum_squares(g).sqrt() as f32).collect();
+    let total = norms
+        .iter()
+        .map(|&n| n as f64 * n as f64)
+        .sum::<f64>()
+        .sqrt() as f32;
+    let coef = (max_norm / (total + 1e-6)).min(1.0);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            scale(g, coef);
+        }
+    }
+    total
+}
+
+/// `out = (pred - target)^2 * w[r]` element-wise (`w` = 1 when `None`).
+pub fn sq_err(pred: &Tensor, target: &Tensor, row_w: Option<&Tensor>, out: &mut Tensor) {
+    same_shape(pred, target, "sq_err");
+    same_shape(pred, out, "sq_err out");
+    let (r, c) = dims2(pred);
+    if let Some(w) = row_w {
+        is_vec(w, r, "sq_err row weights");
+    }
+    cpu::sq_err(
+        pred.cpu(),
+        target.cpu(),
+        c,
+        row_w.map(|w| w.cpu()),
+        out.cpu_mut(),
+    );
+}
+
+/// `out = a / (b + eps)` element-wise.
+pub fn div_eps(a: &Tensor, b: &Tensor, eps: f32, out: &mut Tensor) {
+    same_shape(a, b, "div_eps");
+    same_shape(a, out, "div_eps out");
+    cpu::div_eps(a.cpu(), b.cpu(), eps, out.cpu_mut());
+}
+
+/// `x = tanh(x)` element-wise.
+pub fn tanh(x: &mut Tensor) {
+    cpu::tanh(x.cpu_mut());
+}
+
+/// `dh = df * (1 - tanh(h)^2) * (h > 0)`: the backward of `tanh(relu(h))`.
+pub fn tanh_relu_backward(h: &Tensor, df: &Tensor, dh: &mut Tensor) {
+    same_shape(h, df, "tanh_relu_backward");
+    same_shape(h, dh, "tanh_relu_backward");
+    cpu::tanh_relu_backward(h.cpu(), df.cpu(), dh.cpu_mut());
+}
+
+/// `dst = src[:, start..start + dst.cols]` (a column block of a batch).
+pub fn copy_cols(src: &Tensor, start: usize, dst: &mut Tensor) {
+    let (r, c) = dims2(src);
+    let (dr, dc) = dims2(dst);
+    assert!(
+        dr == r && start + dc <= c,
+        "copy_cols: {:?}[.., {start}..{}] into {:?}",
+        src.shape(),
+        start + dc,
+        dst.shape()
+    );
+    cpu::copy_cols(src.cpu(), c, start, dst.cpu_mut(), dc);
+}
+
+/// `dst[:, start..start + src.cols] += src`.
+pub fn add_cols(dst: &mut Tensor, start: usize, src: &Tensor) {
+    let (r, c) = dims2(dst);
+    let (sr, sc) = dims2(src);
+    assert!(
+        sr == r && start + sc <= c,
+        "add_cols: {:?} into {:?} at column {start}",
+        src.shape(),
+        dst.shape()
+    );
+    cpu::add_cols(dst.cpu_mut(), c, start, src.cpu(), sc);
+}
+
+/// `dst = src[start..start + dst.rows, :]` (a block of rows).
+pub fn copy_rows(src: &Tensor, start: usize, dst: &mut Tensor) {
+    let (r, c) = dims2(src);
+    let (dr, dc) = dims2(dst);
+    assert!(
+        dc == c && start + dr <= r,
+        "copy_rows: {:?}[{start}..{}] into {:?}",
+        src.shape(),
+        start + dr,
+        dst.shape()
+    );
+    dst.cpu_mut()
+        .copy_from_slice(&src.cpu()[start * c..(start + dr) * c]);
+}
+
+/// `dst[start..start + src.rows, :] += src`.
+pub fn add_rows(dst: &mut Tensor, start: usize, src: &Tensor) {
+    let (r, c) = dims2(dst);
+    let (sr, sc) = dims2(src);
+    assert!(
+        sc == c && start + sr <= r,
+        "add_rows: {:?} into {:?} at row {start}",
+        src.shape(),
+        dst.shape()
+    );
+    cpu::axpy(
+        &mut dst.cpu_mut()[start * c..(start + sr) * c],
+        1.0,
+        src.cpu(),
+    );
+}
+
+/// Smallest strictly positive element, if any.
+pub fn min_positive(t: &Tensor) -> Option<f32> {
+    cpu::min_positive(t.cpu())
+}
+
+/// `out[j] = number of nonzero x[r, j]`.
+pub fn col_nonzero_counts(x: &Tensor, out: &mut Tensor) {
+    let c = x.cols();
+    is_vec(out, c, "col_nonzero_counts");
+    cpu::col_nonzero_counts(x.cpu(), c, out.cpu_mut());
+}
+
+/// `out[r] = number of nonzero x[r, j]`.
+pub fn row_nonzero_counts(x: &Tensor, out: &mut Tensor) {
+    let (r, c) = dims2(x);
+    is_vec(out, r, "row_nonzero_counts");
+    cpu::row_nonzero_counts(x.cpu(), c, out.cpu_mut());
+}
+
+/// `x += std * N(0, 1)`, reproducible for a given `seed` whatever the thread count.
+pub fn add_normal_noise(x: &mut Tensor, std: f32, seed: u64) {
+    cpu::add_normal_noise(x.cpu_mut(), std, seed);
+}
+
+// ---------------------------------------------------------------------------------
+// Selection and sparse products
+
+/// Top-`k` entries of each row of `x` `[rows, cols]` into `out` (k per row, columns
+/// ascending, raw values). With `mask`, only columns where `mask[j] > 0` compete.
+pub fn topk_rows(x: &Tensor, k: usize, mask: Option<&Tensor>, out: &mut Csr) {
+    let (r, c) = dims2(x);
+    if let Some(m) = mask {
+        is_vec(m, c, "topk_rows mask");
+    }
+    assert!(k <= c, "topk_rows: k={k} exceeds the {c} columns");
+    out.rows = r;
+    out.cols = c;
+    let nnz = r * k;
+    out.values.resize(&[nnz]);
+    cpu::topk_rows(
+        x.cpu(),
+        c,
+        k,
+        mask.map(|m| m.cpu()),
+        out.offsets.cpu_mut(),
+        out.indices.cpu_mut(),
+        out.values.data.cpu_mut(),
+    );
+}
+
+/// The `total` largest positive entries of the whole matrix `x` (batch top-k on ReLU
+/// outputs) into `out`. Non-positive entries are never stored.
+pub fn batch_topk(x: &Tensor, total: usize, out: &mut Csr) {
+    let (r, c) = dims2(x);
+    out.rows = r;
+    out.cols = c;
+    cpu::batch_topk(
+        x.cpu(),
+        c,
+        total,
+        out.offsets.cpu_mut(),
+        out.indices.cpu_mut(),
+        out.values.data.cpu_mut(),
+    );
+    let nnz = out.indices.cpu().len();
+    out.values.resize(&[nnz]);
+}
+
+/// Dense copy of a CSR matrix into `out` `[rows, cols]` (zeros elsewhere).
+pub fn csr_to_dense(a: &Csr, out: &mut Tensor) {
+    assert_eq!(
+        (out.rows(), out.cols()),
+        (a.rows, a.cols),
+        "csr_to_dense: output shape {:?}",
+        out.shape()
+    );
+    let cols = a.cols;
+    let (off, idx, val) = (a.offsets.cpu(), a.indices.cpu(), a.values.cpu());
+    let o = out.cpu_mut();
+    o.fill(0.0);
+    for r in 0..a.rows {
+        for e in off[r] as usize..off[r + 1] as usize {
+            o[r * cols + idx[e] as usize] = val[e];
+        }
+    }
+}
+
+/// Values of `dense` at the stored positions of `pattern`, into `out` `[nnz]`.
+pub fn csr_gather(pattern: &Csr, dense: &Tensor, out: &mut Tensor) {
+    assert_eq!(
+        (dense.rows(), dense.cols()),
+        (pattern.rows, pattern.cols),
+        "csr_gather: shape"
+    );
+    is_vec(out, pattern.nnz(), "csr_gather out");
+    let cols = pattern.cols;
+    let (off, idx) = (pattern.offsets.cpu(), pattern.indices.cpu());
+    let d = dense.cpu();
+    let o = out.cpu_mut();
+    for r in 0..pattern.rows {
+        for e in off[r] as usize..off[r + 1] as usize {
+            o[e] = d[r * cols + idx[e] as usize];
+        }
+    }
+}
+
+/// `dense[r, j] += a[r, j]` for the stored entries of `a`.
+pub fn csr_scatter_add(a: &Csr, dense: &mut Tensor) {
+    assert_eq!(
+        (dense.rows(), dense.cols()),
+        (a.rows, a.cols),
+        "csr_scatter_add: shape"
+    );
+    let cols = a.cols;
+    let (off, idx, val) = (a.offsets.cpu(), a.indices.cpu(), a.values.cpu());
+    let o = dense.cpu_mut();
+    for r in 0..a.rows {
+        for e in off[r] as usize..off[r + 1] as usize {
+            o[r * cols + idx[e] as usize] += val[e];
+        }
+    }
+}
+
+/// `out = beta*out + alpha * a @ w` with `a` `[rows, m]` sparse, `w` `[m, d]`.
+pub fn csr_matmul(out: &mut Tensor, a: &Csr, w: &Tensor, alpha: f32, beta: f32) {
+    let (wr, d) = dims2(w);
+    assert_eq!(
+        a.cols, wr,
+        "csr_matmul: sparse has {} columns, dense has {wr} rows",
+        a.cols
+    );
+    assert_eq!(
+        (out.rows(), out.cols()),
+        (a.rows, d),
+        "csr_matmul: output shape {:?}",
+        out.shape()
+    );
+    cpu::csr_matmul(
+        a.offsets.cpu(),
+        a.indices.cpu(),
+        a.values.cpu(),
+        w.cpu(),
+        d,
+        out.cpu_mut(),
+        alpha,
+        beta,
+    );
+}
+
+/// `out = beta*out + alpha * a^T @ x` with `a` `[rows, m]` sparse and `x` `[rows, d]`:
+/// `out` is `[m, d]`, or `[d, m]` when `out_transposed` (then a temporary `[m, d]` is
+/// allocated). This is the weight gradient of a sparse layer.
+pub fn csr_t_matmul(
+    out: &mut Tensor,
+    a: &Csr,
+    x: &Tensor,
+    out_transposed: bool,
+    alpha: f32,
+    beta: f32,
+) {
+    let (xr, d) = dims2(x);
+    assert_eq!(
+        xr, a.rows,
+        "csr_t_matmul: sparse has {} rows, dense has {xr}",
+        a.rows
+    );
+    let want = if out_transposed {
+        (d, a.cols)
+    } else {
+        (a.cols, d)
+    };
+    assert_eq!(
+        (out.rows(), out.cols()),
+        want,
+        "csr_t_matmul: output shape {:?}",
+        out.shape()
+    );
+    cpu::csr_t_matmul(
+        a.offsets.cpu(),
+        a.indices.cpu(),
+        a.values.cpu(),
+        a.cols,
+        x.cpu(),
+        d,
+        out.cpu_mut(),
+        out_transposed,
+        alpha,
+        beta,
+    );
+}
+
+/// `out[e] = x[r, :] . w[j, :]` for every stored entry `(r, j)` of `pattern`: the
+/// entries of `x @ w^T` that a sparse layer needs.
+pub fn csr_sampled_dot(pattern: &Csr, x: &Tensor, w: &Tensor, out: &mut Tensor) {
+    let (xr, d) = dims2(x);
+    assert_eq!(xr, pattern.rows, "csr_sampled_dot: rows");
+    assert_eq!(
+        (w.rows(), w.cols()),
+        (pattern.cols, d),
+        "csr_sampled_dot: weight shape {:?}",
+        w.shape()
+    );
+    is_vec(out, pattern.nnz(), "csr_sampled_dot out");
+    cpu::csr_sampled_dot(
+        pattern.offsets.cpu(),
+        pattern.indices.cpu(),
+        x.cpu(),
+        w.cpu(),
+        d,
+        out.cpu_mut(),
+    );
+}
+
+/// `out[j] = beta*out[j] + alpha * sum of a's values in column j` (times `other`'s
+/// matching values when given: a per-column dot product of two same-pattern matrices).
+pub fn csr_col_dot(a: &Csr, other: Option<&Tensor>, out: &mut Tensor, alpha: f32, beta: f32) {
+    is_vec(out, a.cols, "csr_col_dot out");
+    if let Some(o) = other {
+        is_vec(o, a.nnz(), "csr_col_dot other");
+    }
+    cpu::csr_col_dot(
+        a.indices.cpu(),
+        a.values.cpu(),
+        other.map(|o| o.cpu()),
+        out.cpu_mut(),
+        alpha,
+        beta,
+    );
+}
+
+/// `a.values[e] *= v[column of e]`.
+pub fn csr_scale_cols(a: &mut Csr, v: &Tensor) {
+    is_vec(v, a.cols, "csr_scale_cols");
+    let idx = a.indices.cpu();
+    let vv = v.cpu();
+    let vals = a.values.data.cpu_mut();
+    vals.iter_mut()
+        .zip(idx)
+        .for_each(|(x, &j)| *x *= vv[j as usize]);
+}
+
+/// Number of stored nonzero values per column into `out` `[cols]`.
+pub fn csr_col_nonzero_counts(a: &Csr, out: &mut Tensor) {
+    is_vec(out, a.cols, "csr_col_nonzero_counts");
+    let o = out.cpu_mut();
+    o.fill(0.0);
+    for (&j, &v) in a.indices.cpu().iter().zip(a.values.cpu()) {
+        if v != 0.0 {
+            o[j as usize] += 1.0;
+        }
+    }
+}
+
+/// Number of stored nonzero values per row into `out` `[rows]`.
+pub fn csr_row_nonzero_counts(a: &Csr, out: &mut Tensor) {
+    is_vec(out, a.rows, "csr_row_nonzero_counts");
+    let (off, val) = (a.offsets.cpu(), a.values.cpu());
+    let o = out.cpu_mut();
+    for r in 0..a.rows {
+        o[r] = val[off[r] as usize..off[r + 1] as usize]
+            .iter()
+            .filter(|&&v| v != 0.0)
+            .count() as f32;
+    }
+}
+
+/// Keeps only the entries of `a` whose column lies in `[start, end)`, renumbered to
+/// start at 0, into `out` (a matryoshka level's slice of the activations).
+pub fn csr_slice_cols(a: &Csr, start: usize, end: usize, out: &mut Csr) {
+    assert!(
+        start <= end && end <= a.cols,
+        "csr_slice_cols: bad range {start}..{end} of {}",
+        a.cols
+    );
+    let (off, idx, val) = (a.offsets.cpu(), a.indices.cpu(), a.values.cpu());
+    let mut o_off = Vec::with_capacity(a.rows + 1);
+    let mut o_idx = Vec::new();
+    let mut o_val = Vec::new();
+    o_off.push(0u32);
+    for r in 0..a.rows {
+        for e in off[r] as usize..off[r + 1] as usize {
+            let j = idx[e] as usize;
+            if j >= start && j < end {
+                o_idx.push((j - start) as u32);
+                o_val.push(val[e]);
+            }
+        }
+        o_off.push(o_idx.len() as u32);
+    }
+    *out = Csr::from_parts(&a.values.device(), a.rows, end - start, o_off, o_idx, o_val);
+}
+
+#[cfg(test)]
+mod tests;

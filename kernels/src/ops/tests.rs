@@ -1,0 +1,533 @@
+//! Each op against a naive loop written out here. Tolerances: f32 products of length
+//! k are compared at 1e-5 relative to the largest magnitude involved (the naive loop
+//! sums in f64; gemm sums in another order in f32).
+
+use super::*;
+use crate::Device;
+use rand::{Rng, SeedableRng};
+
+const DEV: Device = Device::Cpu;
+
+fn rand_vec(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
+    Tensor::from_vec(&DEV, shape, v).unwrap()
+}
+
+fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= rel * scale,
+            "{what}[{i}]: got {g}, want {w} (scale {scale})"
+        );
+    }
+}
+
+fn naive_matmul(
+    a: &[f32],
+    ta: bool,
+    ar: usize,
+    ac: usize,
+    b: &[f32],
+    tb: bool,
+    br: usize,
+    bc: usize,
+) -> (usize, usize, Vec<f32>) {
+    let (m, k) = if ta { (ac, ar) } else { (ar, ac) };
+    let n = if tb { br } else { bc };
+    let at = |i: usize, p: usize| if ta { a[p * ac + i] } else { a[i * ac + p] };
+    let bt = |p: usize, j: usize| if tb { b[j * bc + p] } else { b[p * bc + j] };
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k)
+                .map(|p| at(i, p) as f64 * bt(p, j) as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    (m, n, out)
+}
+
+#[test]
+fn matmul_all_transposes_and_accumulate() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let (m, k, n) = (37, 53, 29);
+    for ta in [false, true] {
+        for tb in [false, true] {
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            let a = rand_vec(&mut rng, ar * ac);
+            let b = rand_vec(&mut rng, br * bc);
+            let c0 = rand_vec(&mut rng, m * n);
+            let (_, _, ab) = naive_matmul(&a, ta, ar, ac, &b, tb, br, bc);
+            let mut out = t(&[m, n], c0.clone());
+            matmul(
+                &mut out,
+                &t(&[ar, ac], a),
+                ta,
+                &t(&[br, bc], b),
+                tb,
+                0.5,
+                2.0,
+            );
+            let want: Vec<f32> = ab.iter().zip(&c0).map(|(p, c)| 0.5 * p + 2.0 * c).collect();
+            assert_close(
+                &out.to_vec(),
+                &want,
+                1e-5,
+                &format!("matmul ta={ta} tb={tb}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_beta_zero_ignores_garbage() {
+    let a = t(&[1, 2], vec![1.0, 2.0]);
+    let b = t(&[2, 1], vec![3.0, 4.0]);
+    let mut out = t(&[1, 1], vec![f32::NAN]);
+    matmul(&mut out, &a, false, &b, false, 1.0, 0.0);
+    assert_eq!(out.to_vec(), vec![11.0]);
+}
+
+#[test]
+fn matvec_both_orientations() {
+    let a = t(&[2, 3], vec![1., 2., 3., 4., 5., 6.]);
+    let mut y = t(&[2], vec![1.0, 1.0]);
+    matvec(&mut y, &a, false, &t(&[3], vec![1., 0., -1.]), 1.0, 1.0);
+    assert_eq!(y.to_vec(), vec![-1.0, -1.0]);
+    let mut z = t(&[3], vec![0.0; 3]);
+    matvec(&mut z, &a, true, &t(&[2], vec![1., 2.]), 2.0, 0.0);
+    assert_eq!(z.to_vec(), vec![18.0, 24.0, 30.0]);
+}
+
+#[test]
+fn broadcast_and_reductions() {
+    let mut x = t(&[2, 3], vec![1., 2., 3., 4., 5., 6.]);
+    add_row_vec(&mut x, &t(&[3], vec![1., 1., 1.]), -1.0);
+    assert_eq!(x.to_vec(), vec![0., 1., 2., 3., 4., 5.]);
+    mul_row_vec(&mut x, &t(&[3], vec![2., 0., 1.]));
+    assert_eq!(x.to_vec(), vec![0., 0., 2., 6., 0., 5.]);
+    let mut s = t(&[3], vec![10., 10., 10.]);
+    col_sums(&x, &mut s, 1.0, 1.0);
+    assert_eq!(s.to_vec(), vec![16., 10., 17.]);
+    let mut n = t(&[2], vec![0.; 2]);
+    row_norms(&t(&[2, 2], vec![3., 4., 0., 0.]), &mut n);
+    assert_eq!(n.to_vec(), vec![5., 0.]);
+    row_affine(&mut x, &t(&[2], vec![1., 2.]), &t(&[2], vec![0., 1.]));
+    assert_eq!(x.to_vec(), vec![0., 0., 2., 13., 1., 11.]);
+    assert_eq!(sum(&x), 27.0);
+    assert_eq!(sum_squares(&t(&[2], vec![3., 4.])), 25.0);
+    let (mut mu, mut sd) = (t(&[1], vec![0.]), t(&[1], vec![0.]));
+    row_mean_std(&t(&[1, 4], vec![1., 2., 3., 4.]), &mut mu, &mut sd);
+    assert_eq!(mu.to_vec(), vec![2.5]);
+    // unbiased: sqrt(5/3)
+    assert!((sd.to_vec()[0] - (5.0f32 / 3.0).sqrt()).abs() < 1e-6);
+    let mut cn = t(&[2], vec![0.; 2]);
+    centered_row_norms(&t(&[2, 1], vec![1., 3.]), &mut cn);
+    assert_eq!(cn.to_vec(), vec![1., 1.]);
+    let mut dst = t(&[2, 2], vec![1.; 4]);
+    add_scaled_rows(
+        &mut dst,
+        &t(&[2, 2], vec![1., 2., 3., 4.]),
+        &t(&[2], vec![2., 0.]),
+    );
+    assert_eq!(dst.to_vec(), vec![3., 5., 1., 1.]);
+}
+
+#[test]
+fn activations_and_masks() {
+    let h = t(&[2, 3], vec![-1., 0., 2., 0.5, 0.2, -3.]);
+    let mut f = t(&[2, 3], vec![0.; 6]);
+    relu(&h, &mut f);
+    assert_eq!(f.to_vec(), vec![0., 0., 2., 0.5, 0.2, 0.]);
+    let mut dh = t(&[2, 3], vec![9.; 6]);
+    relu_backward(&h, &t(&[2, 3], vec![1.; 6]), &mut dh);
+    assert_eq!(dh.to_vec(), vec![0., 0., 1., 1., 1., 0.]);
+    let thr = t(&[3], vec![0.0, 0.1, 2.0]);
+    jumprelu(&h, &thr, &mut f);
+    assert_eq!(f.to_vec(), vec![0., 0., 0., 0.5, 0.2, 0.]);
+    let mut cnt = t(&[2], vec![0.; 2]);
+    step_count_rows(&h, &thr, &mut cnt);
+    assert_eq!(cnt.to_vec(), vec![0., 2.]);
+    let mut g = t(&[2, 3], vec![1.; 6]);
+    mask_positive(&mut g, &h);
+    assert_eq!(g.to_vec(), vec![0., 0., 1., 1., 1., 0.]);
+}
+
+#[test]
+fn jumprelu_ste_matches_formula() {
+    // h - t inside the window (|h - t| < bw/2) gets the estimator, outside does not.
+    let bw = 0.1f32;
+    let h = t(&[2, 2], vec![0.52, 0.9, 0.48, 0.1]);
+    let thr = t(&[2], vec![0.5, 0.5]);
+    let df = t(&[2, 2], vec![2.0, 3.0, 4.0, 5.0]);
+    let mut dh = t(&[2, 2], vec![1.; 4]);
+    let mut dt = t(&[2], vec![1.0, 1.0]);
+    jumprelu_backward(&h, &thr, &df, bw, false, &mut dh, &mut dt);
+    assert_eq!(dh.to_vec(), vec![3.0, 4.0, 1.0, 1.0]);
+    // column 0: entries 0.52 and 0.48 are within 0.05 of 0.5: -(0.5/0.1)*(2+4) = -30
+    let d = dt.to_vec();
+    assert!((d[0] - (1.0 - 30.0)).abs() < 1e-4, "{d:?}");
+    assert_eq!(d[1], 1.0);
+    let mut dh2 = t(&[2, 2], vec![0.; 4]);
+    let mut dt2 = t(&[2], vec![0.0, 0.0]);
+    jumprelu_backward(&h, &thr, &df, bw, true, &mut dh2, &mut dt2);
+    let v = dh2.to_vec();
+    assert!(
+        (v[0] - (2.0 + 10.0)).abs() < 1e-4 && (v[2] - 20.0).abs() < 1e-4,
+        "{v:?}"
+    );
+    // step: g per row
+    let mut dh3 = t(&[2, 2], vec![0.; 4]);
+    let mut dt3 = t(&[2], vec![0.0, 0.0]);
+    step_backward(
+        &h,
+        &thr,
+        &t(&[2], vec![1.0, 2.0]),
+        bw,
+        true,
+        &mut dh3,
+        &mut dt3,
+    );
+    let d3 = dt3.to_vec();
+    assert!((d3[0] + 10.0 * 3.0).abs() < 1e-4, "{d3:?}");
+    assert!((dh3.to_vec()[2] - 20.0).abs() < 1e-4);
+}
+
+/// Central differences of a scalar function of one tensor, in f64 around f32 data.
+fn numeric_grad(x: &[f32], f: impl Fn(&[f32]) -> f64, eps: f32) -> Vec<f32> {
+    (0..x.len())
+        .map(|i| {
+            let mut a = x.to_vec();
+            let mut b = x.to_vec();
+            a[i] += eps;
+            b[i] -= eps;
+            ((f(&a) - f(&b)) / (2.0 * eps as f64)) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn sparsity_penalties_gradients_match_finite_differences() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let (r, c) = (3, 5);
+    let fv: Vec<f32> = (0..r * c).map(|_| rng.random_range(0.1f32..1.0)).collect();
+    let nv: Vec<f32> = (0..c).map(|_| rng.random_range(0.5f32..1.5)).collect();
+    for p in [1.0f32, 2.0, 1.5] {
+        let f = t(&[r, c], fv.clone());
+        let n = t(&[c], nv.clone());
+        let mut df = t(&[r, c], vec![0.; r * c]);
+        let mut dn = t(&[c], vec![0.; c]);
+        lp_sparsity(&f, Some(&n), p, 0.5, Some(&mut df), Some(&mut dn));
+        let lf =
+            |x: &[f32]| 0.5 * lp_sparsity(&t(&[r, c], x.to_vec()), Some(&n), p, 0.0, None, None);
+        assert_close(
+            &df.to_vec(),
+            &numeric_grad(&fv, lf, 1e-3),
+            2e-3,
+            &format!("lp p={p} df"),
+        );
+        let ln = |x: &[f32]| 0.5 * lp_sparsity(&f, Some(&t(&[c], x.to_vec())), p, 0.0, None, None);
+        assert_close(
+            &dn.to_vec(),
+            &numeric_grad(&nv, ln, 1e-3),
+            2e-3,
+            &format!("lp p={p} dn"),
+        );
+    }
+    let f = t(&[r, c], fv.clone());
+    let n = t(&[c], nv.clone());
+    let mut df = t(&[r, c], vec![0.; r * c]);
+    let mut dn = t(&[c], vec![0.; c]);
+    tanh_sparsity(&f, &n, 4.0, 0.25, &mut df, &mut dn);
+    let tf = |x: &[f32]| {
+        let (mut a, mut b) = (t(&[r, c], vec![0.; r * c]), t(&[c], vec![0.; c]));
+        0.25 * tanh_sparsity(&t(&[r, c], x.to_vec()), &n, 4.0, 0.0, &mut a, &mut b)
+    };
+    assert_close(&df.to_vec(), &numeric_grad(&fv, tf, 1e-3), 2e-3, "tanh df");
+    let tn = |x: &[f32]| {
+        let (mut a, mut b) = (t(&[r, c], vec![0.; r * c]), t(&[c], vec![0.; c]));
+        0.25 * tanh_sparsity(&f, &t(&[c], x.to_vec()), 4.0, 0.0, &mut a, &mut b)
+    };
+    assert_close(&dn.to_vec(), &numeric_grad(&nv, tn, 1e-3), 2e-3, "tanh dn");
+}
+
+#[test]
+fn pre_act_loss_only_on_dead_latents_below_threshold() {
+    let h = t(&[1, 3], vec![0.1, 0.1, 0.9]);
+    let thr = t(&[3], vec![0.5, 0.5, 0.5]);
+    let dead = t(&[3], vec![1., 0., 1.]);
+    let n = t(&[3], vec![2., 2., 2.]);
+    let (mut dh, mut dt, mut dn) = (
+        t(&[1, 3], vec![0.; 3]),
+        t(&[3], vec![0.; 3]),
+        t(&[3], vec![0.; 3]),
+    );
+    let s = pre_act_loss(&h, &thr, &dead, &n, 1.0, &mut dh, &mut dt, &mut dn);
+    assert!((s - 0.8).abs() < 1e-6, "{s}");
+    assert_eq!(dh.to_vec(), vec![-2.0, 0.0, 0.0]);
+    assert_eq!(dt.to_vec(), vec![2.0, 0.0, 0.0]);
+    assert!((dn.to_vec()[0] - 0.4).abs() < 1e-6);
+}
+
+#[test]
+fn mse_with_row_weights_and_gradient() {
+    let p = t(&[2, 2], vec![1., 2., 3., 4.]);
+    let q = t(&[2, 2], vec![0., 0., 1., 1.]);
+    let w = t(&[2], vec![1., 0.5]);
+    let mut g = t(&[2, 2], vec![0.; 4]);
+    let s = mse(&p, &q, Some(&w), Some((&mut g, 0.5)));
+    assert_eq!(s, 5.0 + 0.5 * 13.0);
+    assert_eq!(g.to_vec(), vec![1.0, 2.0, 1.0, 1.5]);
+    let s2 = weighted_sq_err(&p, &q, &t(&[2, 2], vec![1., 1., 0., 2.]), None);
+    assert_eq!(s2, 1.0 + 4.0 + 18.0);
+}
+
+#[test]
+fn adam_matches_hand_computed_torch_steps() {
+    // Two steps of torch.optim.Adam(lr=0.1, betas=(0.9, 0.999), eps=1e-8) on one
+    // element with gradients 1 then -2, written out from the update formula.
+    let mut p = t(&[1], vec![1.0]);
+    let (mut m, mut v) = (t(&[1], vec![0.]), t(&[1], vec![0.]));
+    adam(
+        &mut p,
+        &t(&[1], vec![1.0]),
+        &mut m,
+        &mut v,
+        0.1,
+        0.9,
+        0.999,
+        1e-8,
+        1,
+    );
+    // m=0.1, v=0.001, mhat=1, vhat=1 -> p = 1 - 0.1 * 1/(1+1e-8)
+    assert!((p.to_vec()[0] - 0.9).abs() < 1e-6);
+    adam(
+        &mut p,
+        &t(&[1], vec![-2.0]),
+        &mut m,
+        &mut v,
+        0.1,
+        0.9,
+        0.999,
+        1e-8,
+        2,
+    );
+    let m2 = 0.9 * 0.1 - 0.1 * 2.0;
+    let v2 = 0.999 * 0.001 + 0.001 * 4.0;
+    let upd = 0.1 / (1.0 - 0.81) * m2 / ((v2 / (1.0 - 0.999f64.powi(2))).sqrt() + 1e-8);
+    assert!(
+        (p.to_vec()[0] as f64 - (0.9 - upd)).abs() < 1e-6,
+        "{:?}",
+        p.to_vec()
+    );
+    // beta1 = 0 (SAELens 5 default): m is just the gradient.
+    let mut p = t(&[1], vec![0.0]);
+    let (mut m, mut v) = (t(&[1], vec![0.5]), t(&[1], vec![0.]));
+    adam(
+        &mut p,
+        &t(&[1], vec![3.0]),
+        &mut m,
+        &mut v,
+        0.1,
+        0.0,
+        0.999,
+        1e-8,
+        1,
+    );
+    assert_eq!(m.to_vec(), vec![3.0]);
+}
+
+#[test]
+fn grad_clipping_as_torch() {
+    let mut a = t(&[2], vec![3.0, 0.0]);
+    let mut b = t(&[1], vec![4.0]);
+    let n = clip_grad_norm(&mut [&mut a, &mut b], 1.0);
+    assert_eq!(n, 5.0);
+    let c = 1.0 / (5.0 + 1e-6);
+    assert!((a.to_vec()[0] - 3.0 * c).abs() < 1e-7 && (b.to_vec()[0] - 4.0 * c).abs() < 1e-7);
+    let mut small = t(&[1], vec![0.5]);
+    clip_grad_norm(&mut [&mut small], 1.0);
+    assert_eq!(small.to_vec(), vec![0.5]);
+}
+
+#[test]
+fn topk_rows_matches_sorting() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let (r, c, k) = (9, 50, 7);
+    let xv = rand_vec(&mut rng, r * c);
+    let mut out = Csr::empty(&DEV);
+    topk_rows(&t(&[r, c], xv.clone()), k, None, &mut out);
+    assert_eq!(out.nnz(), r * k);
+    let (off, idx, val) = (
+        out.offsets_to_vec(),
+        out.indices_to_vec(),
+        out.values().to_vec(),
+    );
+    for row in 0..r {
+        let mut order: Vec<usize> = (0..c).collect();
+        order.sort_by(|&a, &b| xv[row * c + b].total_cmp(&xv[row * c + a]));
+        let mut want: Vec<usize> = order[..k].to_vec();
+        want.sort();
+        let got: Vec<usize> = idx[off[row] as usize..off[row + 1] as usize]
+            .iter()
+            .map(|&j| j as usize)
+            .collect();
+        assert_eq!(got, want, "row {row}");
+        for (e, &j) in (off[row] as usize..).zip(&got) {
+            assert_eq!(val[e], xv[row * c + j]);
+        }
+    }
+    // masked: only columns with mask > 0 compete
+    let mask: Vec<f32> = (0..c).map(|j| (j % 3 == 0) as u8 as f32).collect();
+    topk_rows(&t(&[r, c], xv.clone()), 4, Some(&t(&[c], mask)), &mut out);
+    assert!(out.indices_to_vec().iter().all(|j| j % 3 == 0));
+}
+
+#[test]
+fn batch_topk_matches_sorting_and_drops_nonpositive() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let (r, c) = (16, 40);
+    let xv: Vec<f32> = rand_vec(&mut rng, r * c)
+        .into_iter()
+        .map(|v| v.max(0.0))
+        .collect();
+    for total in [1, 37, 200] {
+        let mut out = Csr::empty(&DEV);
+        batch_topk(&t(&[r, c], xv.clone()), total, &mut out);
+        let mut sorted = xv.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let cut = sorted[total - 1];
+        let positives = xv.iter().filter(|&&v| v > 0.0).count();
+        assert_eq!(out.nnz(), total.min(positives), "total={total}");
+        assert!(out.values().to_vec().iter().all(|&v| v >= cut && v > 0.0));
+    }
+    // More requested than positive values: every positive value, nothing else.
+    let mut out = Csr::empty(&DEV);
+    batch_topk(&t(&[2, 2], vec![0.0, 1.0, -1.0, 0.0]), 3, &mut out);
+    assert_eq!(
+        (out.indices_to_vec(), out.offsets_to_vec()),
+        (vec![1], vec![0, 1, 1])
+    );
+    // Ties at the cut are taken in row-major order.
+    batch_topk(&t(&[2, 2], vec![1.0, 2.0, 1.0, 1.0]), 2, &mut out);
+    assert_eq!(out.offsets_to_vec(), vec![0, 2, 2]);
+}
+
+#[test]
+fn sparse_products_match_dense() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let (r, m, d, k) = (11, 30, 13, 4);
+    let hv = rand_vec(&mut rng, r * m);
+    let mut a = Csr::empty(&DEV);
+    topk_rows(&t(&[r, m], hv), k, None, &mut a);
+    let mut dense = t(&[r, m], vec![0.; r * m]);
+    csr_to_dense(&a, &mut dense);
+    let w = t(&[m, d], rand_vec(&mut rng, m * d));
+    let x = t(&[r, d], rand_vec(&mut rng, r * d));
+
+    let mut got = t(&[r, d], rand_vec(&mut rng, r * d));
+    let mut want = got.clone();
+    csr_matmul(&mut got, &a, &w, 1.5, 0.5);
+    matmul(&mut want, &dense, false, &w, false, 1.5, 0.5);
+    assert_close(&got.to_vec(), &want.to_vec(), 1e-5, "csr_matmul");
+
+    let mut got = t(&[m, d], rand_vec(&mut rng, m * d));
+    let mut want = got.clone();
+    csr_t_matmul(&mut got, &a, &x, false, 2.0, 1.0);
+    matmul(&mut want, &dense, true, &x, false, 2.0, 1.0);
+    assert_close(&got.to_vec(), &want.to_vec(), 1e-5, "csr_t_matmul");
+
+    let mut got = t(&[d, m], rand_vec(&mut rng, m * d));
+    let mut want = got.clone();
+    csr_t_matmul(&mut got, &a, &x, true, 1.0, 1.0);
+    matmul(&mut want, &x, true, &dense, false, 1.0, 1.0);
+    assert_close(
+        &got.to_vec(),
+        &want.to_vec(),
+        1e-5,
+        "csr_t_matmul transposed",
+    );
+
+    let mut sd = t(&[a.nnz()], vec![0.; a.nnz()]);
+    csr_sampled_dot(&a, &x, &w.clone().reshape(&[m, d]), &mut sd);
+    let mut full = t(&[r, m], vec![0.; r * m]);
+    matmul(&mut full, &x, false, &w, true, 1.0, 0.0);
+    let mut gathered = t(&[a.nnz()], vec![0.; a.nnz()]);
+    csr_gather(&a, &full, &mut gathered);
+    assert_close(&sd.to_vec(), &gathered.to_vec(), 1e-5, "csr_sampled_dot");
+
+    let mut cs = t(&[m], vec![0.; m]);
+    csr_col_dot(&a, None, &mut cs, 1.0, 0.0);
+    let mut cs2 = t(&[m], vec![0.; m]);
+    col_sums(&dense, &mut cs2, 1.0, 0.0);
+    assert_close(&cs.to_vec(), &cs2.to_vec(), 1e-6, "csr_col_dot");
+
+    let mut back = t(&[r, m], vec![0.; r * m]);
+    csr_scatter_add(&a, &mut back);
+    assert_eq!(back.to_vec(), dense.to_vec());
+
+    let mut sliced = Csr::empty(&DEV);
+    csr_slice_cols(&a, 10, 20, &mut sliced);
+    assert_eq!(sliced.cols(), 10);
+    let mut sd2 = t(&[r, 10], vec![0.; r * 10]);
+    csr_to_dense(&sliced, &mut sd2);
+    let dv = dense.to_vec();
+    for row in 0..r {
+        assert_eq!(
+            &sd2.to_vec()[row * 10..row * 10 + 10],
+            &dv[row * m + 10..row * m + 20]
+        );
+    }
+}
+
+#[test]
+fn elementwise_helpers_and_blocks() {
+    let p = t(&[2, 2], vec![1., 2., 3., 4.]);
+    let q = t(&[2, 2], vec![0., 0., 1., 1.]);
+    let mut o = t(&[2, 2], vec![0.; 4]);
+    sq_err(&p, &q, Some(&t(&[2], vec![1., 2.])), &mut o);
+    assert_eq!(o.to_vec(), vec![1., 4., 8., 18.]);
+    div_eps(&p, &q, 1.0, &mut o);
+    assert_eq!(o.to_vec(), vec![1., 2., 1.5, 2.]);
+    let mut th = t(&[2], vec![0.0, 1.0]);
+    tanh(&mut th);
+    assert_eq!(th.to_vec(), vec![0.0, 1.0f32.tanh()]);
+    let mut dh = t(&[2], vec![9.; 2]);
+    tanh_relu_backward(&t(&[2], vec![-1.0, 1.0]), &t(&[2], vec![2.0, 2.0]), &mut dh);
+    let tt = 1.0f32.tanh();
+    assert_eq!(dh.to_vec(), vec![0.0, 2.0 * (1.0 - tt * tt)]);
+    let src = t(&[2, 3], vec![1., 2., 3., 4., 5., 6.]);
+    let mut blk = t(&[2, 2], vec![0.; 4]);
+    copy_cols(&src, 1, &mut blk);
+    assert_eq!(blk.to_vec(), vec![2., 3., 5., 6.]);
+    let mut dst = t(&[2, 3], vec![0.; 6]);
+    add_cols(&mut dst, 1, &blk);
+    assert_eq!(dst.to_vec(), vec![0., 2., 3., 0., 5., 6.]);
+    let mut rows = t(&[1, 3], vec![0.; 3]);
+    copy_rows(&src, 1, &mut rows);
+    assert_eq!(rows.to_vec(), vec![4., 5., 6.]);
+    add_rows(&mut dst, 0, &rows);
+    assert_eq!(dst.to_vec(), vec![4., 7., 9., 0., 5., 6.]);
+}
+
+#[test]
+fn noise_is_reproducible_and_roughly_normal() {
+    let mut a = t(&[100_000], vec![0.; 100_000]);
+    let mut b = a.clone();
+    add_normal_noise(&mut a, 2.0, 9);
+    add_normal_noise(&mut b, 2.0, 9);
+    assert_eq!(a.to_vec(), b.to_vec());
+    let n = a.numel() as f64;
+    let mean = sum(&a) / n;
+    let var = sum_squares(&a) / n - mean * mean;
+    assert!(
+        mean.abs() < 0.05 && (var - 4.0).abs() < 0.1,
+        "mean {mean} var {var}"
+    );
+}

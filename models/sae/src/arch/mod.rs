@@ -1,0 +1,135 @@
+//! One file per SAE architecture, each implementing [`Arch`]; [`build`] is the
+//! registry. Adding an architecture is adding a file and one line there.
+
+mod batchtopk;
+mod gated;
+mod jumprelu;
+mod matryoshka;
+mod standard;
+mod topk;
+
+use crate::common::Shared;
+use crate::{Params, Result};
+use kernels::{Device, Tensor};
+use schemas::{Architecture, SaeConfig};
+
+/// What a training step feeds the SAE (SAELens's `TrainStepInput`).
+pub struct StepInput<'a> {
+    /// The batch `[n_tokens, d_in]`, already scaled by any estimated norm factor.
+    pub sae_in: &'a Tensor,
+    /// The current (warmed-up) sparsity coefficient: `l1` for standard and gated,
+    /// `l0` for JumpReLU; unused by the TopK family.
+    pub coefficient: f64,
+    /// `[d_sae]`, 1.0 where a latent counts as dead. `None` means no latent is dead.
+    pub dead_neuron_mask: Option<&'a Tensor>,
+    /// Seed of the pre-activation noise (only used when `noise_scale > 0`).
+    pub noise_seed: u64,
+}
+
+/// The latents of the last training forward pass.
+pub enum Acts<'a> {
+    Dense(&'a Tensor),
+    Sparse(&'a kernels::Csr),
+}
+
+/// Loss terms in the order SAELens reports them, `mse_loss` first.
+pub type Losses = Vec<(String, f64)>;
+
+pub(crate) trait Arch: Send + Sync {
+    /// Parameter names (SAELens state-dict keys) and shapes.
+    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)>;
+
+    /// Inference encode of an already processed input `[n, d_in]` into dense latents
+    /// `[n, d_sae]` (allocates).
+    fn encode(&self, p: &Params, sae_in: &Tensor) -> Tensor;
+
+    /// Inference decode of dense latents, before the output normalisation.
+    fn decode(&self, p: &Params, acts: &Tensor) -> Tensor {
+        dense_decode(p, acts)
+    }
+
+    /// Training forward pass: everything the backward pass needs is kept in `self`
+    /// and `s`. `s.prepare` has run. May adjust parameters first (JumpReLU clamps its
+    /// threshold) and update buffers (BatchTopK's threshold).
+    fn train_forward(
+        &mut self,
+        p: &mut Params,
+        s: &mut Shared,
+        input: &StepInput,
+        buffers: &mut Buffers,
+    ) -> Result<Losses>;
+
+    /// Adds the gradient of the last forward pass's total loss to `g`.
+    fn train_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params);
+
+    /// The latents and pre-activations of the last training forward pass.
+    fn acts(&self) -> Acts<'_>;
+    fn hidden_pre(&self) -> &Tensor;
+
+    /// Folds decoder row norms into the encoder (`fold_W_dec_norm`).
+    fn fold_w_dec_norm(&self, p: &mut Params, n: &Tensor) -> Result<()>;
+}
+
+/// Non-parameter state an architecture carries between steps.
+#[derive(Clone, Debug, Default)]
+pub struct Buffers {
+    /// BatchTopK's running threshold (SAELens keeps it in f64).
+    pub topk_threshold: f64,
+}
+
+/// The registry: the architecture object for a config.
+pub(crate) fn build(cfg: &SaeConfig, device: &Device) -> Box<dyn Arch> {
+    match cfg.architecture {
+        Architecture::Standard => Box::new(standard::Standard::new(cfg, device)),
+        Architecture::Gated => Box::new(gated::Gated::new(cfg, device)),
+        Architecture::JumpRelu => Box::new(jumprelu::JumpRelu::new(cfg, device)),
+        Architecture::TopK => Box::new(topk::TopK::new(cfg, device, topk::Select::PerRow)),
+        Architecture::BatchTopK => Box::new(batchtopk::BatchTopK::new(cfg, device)),
+        Architecture::MatryoshkaBatchTopK => Box::new(matryoshka::Matryoshka::new(cfg, device)),
+    }
+}
+
+/// `acts @ W_dec + b_dec` (allocates `[n, d_in]`).
+pub(crate) fn dense_decode(p: &Params, acts: &Tensor) -> Tensor {
+    use kernels::ops;
+    use schemas::tensors::{B_DEC, W_DEC};
+    let w = p.get(W_DEC);
+    let mut out = Tensor::zeros(&acts.device(), &[acts.rows(), w.cols()]);
+    ops::matmul(&mut out, acts, false, w, false, 1.0, 0.0);
+    ops::add_row_vec(&mut out, p.get(B_DEC), 1.0);
+    out
+}
+
+/// `sae_in @ W + b` into an existing buffer.
+pub(crate) fn linear_into(h: &mut Tensor, sae_in: &Tensor, w: &Tensor, b: &Tensor) {
+    use kernels::ops;
+    h.resize(&[sae_in.rows(), w.cols()]);
+    ops::matmul(h, sae_in, false, w, false, 1.0, 0.0);
+    ops::add_row_vec(h, b, 1.0);
+}
+
+/// Scales `b_enc`-like vectors and `W_enc` columns by the decoder norms and divides
+/// `W_dec` rows by them: the shared part of `fold_W_dec_norm`.
+pub(crate) fn fold_norms_into(p: &mut Params, n: &Tensor, encoder_biases: &[&str]) {
+    use kernels::ops;
+    use schemas::tensors::{W_DEC, W_ENC};
+    let inv = crate::common::reciprocal(n);
+    let zero = Tensor::zeros(&n.device(), &[n.numel()]);
+    ops::row_affine(p.get_mut(W_DEC), &inv, &zero);
+    ops::mul_row_vec(p.get_mut(W_ENC), n);
+    for b in encoder_biases {
+        ops::mul(p.get_mut(b), n);
+    }
+}
+
+/// Adds `std * N(0,1)` noise to pre-activations when the config asks for it.
+pub(crate) fn maybe_noise(cfg: &SaeConfig, h: &mut Tensor, seed: u64) {
+    if cfg.noise_scale != 0.0 {
+        kernels::ops::add_normal_noise(h, cfg.noise_scale as f32, seed);
+    }
+}
+
+/// Dead-latent count of a mask.
+pub(crate) fn n_dead(mask: Option<&Tensor>) -> usize {
+    mask.map_or(0, |m| m.to_vec().iter().filter(|&&v| v > 0.0).count())
+}

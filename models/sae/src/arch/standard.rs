@@ -1,0 +1,196 @@
+//! The standard SAE: `f = ReLU(sae_in @ W_enc + b_enc)`, penalised by the Lp norm of
+//! `f` weighted by decoder row norms (SAELens 6; SAELens 5 optionally unweighted), with
+//! SAELens 5's ghost grads, `tanh-relu` and pre-activation noise.
+
+use super::{linear_into, maybe_noise, Acts, Arch, Buffers, Losses, StepInput};
+use crate::common::{dense_batch_weights, per_item_mse, Shared};
+use crate::{Params, Result};
+use kernels::{ops, Device, Tensor};
+use schemas::tensors::{B_DEC, B_ENC, W_DEC, W_ENC};
+use schemas::{ActivationFn, SaeConfig};
+
+pub(crate) struct Standard {
+    cfg: SaeConfig,
+    /// Pre-activations `[B, d_sae]` (noised when `noise_scale > 0`).
+    h: Tensor,
+    /// Latents `[B, d_sae]`.
+    f: Tensor,
+    /// Gradient with respect to `f`, filled by the sparsity loss in the forward pass.
+    d_f: Tensor,
+    /// Gradient with respect to `h` from ghost grads (only when they ran).
+    d_h_ghost: Option<Tensor>,
+    /// Ghost-grad decoder input `exp(h)` on dead latents and its gradient.
+    ghost: Option<(Tensor, Tensor)>,
+}
+
+impl Standard {
+    pub fn new(cfg: &SaeConfig, device: &Device) -> Standard {
+        let z = Tensor::zeros(device, &[0, 0]);
+        Standard {
+            cfg: cfg.clone(),
+            h: z.clone(),
+            f: z.clone(),
+            d_f: z,
+            d_h_ghost: None,
+            ghost: None,
+        }
+    }
+
+    /// SAELens 5's ghost-grad loss: dead latents, activated by `exp`, reconstruct the
+    /// residual, scaled to half its norm, weighted so its MSE matches the main MSE.
+    fn ghost_grads(&mut self, p: &Params, s: &Shared, dead: &Tensor) -> f64 {
+        let dev = s.device.clone();
+        let (b, d) = (s.batch(), self.cfg.d_in);
+        let w_dec = p.get(W_DEC);
+        // exp(h) on dead latents only
+        let mut e = Tensor::zeros(&dev, self.h.shape());
+        ops::exp(&self.h, &mut e);
+        ops::mul_row_vec(&mut e, dead);
+        let mut ghost = Tensor::zeros(&dev, &[b, d]);
+        ops::matmul(&mut ghost, &e, false, w_dec, false, 1.0, 0.0);
+        let mut residual = s.x.clone();
+        ops::axpy(&mut residual, -1.0, &s.sae_out);
+        let (mut res_norm, mut ghost_norm) = (Tensor::zeros(&dev, &[b]), Tensor::zeros(&dev, &[b]));
+        ops::row_norms(&residual, &mut res_norm);
+        ops::row_norms(&ghost, &mut ghost_norm);
+        let scale: Vec<f32> = res_norm
+            .to_vec()
+            .iter()
+            .zip(ghost_norm.to_vec())
+            .map(|(r, g)| r / (1e-6 + g * 2.0))
+            .collect();
+        let scale = crate::common::vector(&dev, scale);
+        let zero = Tensor::zeros(&dev, &[b]);
+        ops::row_affine(&mut ghost, &scale, &zero);
+        // mse_rescaling_factor = per_item_mse / (per_item_ghost + 1e-6), detached
+        let main = per_item_mse(&self.cfg, &s.sae_out, &s.x);
+        let ghost_mse = per_item_mse(&self.cfg, &ghost, &residual);
+        let mut weight = Tensor::zeros(&dev, &[b, d]);
+        ops::div_eps(&main, &ghost_mse, 1e-6, &mut weight);
+        // dense_batch divides the ghost MSE by the residual's centred row norms too
+        if self.cfg.mse_loss_normalization.is_some() {
+            ops::row_affine(&mut weight, &dense_batch_weights(&residual), &zero);
+        }
+        let mut d_ghost = Tensor::zeros(&dev, &[b, d]);
+        let n = (b * d) as f32;
+        let loss = ops::weighted_sq_err(&ghost, &residual, &weight, Some((&mut d_ghost, 1.0 / n)))
+            / n as f64;
+        // back through the (detached) norm scaling
+        ops::row_affine(&mut d_ghost, &scale, &zero);
+        let mut d_e = Tensor::zeros(&dev, self.h.shape());
+        ops::matmul(&mut d_e, &d_ghost, false, w_dec, true, 1.0, 0.0);
+        ops::mul(&mut d_e, &e);
+        self.d_h_ghost = Some(d_e);
+        self.ghost = Some((e, d_ghost));
+        loss
+    }
+}
+
+impl Arch for Standard {
+    fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+        let (d, m) = (self.cfg.d_in, self.cfg.d_sae);
+        vec![
+            (W_ENC, vec![d, m]),
+            (B_ENC, vec![m]),
+            (W_DEC, vec![m, d]),
+            (B_DEC, vec![d]),
+        ]
+    }
+
+    fn encode(&self, p: &Params, sae_in: &Tensor) -> Tensor {
+        let mut h = Tensor::zeros(&sae_in.device(), &[0, 0]);
+        linear_into(&mut h, sae_in, p.get(W_ENC), p.get(B_ENC));
+        let mut f = Tensor::zeros(&sae_in.device(), h.shape());
+        activate(&self.cfg, &h, &mut f);
+        f
+    }
+
+    fn train_forward(
+        &mut self,
+        p: &mut Params,
+        s: &mut Shared,
+        input: &StepInput,
+        _b: &mut Buffers,
+    ) -> Result<Losses> {
+        let dev = s.device.clone();
+        let b = s.batch();
+        linear_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
+        maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
+        self.f.resize(self.h.shape());
+        activate(&self.cfg, &self.h, &mut self.f);
+        ops::matmul(&mut s.recon, &self.f, false, p.get(W_DEC), false, 1.0, 0.0);
+        ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
+        let mse = s.finish();
+
+        // Sparsity: coefficient * mean_r ||f_r * n||_p (n = 1 when unweighted).
+        self.d_f.resize(self.f.shape());
+        ops::fill(&mut self.d_f, 0.0);
+        let c = input.coefficient as f32 / b as f32;
+        let weighted = self.cfg.scale_sparsity_penalty_by_decoder_norm;
+        let n = weighted.then_some(&s.n);
+        let dn = if weighted { Some(&mut s.dn) } else { None };
+        let sparsity = ops::lp_sparsity(
+            &self.f,
+            n,
+            self.cfg.lp_norm as f32,
+            c,
+            Some(&mut self.d_f),
+            dn,
+        );
+        let l1 = input.coefficient * sparsity / b as f64;
+
+        let mut losses = vec![];
+        self.d_h_ghost = None;
+        self.ghost = None;
+        if self.cfg.use_ghost_grads {
+            // SAELens 5 runs ghost grads whenever a mask is given, dead latents or not.
+            let none = Tensor::zeros(&dev, &[self.cfg.d_sae]);
+            let dead = input.dead_neuron_mask.unwrap_or(&none);
+            let g = self.ghost_grads(p, s, dead);
+            losses.push(("ghost_grad_loss".to_string(), g));
+        }
+        losses.push(("l1_loss".to_string(), l1));
+        losses.insert(0, ("mse_loss".to_string(), mse));
+        Ok(losses)
+    }
+
+    fn train_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
+        let mut d_f = std::mem::replace(&mut self.d_f, Tensor::zeros(&s.device, &[0, 0]));
+        s.decoder_backward_dense(p, &self.f, g, &mut d_f, true);
+        let mut d_h = Tensor::zeros(&s.device, self.h.shape());
+        match self.cfg.activation_fn {
+            ActivationFn::Relu => ops::relu_backward(&self.h, &d_f, &mut d_h),
+            ActivationFn::TanhRelu => ops::tanh_relu_backward(&self.h, &d_f, &mut d_h),
+        }
+        if let Some(dg) = &self.d_h_ghost {
+            ops::axpy(&mut d_h, 1.0, dg);
+        }
+        if let Some((e, d_ghost)) = &self.ghost {
+            ops::matmul(g.get_mut(W_DEC), e, true, d_ghost, false, 1.0, 1.0);
+        }
+        s.encoder_backward_dense(&self.cfg, p.get(W_ENC), &s.sae_in, &d_h, g, W_ENC, B_ENC);
+        s.norms_backward(p, g);
+        self.d_f = d_f;
+    }
+
+    fn acts(&self) -> Acts<'_> {
+        Acts::Dense(&self.f)
+    }
+
+    fn hidden_pre(&self) -> &Tensor {
+        &self.h
+    }
+
+    fn fold_w_dec_norm(&self, p: &mut Params, n: &Tensor) -> Result<()> {
+        super::fold_norms_into(p, n, &[B_ENC]);
+        Ok(())
+    }
+}
+
+/// ReLU, or SAELens 5's `tanh-relu`.
+fn activate(cfg: &SaeConfig, h: &Tensor, f: &mut Tensor) {
+    ops::relu(h, f);
+    if cfg.activation_fn == ActivationFn::TanhRelu {
+        ops::tanh(f);
+    }
+}

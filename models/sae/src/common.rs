@@ -1,0 +1,285 @@
+//! The parts of the forward and backward pass that every architecture shares: run-time
+//! input normalisation, the decoder bias, the reconstruction loss and the linear
+//! encoder/decoder gradients.
+
+use crate::Params;
+use kernels::{ops, Device, Tensor};
+use schemas::tensors::{B_DEC, W_DEC};
+use schemas::{MseLossNormalization, NormalizeActivations, SaeConfig};
+
+/// Per-row affine maps that SAELens's run-time normalisations apply: `x*in_scale +
+/// in_shift` on the way in, `y*out_scale + out_shift` on the way out. They depend only
+/// on the input batch, so they are constants for the backward pass.
+#[derive(Clone, Debug)]
+pub(crate) struct RowNorm {
+    pub in_scale: Tensor,
+    pub in_shift: Tensor,
+    pub out_scale: Tensor,
+    pub out_shift: Tensor,
+}
+
+impl RowNorm {
+    /// `None` when the config applies no run-time normalisation.
+    pub fn from_input(cfg: &SaeConfig, x: &Tensor) -> Option<RowNorm> {
+        let dev = x.device();
+        let rows = x.rows();
+        match cfg.normalize_activations {
+            NormalizeActivations::ConstantNormRescale => {
+                // x * sqrt(d_in)/||x||, undone by dividing by the same coefficient.
+                let mut norms = Tensor::zeros(&dev, &[rows]);
+                ops::row_norms(x, &mut norms);
+                let d = (cfg.d_in as f32).sqrt();
+                let v = norms.to_vec();
+                let scale: Vec<f32> = v.iter().map(|n| d / n).collect();
+                let inv: Vec<f32> = scale.iter().map(|c| 1.0 / c).collect();
+                Some(RowNorm {
+                    in_scale: vec_t(&dev, scale),
+                    in_shift: Tensor::zeros(&dev, &[rows]),
+                    out_scale: vec_t(&dev, inv),
+                    out_shift: Tensor::zeros(&dev, &[rows]),
+                })
+            }
+            NormalizeActivations::LayerNorm => {
+                // (x - mu) / (std + 1e-5) in, y * std + mu out (std unbiased).
+                let mut mu = Tensor::zeros(&dev, &[rows]);
+                let mut sd = Tensor::zeros(&dev, &[rows]);
+                ops::row_mean_std(x, &mut mu, &mut sd);
+                let (mu, sd) = (mu.to_vec(), sd.to_vec());
+                let scale: Vec<f32> = sd.iter().map(|s| 1.0 / (s + 1e-5)).collect();
+                let shift: Vec<f32> = mu.iter().zip(&scale).map(|(m, s)| -m * s).collect();
+                Some(RowNorm {
+                    in_scale: vec_t(&dev, scale),
+                    in_shift: vec_t(&dev, shift),
+                    out_scale: vec_t(&dev, sd),
+                    out_shift: vec_t(&dev, mu),
+                })
+            }
+            NormalizeActivations::None | NormalizeActivations::ExpectedAverageOnlyIn => None,
+        }
+    }
+}
+
+fn vec_t(dev: &Device, v: Vec<f32>) -> Tensor {
+    let n = v.len();
+    Tensor::from_vec(dev, &[n], v).expect("length matches")
+}
+
+/// `x*in_scale + in_shift - apply_b_dec * b_dec`: SAELens's `process_sae_in`.
+pub(crate) fn process_input(
+    cfg: &SaeConfig,
+    p: &Params,
+    x: &Tensor,
+    norm: Option<&RowNorm>,
+) -> Tensor {
+    let mut sae_in = x.clone();
+    if let Some(n) = norm {
+        ops::row_affine(&mut sae_in, &n.in_scale, &n.in_shift);
+    }
+    if cfg.apply_b_dec_to_input {
+        ops::add_row_vec(&mut sae_in, p.get(B_DEC), -1.0);
+    }
+    sae_in
+}
+
+/// Applies the run-time output normalisation in place.
+pub(crate) fn finish_output(out: &mut Tensor, norm: Option<&RowNorm>) {
+    if let Some(n) = norm {
+        ops::row_affine(out, &n.out_scale, &n.out_shift);
+    }
+}
+
+/// State of one training step that every architecture uses.
+pub(crate) struct Shared {
+    pub device: Device,
+    /// The raw input batch `[B, d_in]` (the MSE target).
+    pub x: Tensor,
+    pub norm: Option<RowNorm>,
+    /// The processed input `[B, d_in]`.
+    pub sae_in: Tensor,
+    /// Decoder output before the output normalisation `[B, d_in]`.
+    pub recon: Tensor,
+    /// The reconstruction `[B, d_in]`.
+    pub sae_out: Tensor,
+    /// Gradient of the total loss with respect to `recon` `[B, d_in]`.
+    pub d_recon: Tensor,
+    /// `dense_batch` row weights of the MSE `[B]`.
+    pub mse_w: Option<Tensor>,
+    /// Decoder row norms `[d_sae]` and the gradient flowing into them.
+    pub n: Tensor,
+    pub dn: Tensor,
+}
+
+impl Shared {
+    pub fn new(device: &Device) -> Shared {
+        let z = |s: &[usize]| Tensor::zeros(device, s);
+        Shared {
+            device: device.clone(),
+            x: z(&[0, 0]),
+            norm: None,
+            sae_in: z(&[0, 0]),
+            recon: z(&[0, 0]),
+            sae_out: z(&[0, 0]),
+            d_recon: z(&[0, 0]),
+            mse_w: None,
+            n: z(&[0]),
+            dn: z(&[0]),
+        }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.x.rows()
+    }
+
+    /// Stores the batch, computes the processed input and the decoder row norms.
+    pub fn prepare(&mut self, cfg: &SaeConfig, p: &Params, x: &Tensor) {
+        self.x = x.clone();
+        self.norm = RowNorm::from_input(cfg, x);
+        self.sae_in = process_input(cfg, p, x, self.norm.as_ref());
+        self.recon.resize(x.shape());
+        self.n.resize(&[cfg.d_sae]);
+        ops::row_norms(p.get(W_DEC), &mut self.n);
+        self.dn.resize(&[cfg.d_sae]);
+        ops::fill(&mut self.dn, 0.0);
+        self.mse_w = match cfg.mse_loss_normalization {
+            Some(MseLossNormalization::DenseBatch) => Some(dense_batch_weights(x)),
+            None => None,
+        };
+    }
+
+    /// Turns `recon` into `sae_out`, returns the MSE loss (summed over `d_in`, mean over
+    /// the batch) and stores its gradient with respect to `recon` in `d_recon`.
+    pub fn finish(&mut self) -> f64 {
+        self.sae_out = self.recon.clone();
+        finish_output(&mut self.sae_out, self.norm.as_ref());
+        let b = self.batch() as f32;
+        self.d_recon.resize(self.x.shape());
+        let sum = ops::mse(
+            &self.sae_out,
+            &self.x,
+            self.mse_w.as_ref(),
+            Some((&mut self.d_recon, 1.0 / b)),
+        );
+        self.to_recon_grad_in_place();
+        sum / b as f64
+    }
+
+    /// A gradient with respect to an output-normalised tensor, taken back through the
+    /// output normalisation (rows scaled by `out_scale`).
+    pub fn to_recon_grad_in_place(&mut self) {
+        if let Some(n) = &self.norm {
+            let zero = Tensor::zeros(&self.device, &[self.batch()]);
+            ops::row_affine(&mut self.d_recon, &n.out_scale, &zero);
+        }
+    }
+
+    /// Same as [`Self::to_recon_grad_in_place`] for another tensor.
+    pub fn out_grad_to_pre(&self, g: &mut Tensor) {
+        if let Some(n) = &self.norm {
+            let zero = Tensor::zeros(&self.device, &[self.batch()]);
+            ops::row_affine(g, &n.out_scale, &zero);
+        }
+    }
+
+    /// `d b_dec += sum_r d_recon` and `d W_dec += acts^T @ d_recon`, and
+    /// `d_acts (+)= d_recon @ W_dec^T` for dense activations `acts` `[B, d_sae]`.
+    pub fn decoder_backward_dense(
+        &self,
+        p: &Params,
+        acts: &Tensor,
+        g: &mut Params,
+        d_acts: &mut Tensor,
+        accumulate: bool,
+    ) {
+        ops::col_sums(&self.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
+        ops::matmul(g.get_mut(W_DEC), acts, true, &self.d_recon, false, 1.0, 1.0);
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        ops::matmul(d_acts, &self.d_recon, false, p.get(W_DEC), true, 1.0, beta);
+    }
+
+    /// Backward of a linear map `h = input @ W + b`: `dw += input^T @ d_h`; returns
+    /// `sum_r d_h`, the bias gradient of this step.
+    pub fn linear_backward(&self, input: &Tensor, d_h: &Tensor, dw: &mut Tensor) -> Tensor {
+        ops::matmul(dw, input, true, d_h, false, 1.0, 1.0);
+        let mut db = Tensor::zeros(&self.device, &[d_h.cols()]);
+        ops::col_sums(d_h, &mut db, 1.0, 0.0);
+        db
+    }
+
+    /// The linear encoder `h = input @ W + b` given `d_h`: gradients go to the tensors
+    /// called `dw` and `db` in `g`, and to `b_dec` when it is subtracted from the input.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encoder_backward_dense(
+        &self,
+        cfg: &SaeConfig,
+        w: &Tensor,
+        input: &Tensor,
+        d_h: &Tensor,
+        g: &mut Params,
+        dw: &str,
+        db: &str,
+    ) {
+        let db_step = self.linear_backward(input, d_h, g.get_mut(dw));
+        ops::axpy(g.get_mut(db), 1.0, &db_step);
+        if cfg.apply_b_dec_to_input {
+            self.b_dec_through_encoder(w, &db_step, g.get_mut(B_DEC));
+        }
+    }
+
+    /// `d b_dec -= W @ db`: the `b_dec` gradient through `sae_in = x_norm - b_dec`,
+    /// given `db`, the column sums of an encoder pre-activation gradient. (`b_dec` is
+    /// subtracted after the input normalisation, so no row scaling applies.)
+    pub fn b_dec_through_encoder(&self, w: &Tensor, db_step: &Tensor, d_b_dec: &mut Tensor) {
+        ops::matvec(d_b_dec, w, false, db_step, -1.0, 1.0);
+    }
+
+    /// Adds the gradient that reached the decoder row norms to `d W_dec`:
+    /// `d W_dec[j] += dn[j] / n[j] * W_dec[j]`.
+    pub fn norms_backward(&self, p: &Params, g: &mut Params) {
+        let n = self.n.to_vec();
+        let dn = self.dn.to_vec();
+        if dn.iter().all(|&v| v == 0.0) {
+            return;
+        }
+        let c: Vec<f32> = dn
+            .iter()
+            .zip(&n)
+            .map(|(d, n)| if *n > 0.0 { d / n } else { 0.0 })
+            .collect();
+        let c = vec_t(&self.device, c);
+        ops::add_scaled_rows(g.get_mut(W_DEC), p.get(W_DEC), &c);
+    }
+}
+
+/// `1 / (||x_r - mean(x)|| + 1e-6)`: SAELens 5's `dense_batch` MSE weights.
+pub(crate) fn dense_batch_weights(x: &Tensor) -> Tensor {
+    let mut w = Tensor::zeros(&x.device(), &[x.rows()]);
+    ops::centered_row_norms(x, &mut w);
+    let v: Vec<f32> = w.to_vec().iter().map(|n| 1.0 / (n + 1e-6)).collect();
+    vec_t(&x.device(), v)
+}
+
+/// Element-wise per-item MSE as SAELens's `mse_loss_fn` returns it (used by ghost
+/// grads): `(pred - target)^2`, divided by the `dense_batch` norm of `target` when set.
+pub(crate) fn per_item_mse(cfg: &SaeConfig, pred: &Tensor, target: &Tensor) -> Tensor {
+    let w = match cfg.mse_loss_normalization {
+        Some(MseLossNormalization::DenseBatch) => Some(dense_batch_weights(target)),
+        None => None,
+    };
+    let mut out = Tensor::zeros(&pred.device(), pred.shape());
+    ops::sq_err(pred, target, w.as_ref(), &mut out);
+    out
+}
+
+/// Reciprocal of every element (`1/v`, 0 where `v` is 0).
+pub(crate) fn reciprocal(v: &Tensor) -> Tensor {
+    let r: Vec<f32> = v
+        .to_vec()
+        .iter()
+        .map(|&x| if x != 0.0 { 1.0 / x } else { 0.0 })
+        .collect();
+    vec_t(&v.device(), r)
+}
+
+pub(crate) fn vector(dev: &Device, v: Vec<f32>) -> Tensor {
+    vec_t(dev, v)
+}

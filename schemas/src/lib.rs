@@ -1,0 +1,48 @@
+//! The data contracts of the project: file names, tensor names and config types.
+//!
+//! This crate is the only place where a SAELens field name, file name or tensor name
+//! is spelled. Everything else refers to the constants and types defined here.
+
+pub mod sae_cfg;
+
+pub use sae_cfg::{
+    ActivationFn, Architecture, CfgError, Dtype, MseLossNormalization, NormalizeActivations,
+    ReshapeActivations, SaeConfig, SparsityLossMode,
+};
+
+/// File names inside an SAE directory, as SAELens writes them.
+pub mod files {
+    /// The SAE config (JSON).
+    pub const SAE_CFG: &str = "cfg.json";
+    /// The SAE parameters (safetensors).
+    pub const SAE_WEIGHTS: &str = "sae_weights.safetensors";
+    /// log10 feature densities (safetensors, one tensor [`SPARSITY_TENSOR`]).
+    pub const SPARSITY: &str = "sparsity.safetensors";
+    /// The tensor name inside [`SPARSITY`].
+    pub const SPARSITY_TENSOR: &str = "sparsity";
+}
+
+/// SAE parameter and buffer names (SAELens state-dict keys).
+pub mod tensors {
+    pub const W_ENC: &str = "W_enc";
+    pub const W_DEC: &str = "W_dec";
+    pub const B_ENC: &str = "b_enc";
+    pub const B_DEC: &str = "b_dec";
+    pub const THRESHOLD: &str = "threshold";
+    /// SAELens 5's trained JumpReLU parameter (`threshold = exp(log_threshold)`).
+    pub const LOG_THRESHOLD: &str = "log_threshold";
+    pub const B_GATE: &str = "b_gate";
+    pub const B_MAG: &str = "b_mag";
+    pub const R_MAG: &str = "r_mag";
+    /// BatchTopK's running threshold (an f64 scalar buffer).
+    pub const TOPK_THRESHOLD: &str = "topk_threshold";
+    /// SAELens 5's decoder scaling for finetuning (`scaling_factor` in older files).
+    pub const FINETUNING_SCALING_FACTOR: &str = "finetuning_scaling_factor";
+    pub const SCALING_FACTOR: &str = "scaling_factor";
+    /// Tensor names of `sae-trainer encode` output.
+    pub const FEATURE_ACTS: &str = "feature_acts";
+    pub const SAE_OUT: &str = "sae_out";
+}
+
+/// The SAELens release whose on-disk format this project reads and writes.
+pub const SAELENS_FORMAT_VERSION: &str = "6.54.12";
