@@ -821,8 +821,12 @@ impl SaeConfig {
     /// The metadata block with SAELens's training info filled in.
     fn metadata_with_training_info(&self) -> Map<String, Value> {
         let mut m = self.metadata.clone();
-        m.entry("sae_lens_version")
-            .or_insert_with(|| crate::SAELENS_FORMAT_VERSION.into());
+        // The file is in this format whatever version the SAE came from (SAELens reads
+        // anything older as a pre-6.0 config); `sae_lens_training_version` keeps that.
+        m.insert(
+            "sae_lens_version".into(),
+            crate::SAELENS_FORMAT_VERSION.into(),
+        );
         m.entry("sae_lens_training_version")
             .or_insert_with(|| crate::SAELENS_FORMAT_VERSION.into());
         m.insert(
