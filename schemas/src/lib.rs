@@ -6,8 +6,8 @@
 pub mod sae_cfg;
 
 pub use sae_cfg::{
-    ActivationFn, Architecture, CfgError, Dtype, MseLossNormalization, NormalizeActivations,
-    ReshapeActivations, SaeConfig, SparsityLossMode,
+    ActivationFn, Architecture, BDecInitMethod, CfgError, Dtype, MseLossNormalization,
+    NormalizeActivations, ReshapeActivations, SaeConfig, SparsityLossMode,
 };
 
 /// File names inside an SAE directory, as SAELens writes them.

@@ -116,6 +116,15 @@ string_enum!(
     }
 );
 
+string_enum!(
+    /// How `b_dec` is initialised from the first batch of activations.
+    BDecInitMethod, "b_dec_init_method" {
+        GeometricMedian => "geometric_median",
+        Mean => "mean",
+        Zeros => "zeros",
+    }
+);
+
 /// Parameter storage type on disk. The SAE math itself always runs in f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {

@@ -23,7 +23,7 @@ pub use arch::{Acts, Buffers, Losses, StepInput};
 pub use error::{Result, SaeError};
 pub use params::Params;
 pub use sae::{param_shapes, Sae, StepOutput};
-pub use schemas::{Architecture, SaeConfig};
+pub use schemas::{Architecture, BDecInitMethod, SaeConfig};
 
 /// `sqrt(d_in) / mean ||x||`: the factor that SAELens's `expected_average_only_in`
 /// normalisation multiplies activations by (its `ActivationScaler` estimate).

@@ -3,7 +3,7 @@ use crate::common::{finish_output, process_input, RowNorm, Shared};
 use crate::{init, Params, Result, SaeError};
 use kernels::{ops, Device, Tensor};
 use schemas::tensors::{B_DEC, LOG_THRESHOLD, THRESHOLD, W_DEC, W_ENC};
-use schemas::{Architecture, NormalizeActivations, SaeConfig};
+use schemas::{Architecture, BDecInitMethod, NormalizeActivations, SaeConfig};
 
 /// A sparse autoencoder: its config, parameters, buffers, and the training state of the
 /// last forward pass.
@@ -316,6 +316,26 @@ impl Sae {
             p.insert(THRESHOLD, Tensor::from_vec(&self.device, lt.shape(), v)?);
         }
         Sae::from_parts(cfg, p, Buffers::default(), &self.device)
+    }
+
+    /// SAELens's `b_dec` initialisation from a batch of (scaled) activations `[n, d_in]`:
+    /// their geometric median, their mean, or zeros.
+    pub fn initialize_b_dec(&mut self, method: BDecInitMethod, activations: &Tensor) -> Result<()> {
+        self.check_input(activations)?;
+        let d = self.cfg.d_in;
+        let v = match method {
+            BDecInitMethod::Zeros => vec![0.0; d],
+            BDecInitMethod::Mean => {
+                let mut m = Tensor::zeros(&self.device, &[d]);
+                ops::col_sums(activations, &mut m, 1.0 / activations.rows() as f32, 0.0);
+                m.to_vec()
+            }
+            BDecInitMethod::GeometricMedian => {
+                crate::geometric_median::geometric_median_default(&activations.to_vec(), d).median
+            }
+        };
+        *self.params.get_mut(B_DEC) = Tensor::from_vec(&self.device, &[d], v)?;
+        Ok(())
     }
 
     /// The sparsity coefficient this architecture trains with: SAELens's name (`l1` or
