@@ -21,13 +21,21 @@ use std::fmt;
 
 /// A config problem, naming the field and what was expected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("field `{field}`: {message}")]
+#[error("{}", self.describe())]
 pub struct CfgError {
     pub field: String,
     pub message: String,
 }
 
 impl CfgError {
+    fn describe(&self) -> String {
+        if self.field.starts_with('<') {
+            self.message.clone()
+        } else {
+            format!("field `{}`: {}", self.field, self.message)
+        }
+    }
+
     pub fn new(field: &str, message: impl Into<String>) -> CfgError {
         CfgError {
             field: field.to_string(),

@@ -3,17 +3,14 @@ use std::path::PathBuf;
 /// Errors from building, loading, saving or running an SAE.
 #[derive(Debug, thiserror::Error)]
 pub enum SaeError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: {source}", path.display())]
+    // The cause is part of the message (and deliberately not a `source`, so that
+    // error chains do not print it twice).
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{}: {err}", path.display())]
     Config {
         path: PathBuf,
-        #[source]
-        source: schemas::CfgError,
+        err: schemas::CfgError,
     },
     #[error("invalid SAE config: {0}")]
     BadConfig(#[from] schemas::CfgError),
@@ -64,10 +61,10 @@ pub enum SaeError {
 pub type Result<T, E = SaeError> = std::result::Result<T, E>;
 
 impl SaeError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> SaeError {
+    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> SaeError {
         SaeError::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
 }

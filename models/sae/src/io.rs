@@ -49,6 +49,39 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, HostTensor)>> {
     Ok(out)
 }
 
+/// Reads one tensor of a safetensors file as f32: the one called `name`, or the only
+/// one in the file when `name` is `None`.
+pub fn read_tensor(path: &Path, name: Option<&str>) -> Result<(String, HostTensor)> {
+    let bytes = std::fs::read(path).map_err(|e| SaeError::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| SaeError::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut names: Vec<&str> = st.names();
+    names.sort();
+    let present = names.join(", ");
+    let name = match name {
+        Some(n) => n.to_string(),
+        None if names.len() == 1 => names[0].to_string(),
+        None => {
+            return Err(SaeError::Safetensors {
+                path: path.to_path_buf(),
+                message: format!(
+                    "it holds {} tensors ({present}); name one as FILE:TENSOR",
+                    names.len()
+                ),
+            })
+        }
+    };
+    let view = st.tensor(&name).map_err(|_| SaeError::MissingTensor {
+        path: path.to_path_buf(),
+        name: name.clone(),
+        present,
+    })?;
+    let t = to_host(&name, &view)?;
+    Ok((name, t))
+}
+
 fn to_host(name: &str, v: &TensorView) -> Result<HostTensor> {
     let data = v.data();
     let (values, dtype) = match v.dtype() {
@@ -200,9 +233,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<Sae> {
     }
     let cfg_path = dir.join(SAE_CFG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| SaeError::io(&cfg_path, e))?;
-    let cfg = SaeConfig::from_json_str(&text).map_err(|source| SaeError::Config {
+    let cfg = SaeConfig::from_json_str(&text).map_err(|err| SaeError::Config {
         path: cfg_path.clone(),
-        source,
+        err,
     })?;
     let w_path = dir.join(SAE_WEIGHTS);
     let tensors = read_safetensors(&w_path)?;
