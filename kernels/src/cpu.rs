@@ -813,33 +813,44 @@ pub fn topk_rows(
         .zip(x.par_chunks(cols))
         .with_min_len(grain(cols).max(4))
         .for_each_init(
-            Vec::new,
-            |scratch: &mut Vec<(u32, u32)>, ((idx, val), row)| {
-                scratch.clear();
-                match &allowed {
-                    Some(a) => scratch.extend(a.iter().map(|&j| (key(row[j as usize]), j))),
-                    None => {
-                        scratch.extend(row.iter().enumerate().map(|(j, &v)| (key(v), j as u32)))
+            || std::collections::BinaryHeap::with_capacity(k),
+            |heap: &mut std::collections::BinaryHeap<std::cmp::Reverse<u64>>, ((idx, val), row)| {
+                heap.clear();
+                let mut push = |j: usize| {
+                    let r = std::cmp::Reverse(rank(row[j], j));
+                    if heap.len() < k {
+                        heap.push(r);
+                    } else if let Some(mut root) = heap.peek_mut() {
+                        // the root is the worst kept candidate; Reverse flips the order
+                        if r < *root {
+                            *root = r;
+                        }
                     }
+                };
+                match &allowed {
+                    Some(a) => a.iter().for_each(|&j| push(j as usize)),
+                    None => (0..row.len()).for_each(&mut push),
                 }
                 assert!(
-                    k <= scratch.len(),
+                    heap.len() == k,
                     "top-k with k={k} of {} candidates",
-                    scratch.len()
+                    heap.len()
                 );
-                // Largest key first; among equal keys the lower column wins.
-                let cmp = |a: &(u32, u32), b: &(u32, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
-                if k < scratch.len() {
-                    scratch.select_nth_unstable_by(k - 1, cmp);
-                }
-                let chosen = &mut scratch[..k];
-                chosen.sort_unstable_by_key(|e| e.1);
-                for (i, &(_, j)) in chosen.iter().enumerate() {
+                let mut chosen: Vec<u32> = heap.drain().map(|r| u32::MAX - (r.0 as u32)).collect();
+                chosen.sort_unstable();
+                for (i, &j) in chosen.iter().enumerate() {
                     idx[i] = j;
                     val[i] = row[j as usize];
                 }
             },
         );
+}
+
+/// Total order for top-k: larger values first, and among equal values the lower
+/// column. A min-heap of these keeps the k best, with the worst at the root.
+#[inline]
+fn rank(v: f32, j: usize) -> u64 {
+    ((key(v) as u64) << 32) | (u32::MAX - j as u32) as u64
 }
 
 /// The `total` largest entries of the whole matrix (ties at the cut broken by

@@ -583,37 +583,38 @@ impl SaeConfig {
         if self.d_sae == 0 {
             return Err(CfgError::new("d_sae", "must be positive"));
         }
-        if !(self.lp_norm > 0.0) {
+        // NaN fails every check written as "must be positive"
+        let positive = |x: f64| x > 0.0;
+        if !positive(self.lp_norm) {
             return Err(CfgError::new(
                 "lp_norm",
                 format!("must be positive, got {}", self.lp_norm),
             ));
         }
+        let max_k = self.d_sae as f64;
         match self.architecture {
-            Architecture::TopK => {
-                if self.k < 1.0 || self.k.fract() != 0.0 || self.k > self.d_sae as f64 {
-                    return Err(CfgError::new(
-                        "k",
-                        format!(
-                            "topk needs an integer k in 1..={}, got {}",
-                            self.d_sae, self.k
-                        ),
-                    ));
-                }
+            Architecture::TopK if self.k < 1.0 || self.k.fract() != 0.0 || self.k > max_k => {
+                return Err(CfgError::new(
+                    "k",
+                    format!(
+                        "topk needs an integer k in 1..={}, got {}",
+                        self.d_sae, self.k
+                    ),
+                ));
             }
-            Architecture::BatchTopK | Architecture::MatryoshkaBatchTopK => {
-                if !(self.k > 0.0) || self.k > self.d_sae as f64 {
-                    return Err(CfgError::new(
-                        "k",
-                        format!(
-                            "{} needs 0 < k <= d_sae ({}), got {}",
-                            self.architecture, self.d_sae, self.k
-                        ),
-                    ));
-                }
+            Architecture::BatchTopK | Architecture::MatryoshkaBatchTopK
+                if !positive(self.k) || self.k > max_k =>
+            {
+                return Err(CfgError::new(
+                    "k",
+                    format!(
+                        "{} needs 0 < k <= d_sae ({}), got {}",
+                        self.architecture, self.d_sae, self.k
+                    ),
+                ));
             }
             Architecture::JumpRelu => {
-                if !(self.jumprelu_bandwidth > 0.0) {
+                if !positive(self.jumprelu_bandwidth) {
                     return Err(CfgError::new("jumprelu_bandwidth", "must be positive"));
                 }
                 if self.jumprelu_sparsity_loss_mode == SparsityLossMode::Quadratic {

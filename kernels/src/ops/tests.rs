@@ -27,6 +27,7 @@ fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn naive_matmul(
     a: &[f32],
     ta: bool,

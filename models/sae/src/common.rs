@@ -5,7 +5,7 @@
 use crate::Params;
 use kernels::{ops, Device, Tensor};
 use schemas::tensors::{B_DEC, W_DEC};
-use schemas::{MseLossNormalization, NormalizeActivations, SaeConfig};
+use schemas::{NormalizeActivations, SaeConfig};
 
 /// Per-row affine maps that SAELens's run-time normalisations apply: `x*in_scale +
 /// in_shift` on the way in, `y*out_scale + out_shift` on the way out. They depend only
@@ -140,10 +140,7 @@ impl Shared {
         ops::row_norms(p.get(W_DEC), &mut self.n);
         self.dn.resize(&[cfg.d_sae]);
         ops::fill(&mut self.dn, 0.0);
-        self.mse_w = match cfg.mse_loss_normalization {
-            Some(MseLossNormalization::DenseBatch) => Some(dense_batch_weights(x)),
-            None => None,
-        };
+        self.mse_w = cfg.mse_loss_normalization.map(|_| dense_batch_weights(x));
     }
 
     /// Turns `recon` into `sae_out`, returns the MSE loss (summed over `d_in`, mean over
@@ -159,25 +156,14 @@ impl Shared {
             self.mse_w.as_ref(),
             Some((&mut self.d_recon, 1.0 / b)),
         );
-        self.to_recon_grad_in_place();
+        through_output_norm(self.norm.as_ref(), &mut self.d_recon);
         sum / b as f64
     }
 
-    /// A gradient with respect to an output-normalised tensor, taken back through the
-    /// output normalisation (rows scaled by `out_scale`).
-    pub fn to_recon_grad_in_place(&mut self) {
-        if let Some(n) = &self.norm {
-            let zero = Tensor::zeros(&self.device, &[self.batch()]);
-            ops::row_affine(&mut self.d_recon, &n.out_scale, &zero);
-        }
-    }
-
-    /// Same as [`Self::to_recon_grad_in_place`] for another tensor.
+    /// Takes a gradient with respect to an output-normalised tensor back through the
+    /// output normalisation.
     pub fn out_grad_to_pre(&self, g: &mut Tensor) {
-        if let Some(n) = &self.norm {
-            let zero = Tensor::zeros(&self.device, &[self.batch()]);
-            ops::row_affine(g, &n.out_scale, &zero);
-        }
+        through_output_norm(self.norm.as_ref(), g);
     }
 
     /// `d b_dec += sum_r d_recon` and `d W_dec += acts^T @ d_recon`, and
@@ -250,6 +236,15 @@ impl Shared {
     }
 }
 
+/// `g[r, :] *= out_scale[r]`: the backward of the output normalisation (its shift is a
+/// constant of the input).
+fn through_output_norm(norm: Option<&RowNorm>, g: &mut Tensor) {
+    if let Some(n) = norm {
+        let zero = Tensor::zeros(&g.device(), &[g.rows()]);
+        ops::row_affine(g, &n.out_scale, &zero);
+    }
+}
+
 /// `1 / (||x_r - mean(x)|| + 1e-6)`: SAELens 5's `dense_batch` MSE weights.
 pub(crate) fn dense_batch_weights(x: &Tensor) -> Tensor {
     let mut w = Tensor::zeros(&x.device(), &[x.rows()]);
@@ -261,10 +256,9 @@ pub(crate) fn dense_batch_weights(x: &Tensor) -> Tensor {
 /// Element-wise per-item MSE as SAELens's `mse_loss_fn` returns it (used by ghost
 /// grads): `(pred - target)^2`, divided by the `dense_batch` norm of `target` when set.
 pub(crate) fn per_item_mse(cfg: &SaeConfig, pred: &Tensor, target: &Tensor) -> Tensor {
-    let w = match cfg.mse_loss_normalization {
-        Some(MseLossNormalization::DenseBatch) => Some(dense_batch_weights(target)),
-        None => None,
-    };
+    let w = cfg
+        .mse_loss_normalization
+        .map(|_| dense_batch_weights(target));
     let mut out = Tensor::zeros(&pred.device(), pred.shape());
     ops::sq_err(pred, target, w.as_ref(), &mut out);
     out

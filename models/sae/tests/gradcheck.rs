@@ -352,7 +352,7 @@ fn matryoshka_aux_loss() {
         }
         let mut cand: Vec<usize> = dead.clone();
         cand.sort_by(|&a, &b| h[r * 24 + b].total_cmp(&h[r * 24 + a]));
-        let mut recons = vec![0f32; 10];
+        let mut recons = [0f32; 10];
         for &j in &cand[..k_aux] {
             for i in 0..10 {
                 recons[i] += h[r * 24 + j] / norms[j] * w[j * 10 + i];

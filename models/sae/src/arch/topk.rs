@@ -38,9 +38,8 @@ pub(crate) struct TopK {
     pub(crate) cfg: SaeConfig,
     select: Select,
     pub(crate) sparse: bool,
-    /// Encoder output `[B, d_sae]`, before the decoder-norm rescaling.
-    h_raw: Tensor,
-    /// `hidden_pre` `[B, d_sae]` (rescaled when configured).
+    /// `hidden_pre` `[B, d_sae]`: the encoder output, times the decoder norms when
+    /// rescaling.
     h: Tensor,
     /// The selected latents; values are the feature activations (ReLU'd).
     pub(crate) sel: Csr,
@@ -60,7 +59,6 @@ impl TopK {
             cfg: cfg.clone(),
             select,
             sparse: cfg.use_sparse_activations,
-            h_raw: z.clone(),
             h: z,
             sel: Csr::empty(device),
             fs: Csr::empty(device),
@@ -79,20 +77,18 @@ impl TopK {
                 *out.values_mut() = v;
             }
             Select::Batch => {
-                let mut r = Tensor::zeros(&h.device(), h.shape());
-                ops::relu(h, &mut r);
+                // batch_topk keeps positive entries only: the top of ReLU(h).
                 let total = (self.cfg.k * h.rows() as f64) as usize;
-                ops::batch_topk(&r, total, out);
+                ops::batch_topk(h, total, out);
             }
         }
     }
 
     /// Encoder, selection and decoder of the training pass; returns the MSE.
     pub(crate) fn forward_core(&mut self, p: &Params, s: &mut Shared, input: &StepInput) -> f64 {
-        linear_into(&mut self.h_raw, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
-        maybe_noise(&self.cfg, &mut self.h_raw, input.noise_seed);
+        linear_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
+        maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
         self.inv_n = reciprocal(&s.n);
-        self.h = self.h_raw.clone();
         if self.cfg.rescale_acts_by_decoder_norm {
             ops::mul_row_vec(&mut self.h, &s.n);
         }
@@ -224,12 +220,14 @@ impl TopK {
             d_pats.push(d);
         }
 
-        // Through the rescaling h = h_raw * n, and inv_n = 1/n.
+        // Through the rescaling h = h_raw * n (h_raw = h / n at the stored entries),
+        // and inv_n = 1/n.
         if rescale {
             for d in d_pats.iter_mut() {
-                let mut hr = Tensor::zeros(&dev, &[d.nnz()]);
-                ops::csr_gather(d, &self.h_raw, &mut hr);
-                ops::csr_col_dot(d, Some(&hr), &mut s.dn, 1.0, 1.0);
+                let mut h_raw = d.clone();
+                ops::csr_gather(d, &self.h, h_raw.values_mut());
+                ops::csr_scale_cols(&mut h_raw, &self.inv_n);
+                ops::csr_col_dot(d, Some(h_raw.values()), &mut s.dn, 1.0, 1.0);
                 ops::csr_scale_cols(d, &s.n);
             }
             // d n = -d inv_n / n^2
