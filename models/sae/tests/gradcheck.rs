@@ -31,6 +31,15 @@ fn randn(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
     Tensor::from_vec(&DEV, shape, v).unwrap()
 }
 
+/// Adds `scale * N(0, 1)` to every parameter (moves off the symmetric initial point:
+/// zero biases, `W_enc = W_dec^T`).
+fn perturb(sae: &mut Sae, rng: &mut ChaCha8Rng, scale: f32) {
+    for (_, t) in sae.params.iter_mut() {
+        let noise = randn(rng, t.shape(), scale);
+        ops::axpy(t, 1.0, &noise);
+    }
+}
+
 fn loss(sae: &mut Sae, x: &Tensor, coef: f64, mask: Option<&Tensor>) -> (f64, Vec<bool>) {
     let out = sae
         .training_forward(&StepInput {
@@ -93,13 +102,7 @@ fn check_at(
 ) -> Result<(), String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut sae = Sae::new(cfg.clone(), &DEV, seed).unwrap();
-    // move off the symmetric initial point (zero biases, W_enc = W_dec^T)
-    let names: Vec<String> = sae.params.names().iter().map(|s| s.to_string()).collect();
-    for n in &names {
-        let t = sae.params.get_mut(n);
-        let noise = randn(&mut rng, t.shape(), 0.05);
-        ops::axpy(t, 1.0, &noise);
-    }
+    perturb(&mut sae, &mut rng, 0.05);
     let x = randn(&mut rng, &[4, cfg.d_in], 1.0);
     let base = sae.params.clone();
     let (_, pattern) = loss(&mut sae, &x, coef, mask);
@@ -379,12 +382,7 @@ fn jumprelu_quadratic_is_scaled_step() {
     let mut c = cfg(Architecture::JumpRelu);
     c.jumprelu_bandwidth = 2.0; // wide window so many latents get the estimator
     let mut step = Sae::new(c.clone(), &DEV, 2).unwrap();
-    let names: Vec<String> = step.params.names().iter().map(|s| s.to_string()).collect();
-    for n in &names {
-        let t = step.params.get_mut(n);
-        let noise = randn(&mut rng, t.shape(), 0.3);
-        ops::axpy(t, 1.0, &noise);
-    }
+    perturb(&mut step, &mut rng, 0.3);
     let x = randn(&mut rng, &[1, 12], 1.0);
     let mut quad = step.clone();
     let mut qc = c.clone();

@@ -62,81 +62,33 @@ fn load(c: &Case) -> Sae {
 
 fn check_forward(c: &Case, dead: bool) {
     let mut sae = load(c);
-    let name = if dead { "dead" } else { "nodead" };
+    let case = if dead { "dead" } else { "nodead" };
     let mask = inputs().dead_mask;
-    let x = input(c, 0);
-    let out = sae
-        .training_forward(&StepInput {
-            sae_in: &x,
-            coefficient: c.info["coefficient"]["current_l1_coefficient"]
-                .as_f64()
-                .unwrap(),
-            dead_neuron_mask: if dead { Some(&mask) } else { None },
-            noise_seed: 0,
-        })
+    let coefficient = c.info["coefficient"]["current_l1_coefficient"]
+        .as_f64()
         .unwrap();
-    let r = &c.reference;
-    let what = |k: &str| format!("{}/{name}.{k}", c.name);
-    assert_close(
-        &what("feature_acts"),
-        &head_rows(&sae.last_feature_acts(), 16),
-        &r.get(&format!("{name}.feature_acts")),
-        FWD,
+    let tol = Tol {
+        fwd: FWD,
+        loss: LOSS,
+        grad: GRAD,
+    };
+    let (_, mut g) = check_step(
+        c.name,
+        &mut sae,
+        &c.reference,
+        case,
+        &input(c, 0),
+        dead.then_some(&mask),
+        coefficient,
+        &tol,
     );
-    assert_close(
-        &what("hidden_pre"),
-        &head_rows(sae.last_hidden_pre(), 16),
-        &r.get(&format!("{name}.hidden_pre")),
-        FWD,
-    );
-    assert_close(
-        &what("sae_out"),
-        &head_rows(sae.last_sae_out(), 16),
-        &r.get(&format!("{name}.sae_out")),
-        FWD,
-    );
-    let ref_losses: Vec<String> = r
-        .tensors
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix(&format!("{name}.losses."))
-                .map(str::to_string)
-        })
-        .collect();
-    for l in &ref_losses {
-        let got = out
-            .get(l)
-            .unwrap_or_else(|| panic!("{}: no loss term {l} in {:?}", c.name, out.losses));
-        assert_rel(&what(l), got, r.scalar(&format!("{name}.losses.{l}")), LOSS);
-    }
-    // SAELens 5 reports no zero auxiliary terms; we report what it reports.
-    for (l, v) in &out.losses {
-        assert!(
-            ref_losses.contains(l) || *v == 0.0,
-            "{}: extra non-zero loss {l} = {v}",
-            c.name
-        );
-    }
-    assert_rel(
-        &what("loss"),
-        out.loss,
-        r.scalar(&format!("{name}.loss")),
-        LOSS,
-    );
-    let mut g = sae.zero_grads();
-    sae.backward(&mut g);
-    for (p, t) in g.iter() {
-        let key = format!("{name}.grad.{p}");
-        assert!(r.has(&key), "{}: reference has no gradient for {p}", c.name);
-        assert_close(&what(&format!("grad.{p}")), &t.to_vec(), &r.get(&key), GRAD);
-    }
-    let key = format!("{name}.grad_parallel_removed.W_dec");
-    if r.has(&key) {
+    let key = format!("{case}.grad_parallel_removed.W_dec");
+    if c.reference.has(&key) {
         sae.remove_gradient_parallel_to_decoder_directions(&mut g);
         assert_close(
-            &what("grad_parallel_removed.W_dec"),
+            &format!("{} {key}", c.name),
             &g.get("W_dec").to_vec(),
-            &r.get(&key),
+            &c.reference.get(&key),
             GRAD,
         );
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use kernels::{Device, Tensor};
+use sae::{Params, Sae, StepInput, StepOutput};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -170,4 +171,104 @@ pub fn assert_rel(what: &str, got: f64, want: f64, tol: f64) {
 /// First `rows` rows of a `[n, cols]` tensor.
 pub fn head_rows(t: &Tensor, rows: usize) -> Vec<f32> {
     t.to_vec()[..rows * t.cols()].to_vec()
+}
+
+/// Every SAELens 6 architecture in the fixtures (folder names).
+pub const ARCHS: [&str; 7] = [
+    "standard",
+    "gated",
+    "jumprelu",
+    "jumprelu_tanh",
+    "topk",
+    "batchtopk",
+    "matryoshka_batchtopk",
+];
+
+/// Tolerances of a comparison: forward tensors and gradients relative to the largest
+/// reference magnitude, losses relative to themselves.
+pub struct Tol {
+    pub fwd: f64,
+    pub loss: f64,
+    pub grad: f64,
+}
+
+/// One training forward and backward on `x`, compared with `<case>.*` of a reference:
+/// rows 0..15 of the latents, pre-activations and reconstruction, every loss term the
+/// reference has (a term it lacks must be zero here), the total loss, and the gradient
+/// of every parameter. Returns the step's output and gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn check_step(
+    label: &str,
+    sae: &mut Sae,
+    r: &Reference,
+    case: &str,
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    coefficient: f64,
+    tol: &Tol,
+) -> (StepOutput, Params) {
+    let out = sae
+        .training_forward(&StepInput {
+            sae_in: x,
+            coefficient,
+            dead_neuron_mask: mask,
+            noise_seed: 0,
+        })
+        .unwrap();
+    let what = |k: &str| format!("{label}/{case}.{k}");
+    assert_close(
+        &what("feature_acts"),
+        &head_rows(&sae.last_feature_acts(), 16),
+        &r.get(&format!("{case}.feature_acts")),
+        tol.fwd,
+    );
+    assert_close(
+        &what("hidden_pre"),
+        &head_rows(sae.last_hidden_pre(), 16),
+        &r.get(&format!("{case}.hidden_pre")),
+        tol.fwd,
+    );
+    assert_close(
+        &what("sae_out"),
+        &head_rows(sae.last_sae_out(), 16),
+        &r.get(&format!("{case}.sae_out")),
+        tol.fwd,
+    );
+    let prefix = format!("{case}.losses.");
+    let ref_losses: Vec<String> = r
+        .tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+        .collect();
+    for l in &ref_losses {
+        let got = out
+            .get(l)
+            .unwrap_or_else(|| panic!("{label}: no loss term {l} in {:?}", out.losses));
+        assert_rel(&what(l), got, r.scalar(&format!("{prefix}{l}")), tol.loss);
+    }
+    for (l, v) in &out.losses {
+        assert!(
+            ref_losses.contains(l) || *v == 0.0,
+            "{label}: extra non-zero loss {l} = {v}"
+        );
+    }
+    assert_rel(
+        &what("loss"),
+        out.loss,
+        r.scalar(&format!("{case}.loss")),
+        tol.loss,
+    );
+    let mut g = sae.zero_grads();
+    sae.backward(&mut g);
+    for (p, t) in g.iter() {
+        let key = format!("{case}.grad.{p}");
+        assert!(r.has(&key), "{label}: reference has no gradient for {p}");
+        assert_close(
+            &what(&format!("grad.{p}")),
+            &t.to_vec(),
+            &r.get(&key),
+            tol.grad,
+        );
+    }
+    (out, g)
 }
