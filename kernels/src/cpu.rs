@@ -206,6 +206,20 @@ pub fn centered_row_norms(x: &[f32], cols: usize, out: &mut [f32]) {
         });
 }
 
+/// `out[r] = a[r, :] . b[r, :]`
+pub fn row_dots(a: &[f32], b: &[f32], cols: usize, out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(a.par_chunks(cols).zip(b.par_chunks(cols)))
+        .with_min_len(grain(cols))
+        .for_each(|(o, (a, b))| {
+            *o = a
+                .iter()
+                .zip(b)
+                .map(|(&x, &y)| x as f64 * y as f64)
+                .sum::<f64>() as f32;
+        });
+}
+
 /// `dst[j, :] += c[j] * src[j, :]`
 pub fn add_scaled_rows(dst: &mut [f32], src: &[f32], cols: usize, c: &[f32]) {
     dst.par_chunks_mut(cols)

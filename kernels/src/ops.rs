@@ -170,6 +170,14 @@ pub fn centered_row_norms(x: &Tensor, out: &mut Tensor) {
     cpu::centered_row_norms(x.cpu(), c, out.cpu_mut());
 }
 
+/// `out[r] = a[r, :] . b[r, :]`
+pub fn row_dots(a: &Tensor, b: &Tensor, out: &mut Tensor) {
+    same_shape(a, b, "row_dots");
+    let (r, c) = dims2(a);
+    is_vec(out, r, "row_dots");
+    cpu::row_dots(a.cpu(), b.cpu(), c, out.cpu_mut());
+}
+
 /// `dst[j, :] += c[j] * src[j, :]`
 pub fn add_scaled_rows(dst: &mut Tensor, src: &Tensor, c: &Tensor) {
     same_shape(dst, src, "add_scaled_rows");

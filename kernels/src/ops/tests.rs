@@ -131,6 +131,13 @@ fn broadcast_and_reductions() {
     let mut cn = t(&[2], vec![0.; 2]);
     centered_row_norms(&t(&[2, 1], vec![1., 3.]), &mut cn);
     assert_eq!(cn.to_vec(), vec![1., 1.]);
+    let mut dots = t(&[2], vec![0.; 2]);
+    row_dots(
+        &t(&[2, 2], vec![1., 2., 3., 4.]),
+        &t(&[2, 2], vec![1., 1., 0., 2.]),
+        &mut dots,
+    );
+    assert_eq!(dots.to_vec(), vec![3., 8.]);
     let mut dst = t(&[2, 2], vec![1.; 4]);
     add_scaled_rows(
         &mut dst,

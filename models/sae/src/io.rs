@@ -27,6 +27,8 @@ pub struct HostTensor {
     pub values: Vec<f32>,
     /// The dtype it was stored in.
     pub dtype: Dtype,
+    /// The exact values of a scalar stored as F64 (BatchTopK's running threshold).
+    pub scalar_f64: Option<f64>,
 }
 
 /// Reads every tensor of a safetensors file (F32, F16, BF16 or F64) as f32.
@@ -116,10 +118,13 @@ fn to_host(name: &str, v: &TensorView) -> Result<HostTensor> {
             })
         }
     };
+    let scalar_f64 = (v.dtype() == StDtype::F64 && data.len() == 8)
+        .then(|| f64::from_le_bytes(data.try_into().unwrap()));
     Ok(HostTensor {
         shape: v.shape().to_vec(),
         values,
         dtype,
+        scalar_f64,
     })
 }
 
@@ -287,11 +292,10 @@ fn from_tensors(
                 name: TOPK_THRESHOLD.into(),
                 present: present.clone(),
             })?;
-        buffers.topk_threshold = t.values.first().copied().unwrap_or(0.0) as f64;
-        // f64 precision matters for the running threshold: re-read it exactly.
-        if t.dtype == Dtype::F64 {
-            buffers.topk_threshold = read_f64_scalar(path, TOPK_THRESHOLD)?;
-        }
+        // f64 precision matters for the running threshold (SAELens keeps it in f64)
+        buffers.topk_threshold = t
+            .scalar_f64
+            .unwrap_or_else(|| t.values.first().copied().unwrap_or(0.0) as f64);
     }
     let shapes = crate::param_shapes(&cfg);
     let expected: Vec<&str> = shapes.iter().map(|(n, _)| *n).collect();
@@ -343,19 +347,6 @@ fn from_tensors(
 
 fn file_names(file: &HashMap<String, HostTensor>) -> Vec<String> {
     file.keys().cloned().collect()
-}
-
-fn read_f64_scalar(path: &Path, name: &str) -> Result<f64> {
-    let bytes = std::fs::read(path).map_err(|e| SaeError::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| SaeError::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let v = st.tensor(name).map_err(|e| SaeError::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    Ok(f64::from_le_bytes(v.data()[..8].try_into().unwrap()))
 }
 
 fn prepare_dir(dir: &Path, overwrite: bool) -> Result<()> {

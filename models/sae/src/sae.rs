@@ -278,15 +278,12 @@ impl Sae {
     /// SAELens 5's `remove_gradient_parallel_to_decoder_directions`: removes from each
     /// row of `grads[W_dec]` its component along the decoder row.
     pub fn remove_gradient_parallel_to_decoder_directions(&self, grads: &mut Params) {
-        let w = self.params.get(W_DEC).to_vec();
+        let w = self.params.get(W_DEC);
         let g = grads.get_mut(W_DEC);
-        let d = self.cfg.d_in;
-        let mut gv = g.to_vec();
-        for (grow, wrow) in gv.chunks_mut(d).zip(w.chunks(d)) {
-            let dot: f32 = grow.iter().zip(wrow).map(|(a, b)| a * b).sum();
-            grow.iter_mut().zip(wrow).for_each(|(a, b)| *a -= dot * b);
-        }
-        *g = Tensor::from_vec(&self.device, &[self.cfg.d_sae, d], gv).expect("shape");
+        let mut dots = Tensor::zeros(&self.device, &[self.cfg.d_sae]);
+        ops::row_dots(g, w, &mut dots);
+        ops::scale(&mut dots, -1.0);
+        ops::add_scaled_rows(g, w, &dots);
     }
 
     /// The SAE as SAELens's `save_inference_model` writes it: TopK decoder norms folded
