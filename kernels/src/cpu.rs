@@ -144,22 +144,18 @@ fn col_sums_f64(x: &[f32], cols: usize) -> Vec<f64> {
     if cols == 0 {
         return Vec::new();
     }
-    x.par_chunks(cols)
-        .with_min_len(grain(cols).max(64))
-        .fold(
+    let parts = x
+        .par_chunks(cols)
+        .fold_chunks(
+            BLOCK_ROWS,
             || vec![0f64; cols],
             |mut acc, row| {
                 acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
                 acc
             },
         )
-        .reduce(
-            || vec![0f64; cols],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+        .collect::<Vec<_>>();
+    sum_in_order(parts, cols)
 }
 
 /// `out[r] = ||x[r, :]||_2`
@@ -233,15 +229,21 @@ pub fn add_scaled_rows(dst: &mut [f32], src: &[f32], cols: usize, c: &[f32]) {
         });
 }
 
+/// Parallel sums below collect per-chunk partial sums and add them in order, for the
+/// same reason as [`BLOCK_ROWS`].
 pub fn sum(x: &[f32]) -> f64 {
     x.par_chunks(FLAT_GRAIN)
         .map(|c| c.iter().map(|&v| v as f64).sum::<f64>())
+        .collect::<Vec<f64>>()
+        .iter()
         .sum()
 }
 
 pub fn sum_squares(x: &[f32]) -> f64 {
     x.par_chunks(FLAT_GRAIN)
         .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
+        .collect::<Vec<f64>>()
+        .iter()
         .sum()
 }
 
@@ -313,8 +315,8 @@ pub fn jumprelu_backward(
     let acc = dh
         .par_chunks_mut(cols)
         .zip(h.par_chunks(cols).zip(df.par_chunks(cols)))
-        .with_min_len(grain(cols).max(16))
-        .fold(
+        .fold_chunks(
+            BLOCK_ROWS,
             || vec![0f64; cols],
             |mut acc, (dh, (h, df))| {
                 for j in 0..cols {
@@ -330,13 +332,23 @@ pub fn jumprelu_backward(
                 acc
             },
         )
-        .reduce(|| vec![0f64; cols], add_vecs);
+        .collect::<Vec<_>>();
+    let acc = sum_in_order(acc, cols);
     dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
 }
 
-fn add_vecs(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
-    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-    a
+/// Rows per block of a reduction. Blocks are fixed and combined in order, so every
+/// reduction gives the same bits whatever the thread count or scheduling (exact resume
+/// of a training run depends on it).
+const BLOCK_ROWS: usize = 64;
+
+/// Adds per-block column accumulators in block order.
+fn sum_in_order(parts: Vec<Vec<f64>>, cols: usize) -> Vec<f64> {
+    let mut out = vec![0f64; cols];
+    for p in parts {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+    }
+    out
 }
 
 /// `out[r] = #{j : h[r,j] > t[j]}`
@@ -364,8 +376,8 @@ pub fn step_backward(
     let acc = dh
         .par_chunks_mut(cols)
         .zip(h.par_chunks(cols).zip(g.par_iter()))
-        .with_min_len(grain(cols).max(16))
-        .fold(
+        .fold_chunks(
+            BLOCK_ROWS,
             || vec![0f64; cols],
             |mut acc, (dh, (h, &g))| {
                 for j in 0..cols {
@@ -378,7 +390,8 @@ pub fn step_backward(
                 acc
             },
         )
-        .reduce(|| vec![0f64; cols], add_vecs);
+        .collect::<Vec<_>>();
+    let acc = sum_in_order(acc, cols);
     dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
 }
 
@@ -393,11 +406,11 @@ pub fn tanh_sparsity(
     df: &mut [f32],
     dn: &mut [f32],
 ) -> f64 {
-    let (total, acc) = df
+    let parts = df
         .par_chunks_mut(cols)
         .zip(f.par_chunks(cols))
-        .with_min_len(grain(cols).max(16))
-        .fold(
+        .fold_chunks(
+            BLOCK_ROWS,
             || (0f64, vec![0f64; cols]),
             |(mut tot, mut acc), (df, f)| {
                 for j in 0..cols {
@@ -411,10 +424,9 @@ pub fn tanh_sparsity(
                 (tot, acc)
             },
         )
-        .reduce(
-            || (0.0, vec![0f64; cols]),
-            |a, b| (a.0 + b.0, add_vecs(a.1, b.1)),
-        );
+        .collect::<Vec<_>>();
+    let total: f64 = parts.iter().map(|p| p.0).sum();
+    let acc = sum_in_order(parts.into_iter().map(|p| p.1).collect(), cols);
     dn.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
     total
 }
@@ -463,8 +475,8 @@ pub fn lp_sparsity(
     let acc = df
         .par_chunks_mut(cols)
         .zip(f.par_chunks(cols).zip(norms.par_iter()))
-        .with_min_len(grain(cols).max(16))
-        .fold(
+        .fold_chunks(
+            BLOCK_ROWS,
             || vec![0f64; cols],
             |mut acc, (df, (f, &norm))| {
                 if norm == 0.0 && p != 1.0 {
@@ -485,7 +497,8 @@ pub fn lp_sparsity(
                 acc
             },
         )
-        .reduce(|| vec![0f64; cols], add_vecs);
+        .collect::<Vec<_>>();
+    let acc = sum_in_order(acc, cols);
     if let Some(dn) = dn {
         dn.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
     }
@@ -507,11 +520,11 @@ pub fn pre_act_loss(
     dt: &mut [f32],
     dn: &mut [f32],
 ) -> f64 {
-    let (total, acc_t, acc_n) = dh
+    let parts = dh
         .par_chunks_mut(cols)
         .zip(h.par_chunks(cols))
-        .with_min_len(grain(cols).max(16))
-        .fold(
+        .fold_chunks(
+            BLOCK_ROWS,
             || (0f64, vec![0f64; cols], vec![0f64; cols]),
             |(mut tot, mut at, mut an), (dh, h)| {
                 for j in 0..cols {
@@ -530,10 +543,10 @@ pub fn pre_act_loss(
                 (tot, at, an)
             },
         )
-        .reduce(
-            || (0.0, vec![0f64; cols], vec![0f64; cols]),
-            |a, b| (a.0 + b.0, add_vecs(a.1, b.1), add_vecs(a.2, b.2)),
-        );
+        .collect::<Vec<_>>();
+    let total: f64 = parts.iter().map(|p| p.0).sum();
+    let (ts, ns): (Vec<_>, Vec<_>) = parts.into_iter().map(|p| (p.1, p.2)).unzip();
+    let (acc_t, acc_n) = (sum_in_order(ts, cols), sum_in_order(ns, cols));
     dt.iter_mut().zip(acc_t).for_each(|(d, a)| *d += a as f32);
     dn.iter_mut().zip(acc_n).for_each(|(d, a)| *d += a as f32);
     total
@@ -558,6 +571,8 @@ pub fn mse(
                 let s: f64 = p.iter().zip(t).map(|(p, t)| ((p - t) as f64).powi(2)).sum();
                 s * w(r) as f64
             })
+            .collect::<Vec<f64>>()
+            .iter()
             .sum(),
         Some((g, gscale)) => g
             .par_chunks_mut(cols)
@@ -574,6 +589,8 @@ pub fn mse(
                 }
                 s * wr as f64
             })
+            .collect::<Vec<f64>>()
+            .iter()
             .sum(),
     }
 }
@@ -600,6 +617,8 @@ pub fn weighted_sq_err(
                     .map(|((p, t), w)| (w * (p - t) * (p - t)) as f64)
                     .sum::<f64>()
             })
+            .collect::<Vec<f64>>()
+            .iter()
             .sum(),
         Some((g, gscale)) => g
             .par_chunks_mut(FLAT_GRAIN)
@@ -619,6 +638,8 @@ pub fn weighted_sq_err(
                 }
                 s
             })
+            .collect::<Vec<f64>>()
+            .iter()
             .sum(),
     }
 }
@@ -745,8 +766,8 @@ pub fn min_positive(x: &[f32]) -> Option<f32> {
 pub fn col_nonzero_counts(x: &[f32], cols: usize, out: &mut [f32]) {
     let acc = x
         .par_chunks(cols)
-        .with_min_len(grain(cols).max(64))
-        .fold(
+        .fold_chunks(
+            BLOCK_ROWS,
             || vec![0f64; cols],
             |mut acc, row| {
                 acc.iter_mut()
@@ -755,7 +776,8 @@ pub fn col_nonzero_counts(x: &[f32], cols: usize, out: &mut [f32]) {
                 acc
             },
         )
-        .reduce(|| vec![0f64; cols], add_vecs);
+        .collect::<Vec<_>>();
+    let acc = sum_in_order(acc, cols);
     out.iter_mut().zip(acc).for_each(|(o, a)| *o = a as f32);
 }
 

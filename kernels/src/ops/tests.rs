@@ -539,3 +539,51 @@ fn noise_is_reproducible_and_roughly_normal() {
         "mean {mean} var {var}"
     );
 }
+
+/// Every reduction gives the same bits whatever the number of threads (exact resume of
+/// a training run relies on it), and so does the GEMM.
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+    let (r, c) = (300, 257);
+    let x = t(&[r, c], rand_vec(&mut rng, r * c));
+    let y = t(&[r, c], rand_vec(&mut rng, r * c));
+    let th = t(&[c], rand_vec(&mut rng, c));
+    let w = t(&[c, 33], rand_vec(&mut rng, c * 33));
+    let run = || {
+        let mut cs = t(&[c], vec![0.; c]);
+        col_sums(&x, &mut cs, 1.0, 0.0);
+        let mut g = t(&[r, c], vec![0.; r * c]);
+        let m = mse(&x, &y, None, Some((&mut g, 0.5)));
+        let (mut dh, mut dt) = (t(&[r, c], vec![0.; r * c]), t(&[c], vec![0.; c]));
+        jumprelu_backward(&x, &th, &y, 0.5, true, &mut dh, &mut dt);
+        let mut df = t(&[r, c], vec![0.; r * c]);
+        let mut dn = t(&[c], vec![0.; c]);
+        let l = lp_sparsity(&x, Some(&th), 1.0, 0.3, Some(&mut df), Some(&mut dn));
+        let mut out = t(&[r, 33], vec![0.; r * 33]);
+        matmul(&mut out, &x, false, &w, false, 1.0, 0.0);
+        let mut wt = t(&[c, c], vec![0.; c * c]);
+        matmul(&mut wt, &x, true, &y, false, 1.0, 0.0);
+        (
+            cs.to_vec(),
+            m,
+            g.to_vec(),
+            dt.to_vec(),
+            dn.to_vec(),
+            l,
+            sum(&x),
+            sum_squares(&y),
+            out.to_vec(),
+            wt.to_vec(),
+        )
+    };
+    let pool = |n| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    };
+    let one = pool(1).install(run);
+    let three = pool(3).install(run);
+    assert!(one == three, "results differ between 1 and 3 threads");
+}
