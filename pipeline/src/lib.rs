@@ -1,0 +1,9 @@
+//! The runtime every stage shares. Today: activation sources (safetensors, Arrow IPC and
+//! Parquet files, directories of shards) and training batches drawn from them, in order
+//! or through SAELens's seeded mixing buffer.
+
+pub mod batches;
+pub mod source;
+
+pub use batches::Batches;
+pub use source::{open, RowSource, SourceError};
