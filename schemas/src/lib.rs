@@ -10,6 +10,7 @@ pub use sae_cfg::{
     ActivationFn, Architecture, BDecInitMethod, CfgError, Dtype, MseLossNormalization,
     NormalizeActivations, ReshapeActivations, SaeConfig, SparsityLossMode,
 };
+pub use train_cfg::{FinetuningMethod, LrScheduler, TrainConfig};
 
 /// File names inside an SAE directory, as SAELens writes them.
 pub mod files {

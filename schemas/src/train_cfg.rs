@@ -88,7 +88,9 @@ pub struct TrainConfig {
     pub decoder_heuristic_init_norm: f64,
     pub init_encoder_as_decoder_transpose: bool,
     pub b_dec_init_method: String,
-    /// An SAE directory to start from (finetune) instead of a fresh initialisation.
+    /// An SAE directory to start from (finetune) instead of a fresh initialisation. The
+    /// SAE keeps its own architecture settings; the coefficients and warm-ups above
+    /// (`l1_*`, `l0_*`) apply to the run.
     pub from_pretrained_path: Option<String>,
 
     // ---- the optimisation

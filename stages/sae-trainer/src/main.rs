@@ -1,5 +1,6 @@
-//! `sae-trainer`: the SAE stage of the pipeline. For now it has one command, `encode`,
-//! which applies a trained SAE (any SAELens directory) to activations in a file.
+//! `sae-trainer`: the SAE stage of the pipeline. `train` trains an SAE on activation
+//! files as SAELens does, `bench` times training steps, `encode` applies a trained SAE
+//! (any SAELens directory) to activations in a file.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -17,6 +18,49 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train an SAE on activations (SAELens's training loop).
+    ///
+    /// Writes to the output directory: the inference SAE in SAELens's format
+    /// (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors`), `metrics.jsonl`
+    /// (SAELens's metric names), the resolved `config.yaml`, and `checkpoints/` (every
+    /// `n_checkpoints`, and on Ctrl-C / SIGTERM). A JSON summary goes to stdout.
+    Train {
+        /// The training config (YAML, SAELens field names; see examples/).
+        #[arg(long)]
+        config: PathBuf,
+        /// Activations: a `.safetensors` file (`FILE:TENSOR` to pick one tensor), an
+        /// Arrow IPC or Parquet file with a column named by `hook_name`, or a directory
+        /// of such shards read in name order.
+        #[arg(long)]
+        activations: String,
+        /// Run directory.
+        #[arg(long, default_value = "out/run")]
+        output: PathBuf,
+        /// Continue from a checkpoint directory (bit-identical to an uninterrupted run).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Replace the outputs of an earlier run in the output directory.
+        #[arg(long)]
+        overwrite: bool,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Time training steps on random N(0, 1) data (`d_in` must be in the config);
+    /// prints one JSON line with tokens/s, the median step time and peak memory.
+    Bench {
+        #[arg(long)]
+        config: PathBuf,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Apply an SAE to activations: writes `feature_acts` and `sae_out`.
     ///
     /// The input is a safetensors tensor `[..., d_in]` (f32, f16, bf16 or f64; for
@@ -62,6 +106,38 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train {
+            config,
+            activations,
+            output,
+            resume,
+            overwrite,
+            threads,
+        } => {
+            set_threads(threads)?;
+            let summary = sae_trainer::train::run(&sae_trainer::train::TrainArgs {
+                config,
+                activations,
+                output,
+                resume,
+                overwrite,
+            })?;
+            println!("{}", serde_json::to_string(&summary)?);
+        }
+        Command::Bench {
+            config,
+            steps,
+            warmup,
+            threads,
+        } => {
+            set_threads(threads)?;
+            let summary = sae_trainer::bench::run(&sae_trainer::bench::BenchArgs {
+                config,
+                steps,
+                warmup,
+            })?;
+            println!("{}", serde_json::to_string(&summary)?);
+        }
         Command::Encode {
             sae,
             input,
@@ -71,9 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             threads,
         } => {
-            if let Some(t) = threads {
-                kernels::set_num_threads(t).map_err(anyhow::Error::msg)?;
-            }
+            set_threads(threads)?;
             let summary = sae_trainer::encode::run(&sae_trainer::encode::EncodeArgs {
                 sae_dir: sae,
                 input,
@@ -84,6 +158,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             println!("{}", serde_json::to_string(&summary)?);
         }
+    }
+    Ok(())
+}
+
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(t) = threads {
+        kernels::set_num_threads(t).map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }

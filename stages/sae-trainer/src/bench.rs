@@ -1,0 +1,77 @@
+//! `sae-trainer bench`: times full training steps (forward, losses, backward, clipping,
+//! Adam) of the SAE a config describes, on random N(0, 1) activations.
+
+use crate::trainer::Trainer;
+use anyhow::{Context, Result};
+use kernels::{Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use sae::Sae;
+use schemas::TrainConfig;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct BenchArgs {
+    pub config: PathBuf,
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+pub fn run(a: &BenchArgs) -> Result<Value> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("cannot read the config {}", a.config.display()))?;
+    let cfg = TrainConfig::from_yaml(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", a.config.display()))?;
+    let d_in = cfg.d_in.context("the bench needs d_in in the config")?;
+    let device = Device::parse(&cfg.device)?;
+    let sae = Sae::new(cfg.sae_config(d_in)?, &device, cfg.seed)?;
+    let (arch, d_sae, sparse) = (
+        sae.cfg().architecture,
+        sae.cfg().d_sae,
+        sae.cfg().use_sparse_activations,
+    );
+    let batch = cfg.train_batch_size_tokens;
+    let mut trainer = Trainer::new(cfg.clone(), sae);
+    // a few distinct batches, cycled
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+    let data: Vec<Tensor> = (0..4)
+        .map(|_| {
+            let v: Vec<f32> = (0..batch * d_in)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect();
+            Tensor::from_vec(&device, &[batch, d_in], v)
+        })
+        .collect::<Result<_, _>>()?;
+    for i in 0..a.warmup {
+        trainer.step(&data[i % data.len()])?;
+    }
+    let mut times = Vec::with_capacity(a.steps);
+    for i in 0..a.steps.max(1) {
+        let t = Instant::now();
+        trainer.step(&data[i % data.len()])?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    Ok(json!({
+        "architecture": arch.as_str(),
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "batch": batch,
+        "sparse": sparse,
+        "threads": kernels::num_threads(),
+        "steps": times.len(),
+        "tokens_per_second": batch as f64 / median,
+        "step_seconds_median": median,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// Peak resident memory of this process (`VmHWM`), in MiB; `null` off Linux.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
