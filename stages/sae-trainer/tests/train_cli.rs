@@ -651,3 +651,77 @@ fn bench_prints_one_json_line() {
         v["tokens_per_second"].as_f64().unwrap() > 0.0 && v["peak_rss_mib"].as_f64().unwrap() > 1.0
     );
 }
+
+/// After `training_tokens`, SAELens 5's finetuning methods train only their parameters:
+/// `scale` the per-latent decoder scale (decoder rows stay parallel), `decoder` the
+/// scale, `W_dec` and `b_dec`, `unrotated_decoder` the scale and `b_dec`. The
+/// checkpoint taken as finetuning starts is compared with the final SAE.
+#[test]
+fn finetuning_trains_only_its_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let acts = tmp.path().join("acts.safetensors");
+    write_acts(&acts, 12_000, 32, 9);
+    for method in ["scale", "decoder", "unrotated_decoder"] {
+        let cfg = tmp.path().join(format!("{method}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!("architecture: standard\nd_sae: 64\nl1_coefficient: 0.1\napply_b_dec_to_input: false\ntraining_tokens: 5120\nfinetuning_tokens: 5120\nfinetuning_method: {method}\ntrain_batch_size_tokens: 256\nlr: 1.0e-3\nn_checkpoints: 1\nshuffle: false\n"),
+        )
+        .unwrap();
+        let out = tmp.path().join(method);
+        ok(train(&cfg, acts.to_str().unwrap(), &out, &[]));
+        let at_start: std::collections::HashMap<String, Vec<f32>> =
+            weights(&out.join("checkpoints/5376")).into_iter().collect();
+        let end: std::collections::HashMap<String, Vec<f32>> = weights(&out).into_iter().collect();
+        assert_eq!(at_start["W_enc"], end["W_enc"], "{method}: W_enc moved");
+        assert_eq!(at_start["b_enc"], end["b_enc"], "{method}: b_enc moved");
+        let b_moved = at_start["b_dec"] != end["b_dec"];
+        assert_eq!(b_moved, method != "scale", "{method}: b_dec");
+        // decoder rows: rescaled (parallel) unless the decoder itself trains
+        let (w0, w1) = (&at_start["W_dec"], &end["W_dec"]);
+        assert_ne!(w0, w1, "{method}: nothing trained");
+        let parallel = w0.chunks(32).zip(w1.chunks(32)).all(|(a, b)| {
+            let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let (na, nb) = (
+                a.iter().map(|x| x * x).sum::<f32>().sqrt(),
+                b.iter().map(|x| x * x).sum::<f32>().sqrt(),
+            );
+            (dot / (na * nb) - 1.0).abs() < 1e-5
+        });
+        assert_eq!(
+            parallel,
+            method != "decoder",
+            "{method}: decoder rows parallel"
+        );
+    }
+}
+
+/// The README's training example (examples/) runs and learns.
+#[test]
+fn readme_example_trains() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tiny-topk");
+    let acts = root.join("examples/data/tiny-gpt2.blocks.1.hook_resid_pre.safetensors");
+    let summary = ok(train(
+        &root.join("examples/tiny-topk.yaml"),
+        acts.to_str().unwrap(),
+        &out,
+        &[],
+    ));
+    assert_eq!(summary["tokens"], 19456);
+    let last = metrics(&out)
+        .into_iter()
+        .filter(|l| l.get("metrics/explained_variance").is_some())
+        .last()
+        .unwrap();
+    assert!(
+        last["metrics/explained_variance"].as_f64().unwrap() > 0.5,
+        "{last}"
+    );
+    let sae = io::load(&out, &kernels::Device::Cpu).unwrap();
+    assert_eq!(
+        (sae.cfg().d_in, sae.cfg().d_sae, sae.cfg().k),
+        (128, 512, 16.0)
+    );
+}
