@@ -713,7 +713,7 @@ fn readme_example_trains() {
     let last = metrics(&out)
         .into_iter()
         .filter(|l| l.get("metrics/explained_variance").is_some())
-        .last()
+        .next_back()
         .unwrap();
     assert!(
         last["metrics/explained_variance"].as_f64().unwrap() > 0.5,
