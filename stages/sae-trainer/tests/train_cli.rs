@@ -712,8 +712,7 @@ fn readme_example_trains() {
     assert_eq!(summary["tokens"], 19456);
     let last = metrics(&out)
         .into_iter()
-        .filter(|l| l.get("metrics/explained_variance").is_some())
-        .next_back()
+        .rfind(|l| l.get("metrics/explained_variance").is_some())
         .unwrap();
     assert!(
         last["metrics/explained_variance"].as_f64().unwrap() > 0.5,
