@@ -37,7 +37,8 @@ pub fn run(a: &TrainArgs) -> Result<Value> {
     let cfg = TrainConfig::from_yaml(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.config.display()))?;
     let device = Device::parse(&cfg.device)?;
-    prepare_output(&a.output, a.overwrite, a.resume.is_some())?;
+    // Everything is checked before the output directory is touched.
+    check_output(&a.output, a.overwrite, a.resume.is_some())?;
 
     let source = pipeline::open(&a.activations, cfg.hook_name.as_deref())?;
     let d_in = source.d_in();
@@ -63,6 +64,11 @@ pub fn run(a: &TrainArgs) -> Result<Value> {
         }
         None => start(&cfg, &a.activations, d_in, &device, &mut batches)?,
     };
+    if a.overwrite && a.resume.is_none() {
+        clear_output(&a.output)?;
+    }
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("cannot create {}", a.output.display()))?;
     io::atomic_write(&a.output.join(CONFIG), yaml.as_bytes())?;
     let cfg = trainer.cfg.clone();
     let steps = cfg.total_training_steps();
@@ -285,31 +291,37 @@ fn n_norm_batches(cfg: &TrainConfig, sae: &schemas::SaeConfig) -> u64 {
     }
 }
 
-/// The run directory must be new or empty, unless `--overwrite` (which clears this
-/// tool's outputs from it) or `--resume` (which continues the run in it).
-fn prepare_output(out: &Path, overwrite: bool, resume: bool) -> Result<()> {
-    if out.exists() {
-        if !out.is_dir() {
-            bail!("{} exists and is not a directory", out.display());
-        }
-        let non_empty = std::fs::read_dir(out)?.next().is_some();
-        if non_empty && !overwrite && !resume {
-            bail!("{} is not empty; pass --overwrite to replace its run, or --resume CHECKPOINT to continue it", out.display());
-        }
-        if overwrite && !resume {
-            for f in [SAE_CFG, SAE_WEIGHTS, SPARSITY, METRICS, CONFIG] {
-                let p = out.join(f);
-                if p.exists() {
-                    std::fs::remove_file(&p)?;
-                }
-            }
-            let ck = out.join("checkpoints");
-            if ck.is_dir() {
-                std::fs::remove_dir_all(&ck)?;
-            }
+/// The run directory must be new or empty, unless `--overwrite` (which replaces this
+/// tool's outputs in it) or `--resume` (which continues the run in it).
+fn check_output(out: &Path, overwrite: bool, resume: bool) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("{} exists and is not a directory", out.display());
+    }
+    if std::fs::read_dir(out)?.next().is_some() && !overwrite && !resume {
+        bail!(
+            "{} is not empty; pass --overwrite to replace its run, or --resume CHECKPOINT to continue it",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Removes the outputs of an earlier run (and nothing else) from `out`.
+fn clear_output(out: &Path) -> Result<()> {
+    for f in [SAE_CFG, SAE_WEIGHTS, SPARSITY, METRICS, CONFIG] {
+        let p = out.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p)?;
         }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))
+    let ck = out.join("checkpoints");
+    if ck.is_dir() {
+        std::fs::remove_dir_all(&ck)?;
+    }
+    Ok(())
 }
 
 fn checkpoint_root(out: &Path, cfg: &TrainConfig) -> PathBuf {

@@ -724,3 +724,76 @@ fn readme_example_trains() {
         (128, 512, 16.0)
     );
 }
+
+/// Parquet shards whose activations are the column named by `hook_name`.
+#[test]
+fn trains_from_parquet_shards_by_hook_name() {
+    use arrow_array::{FixedSizeListArray, Float32Array, Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let st = tmp.path().join("acts.safetensors");
+    write_acts(&st, 3000, 32, 11);
+    let (_, t) = io::read_tensor(&st, None).unwrap();
+    let shards = tmp.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("seq", DataType::Int64, false),
+        Field::new(
+            "blocks.3.hook_resid_post",
+            DataType::FixedSizeList(item.clone(), 32),
+            false,
+        ),
+    ]));
+    for (i, chunk) in t.values.chunks(1000 * 32).enumerate() {
+        let n = chunk.len() / 32;
+        let list = FixedSizeListArray::try_new(
+            item.clone(),
+            32,
+            Arc::new(Float32Array::from(chunk.to_vec())),
+            None,
+        )
+        .unwrap();
+        let seq = Int64Array::from((0..n as i64).collect::<Vec<_>>());
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(seq), Arc::new(list)]).unwrap();
+        let f = std::fs::File::create(shards.join(format!("shard-{i:03}.parquet"))).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, schema.clone(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    let yaml = "hook_name: blocks.3.hook_resid_post\narchitecture: standard\nd_sae: 64\ntraining_tokens: 2816\ntrain_batch_size_tokens: 256\nshuffle: false\n";
+    let cfg = tmp.path().join("p.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let summary = ok(train(
+        &cfg,
+        shards.to_str().unwrap(),
+        &tmp.path().join("run"),
+        &[],
+    ));
+    assert_eq!(summary["d_in"], 32);
+    // same rows, same order, as the safetensors file: the same SAE
+    ok(train(
+        &cfg,
+        st.to_str().unwrap(),
+        &tmp.path().join("run2"),
+        &[],
+    ));
+    assert_eq!(
+        weights(&tmp.path().join("run")),
+        weights(&tmp.path().join("run2"))
+    );
+    std::fs::write(&cfg, yaml.replace("blocks.3", "blocks.4")).unwrap();
+    let e = err(train(
+        &cfg,
+        shards.to_str().unwrap(),
+        &tmp.path().join("run3"),
+        &[],
+    ));
+    assert!(
+        e.contains("'blocks.4.hook_resid_post' not found")
+            && e.contains("blocks.3.hook_resid_post"),
+        "{e}"
+    );
+}
