@@ -130,6 +130,8 @@ pub struct TrainConfig {
     pub n_checkpoints: u64,
     /// Relative to the output directory unless absolute.
     pub checkpoint_path: String,
+    /// Names the run in the summary; SAELens's default when absent (see
+    /// [`TrainConfig::run_name_for`]).
     pub run_name: Option<String>,
 }
 
@@ -267,6 +269,26 @@ impl TrainConfig {
     /// Steps of the whole run, finetuning included (SAELens's `total_training_steps`).
     pub fn total_training_steps(&self) -> u64 {
         (self.training_tokens + self.finetuning_tokens) / self.train_batch_size_tokens.max(1) as u64
+    }
+
+    /// The run name, or SAELens's default `{d_sae}-L1-{l1}-LR-{lr}-Tokens-{tokens:.3e}`.
+    pub fn run_name_for(&self, d_sae: usize) -> String {
+        self.run_name.clone().unwrap_or_else(|| {
+            let tokens = format!("{:.3e}", self.training_tokens as f64);
+            // Python writes exponents with a sign and two digits: 2.000e+06
+            let tokens = match tokens.split_once('e') {
+                Some((m, e)) => {
+                    let (sign, digits) = e.strip_prefix('-').map_or(("+", e), |d| ("-", d));
+                    format!("{m}e{sign}{digits:0>2}")
+                }
+                None => tokens,
+            };
+            format!(
+                "{d_sae}-L1-{}-LR-{}-Tokens-{tokens}",
+                py_float(self.l1_coefficient),
+                py_float(self.lr)
+            )
+        })
     }
 
     /// `k` from `k` or from SAELens 5's `activation_fn_kwargs`.
@@ -520,6 +542,20 @@ impl TrainConfig {
         c.metadata = meta;
         c.validate()?;
         Ok(c)
+    }
+}
+
+/// A float as Python's `str` writes it (`2.0`, `0.0003`, `1e-05`).
+fn py_float(x: f64) -> String {
+    if x != 0.0 && (x.abs() < 1e-4 || x.abs() >= 1e16) {
+        let s = format!("{x:e}");
+        let (m, e) = s.split_once('e').unwrap();
+        let (sign, digits) = e.strip_prefix('-').map_or(("+", e), |d| ("-", d));
+        format!("{m}e{sign}{digits:0>2}")
+    } else if x.fract() == 0.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x}")
     }
 }
 

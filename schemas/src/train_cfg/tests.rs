@@ -114,3 +114,30 @@ fn seed_post_init_checks_name_the_field() {
     let c = TrainConfig::from_yaml("d_in: 16\n").unwrap();
     assert_eq!(c.sae_config(32).unwrap_err().field, "d_in");
 }
+
+#[test]
+fn saelens_default_run_name() {
+    // as in the seed fixture's runner config: "128-L1-2.0-LR-0.0003-Tokens-6.400e+02"
+    let c = TrainConfig {
+        l1_coefficient: 2.0,
+        lr: 3e-4,
+        training_tokens: 640,
+        ..Default::default()
+    };
+    assert_eq!(c.run_name_for(128), "128-L1-2.0-LR-0.0003-Tokens-6.400e+02");
+    let c = TrainConfig {
+        l1_coefficient: 1e-5,
+        lr: 4e-5,
+        training_tokens: 2_000_000,
+        ..Default::default()
+    };
+    assert_eq!(
+        c.run_name_for(24576),
+        "24576-L1-1e-05-LR-4e-05-Tokens-2.000e+06"
+    );
+    let c = TrainConfig {
+        run_name: Some("mine".into()),
+        ..Default::default()
+    };
+    assert_eq!(c.run_name_for(8), "mine");
+}

@@ -186,6 +186,7 @@ pub fn run(a: &TrainArgs) -> Result<Value> {
     let trained = steps - first_step;
     Ok(json!({
         "output": a.output.display().to_string(),
+        "run_name": cfg.run_name_for(trainer.sae.cfg().d_sae),
         "architecture": trainer.sae.cfg().architecture.as_str(),
         "d_in": d_in,
         "d_sae": trainer.sae.cfg().d_sae,

@@ -710,6 +710,7 @@ fn readme_example_trains() {
         &[],
     ));
     assert_eq!(summary["tokens"], 19456);
+    assert_eq!(summary["run_name"], "512-L1-1.0-LR-0.001-Tokens-1.946e+04");
     let last = metrics(&out)
         .into_iter()
         .rfind(|l| l.get("metrics/explained_variance").is_some())
