@@ -7,7 +7,6 @@ use kernels::{Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use sae::Sae;
-use schemas::TrainConfig;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,10 +18,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: &BenchArgs) -> Result<Value> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("cannot read the config {}", a.config.display()))?;
-    let cfg = TrainConfig::from_yaml(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.config.display()))?;
+    let cfg = crate::train::read_config(&a.config)?;
     let d_in = cfg.d_in.context("the bench needs d_in in the config")?;
     let device = Device::parse(&cfg.device)?;
     let sae = Sae::new(cfg.sae_config(d_in)?, &device, cfg.seed)?;

@@ -30,12 +30,16 @@ pub struct TrainArgs {
     pub overwrite: bool,
 }
 
+/// Reads and checks a training config; errors name the file.
+pub fn read_config(path: &Path) -> Result<TrainConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config {}", path.display()))?;
+    TrainConfig::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 /// Runs a training to the end; returns the summary it prints.
 pub fn run(a: &TrainArgs) -> Result<Value> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("cannot read the config {}", a.config.display()))?;
-    let cfg = TrainConfig::from_yaml(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.config.display()))?;
+    let cfg = read_config(&a.config)?;
     let device = Device::parse(&cfg.device)?;
     // Everything is checked before the output directory is touched.
     check_output(&a.output, a.overwrite, a.resume.is_some())?;
