@@ -11,6 +11,7 @@
 //! Shape mismatches are programming errors and panic with the shapes involved.
 
 mod cpu;
+mod cpu_lm;
 pub mod ops;
 mod sparse;
 mod tensor;

@@ -7,6 +7,9 @@
 
 use crate::{cpu, Csr, Tensor};
 
+mod lm;
+pub use lm::*;
+
 fn same_shape(a: &Tensor, b: &Tensor, what: &str) {
     assert_eq!(a.shape(), b.shape(), "{what}: shape mismatch");
 }

@@ -4,6 +4,8 @@
 
 pub mod batches;
 pub mod source;
+pub mod tokens;
 
 pub use batches::Batches;
 pub use source::{open, RowSource, SourceError};
+pub use tokens::{read_tokens, TokenRows};

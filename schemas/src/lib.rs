@@ -24,6 +24,12 @@ pub mod files {
     pub const SPARSITY_TENSOR: &str = "sparsity";
 }
 
+/// Column and tensor names of token files (pretokenized datasets, SAELens's `input_ids`).
+pub mod columns {
+    /// Token ids, one sequence per row.
+    pub const INPUT_IDS: &str = "input_ids";
+}
+
 /// SAE parameter and buffer names (SAELens state-dict keys).
 pub mod tensors {
     pub const W_ENC: &str = "W_enc";

@@ -37,6 +37,7 @@ HOOK_SUFFIXES = [
     "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
     "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_attn_scores",
     "attn.hook_pattern", "mlp.hook_pre", "mlp.hook_post", "ln1.hook_normalized",
+    "ln2.hook_normalized", "mlp.hook_pre_linear", "attn.hook_rot_q", "attn.hook_rot_k",
 ]
 
 

@@ -1,0 +1,312 @@
+//! CPU backend of the transformer ops: norms, activations, rotary embeddings,
+//! causal attention, and the per-token losses on logits.
+//!
+//! Row statistics are accumulated in `f64` and rounded once, so results differ from
+//! PyTorch's `f32` reductions by at most a few ulps.
+
+use rayon::prelude::*;
+
+/// Rows per rayon task so that small matrices do not pay for splitting.
+fn grain(cols: usize) -> usize {
+    (8192 / cols.max(1)).max(1)
+}
+
+const FLAT_GRAIN: usize = 16 * 1024;
+
+/// `out[r] = (x[r] - mean) / sqrt(var + eps)` (biased variance, as `nn.LayerNorm`).
+pub fn layer_norm(x: &[f32], cols: usize, eps: f32, out: &mut [f32]) {
+    out.par_chunks_mut(cols)
+        .zip(x.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|(o, row)| {
+            let mean = (row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64) as f32;
+            o.iter_mut().zip(row).for_each(|(o, &v)| *o = v - mean);
+            let var = o.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / cols as f64;
+            let scale = (var as f32 + eps).sqrt();
+            o.iter_mut().for_each(|v| *v /= scale);
+        });
+}
+
+/// `out[r] = x[r] / sqrt(mean(x[r]^2) + eps)`
+pub fn rms_norm(x: &[f32], cols: usize, eps: f32, out: &mut [f32]) {
+    out.par_chunks_mut(cols)
+        .zip(x.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|(o, row)| {
+            let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / cols as f64;
+            let scale = (ms as f32 + eps).sqrt();
+            o.iter_mut().zip(row).for_each(|(o, &v)| *o = v / scale);
+        });
+}
+
+/// Element-wise activation functions of the supported MLPs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `0.5 x (1 + erf(x / sqrt 2))` (`nn.GELU()`, HF `gelu`).
+    Gelu,
+    /// The tanh approximation (HF `gelu_new`, GPT-2).
+    GeluNew,
+    /// `x * sigmoid(x)` (HF `silu`, Llama).
+    Silu,
+    Relu,
+}
+
+pub fn activation(x: &mut [f32], act: Activation) {
+    let f: fn(f32) -> f32 = match act {
+        Activation::Gelu => |v| 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)),
+        Activation::GeluNew => |v| {
+            // sqrt(2/pi), as TransformerLens and HF spell it.
+            const C: f32 = 0.797_884_6;
+            0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
+        },
+        Activation::Silu => |v| v / (1.0 + (-v).exp()),
+        Activation::Relu => |v| v.max(0.0),
+    };
+    x.par_chunks_mut(FLAT_GRAIN)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+}
+
+/// `out[r] = table[ids[r]]`
+pub fn embedding(table: &[f32], cols: usize, ids: &[u32], out: &mut [f32]) {
+    out.par_chunks_mut(cols)
+        .zip(ids.par_iter())
+        .with_min_len(grain(cols))
+        .for_each(|(o, &id)| {
+            let id = id as usize;
+            o.copy_from_slice(&table[id * cols..(id + 1) * cols]);
+        });
+}
+
+/// Rotary position embedding in the "rotate half" layout (GPT-NeoX, Llama): in each
+/// head, the first `rot_dim` features are rotated, pairing `i` with `i + rot_dim/2`.
+/// Row `r` is at position `r % seq_len`; `cos`/`sin` are `[n_ctx, rot_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rotary(
+    x: &mut [f32],
+    n_heads: usize,
+    d_head: usize,
+    rot_dim: usize,
+    seq_len: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    let cols = n_heads * d_head;
+    let half = rot_dim / 2;
+    x.par_chunks_mut(cols)
+        .enumerate()
+        .with_min_len(grain(cols))
+        .for_each(|(r, row)| {
+            let p = r % seq_len;
+            let c = &cos[p * rot_dim..(p + 1) * rot_dim];
+            let s = &sin[p * rot_dim..(p + 1) * rot_dim];
+            for head in row.chunks_mut(d_head) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * c[i] - b * s[i];
+                    head[i + half] = b * c[i + half] + a * s[i + half];
+                }
+            }
+        });
+}
+
+/// Shape of one attention call: `n_seq` sequences of `seq_len` positions; q is
+/// `[n_seq*seq_len, n_heads*d_head]`, k and v `[.., n_kv_heads*d_head]`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_seq: usize,
+    pub seq_len: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub d_head: usize,
+}
+
+impl AttnShape {
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.n_heads / self.n_kv_heads)
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent lanes so the compiler vectorises the loop.
+    let mut acc = [0f32; 8];
+    let (ca, ra) = a.split_at(a.len() / 8 * 8);
+    let (cb, rb) = b.split_at(ca.len());
+    for (x, y) in ca.chunks_exact(8).zip(cb.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Scores `q·k * scale` for key positions `0..=i` of query `i` into `s[..=i]`.
+#[allow(clippy::too_many_arguments)]
+fn score_row(
+    q: &[f32],
+    k: &[f32],
+    sh: &AttnShape,
+    seq: usize,
+    h: usize,
+    i: usize,
+    scale: f32,
+    s: &mut [f32],
+) {
+    let (qc, kc, dh) = (sh.n_heads * sh.d_head, sh.n_kv_heads * sh.d_head, sh.d_head);
+    let g = sh.kv_head(h);
+    let qr = &q[(seq * sh.seq_len + i) * qc + h * dh..][..dh];
+    for (j, sj) in s[..=i].iter_mut().enumerate() {
+        let kr = &k[(seq * sh.seq_len + j) * kc + g * dh..][..dh];
+        *sj = dot(qr, kr) * scale;
+    }
+}
+
+/// In-place softmax of `s[..n]`; entries past `n` are set to zero.
+fn softmax_prefix(s: &mut [f32], n: usize) {
+    let max = s[..n].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        // Every score masked: PyTorch gives NaN, which TransformerLens turns into 0.
+        s.fill(0.0);
+        return;
+    }
+    let mut sum = 0f32;
+    for v in &mut s[..n] {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in &mut s[..n] {
+        *v /= sum;
+    }
+    s[n..].fill(0.0);
+}
+
+/// `z_i += sum_j p_j v_j` for one query row of one head.
+fn apply_row(p: &[f32], v: &[f32], sh: &AttnShape, seq: usize, h: usize, z: &mut [f32]) {
+    let (kc, dh) = (sh.n_kv_heads * sh.d_head, sh.d_head);
+    let g = sh.kv_head(h);
+    z.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        if pj == 0.0 {
+            continue;
+        }
+        let vr = &v[(seq * sh.seq_len + j) * kc + g * dh..][..dh];
+        z.iter_mut().zip(vr).for_each(|(z, v)| *z += pj * v);
+    }
+}
+
+/// Fused causal attention: `z = softmax(mask(q k^T * scale)) v` per sequence and head.
+pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape, scale: f32, z: &mut [f32]) {
+    let (t, qc, dh) = (sh.seq_len, sh.n_heads * sh.d_head, sh.d_head);
+    z.par_chunks_mut(t * qc).enumerate().for_each(|(seq, zs)| {
+        let mut s = vec![0f32; t];
+        for h in 0..sh.n_heads {
+            for i in 0..t {
+                score_row(q, k, &sh, seq, h, i, scale, &mut s);
+                softmax_prefix(&mut s[..=i], i + 1);
+                apply_row(&s[..=i], v, &sh, seq, h, &mut zs[i * qc + h * dh..][..dh]);
+            }
+        }
+    });
+}
+
+/// Attention scores in TransformerLens's layout `[n_seq, n_heads, q_pos, k_pos]`
+/// (as rows `[n_seq*n_heads*seq_len, seq_len]`), `-inf` above the diagonal.
+pub fn attention_scores(q: &[f32], k: &[f32], sh: AttnShape, scale: f32, out: &mut [f32]) {
+    let t = sh.seq_len;
+    out.par_chunks_mut(t * t)
+        .enumerate()
+        .for_each(|(sh_idx, block)| {
+            let (seq, h) = (sh_idx / sh.n_heads, sh_idx % sh.n_heads);
+            for (i, row) in block.chunks_mut(t).enumerate() {
+                score_row(q, k, &sh, seq, h, i, scale, row);
+                row[i + 1..].fill(f32::NEG_INFINITY);
+            }
+        });
+}
+
+/// Row-wise softmax of scores where row `r` may attend to columns `0..=r % seq_len`.
+pub fn causal_softmax(scores: &[f32], seq_len: usize, out: &mut [f32]) {
+    out.par_chunks_mut(seq_len)
+        .zip(scores.par_chunks(seq_len))
+        .enumerate()
+        .with_min_len(grain(seq_len))
+        .for_each(|(r, (o, s))| {
+            o.copy_from_slice(s);
+            softmax_prefix(o, r % seq_len + 1);
+        });
+}
+
+/// `z = pattern @ v` per sequence and head; pattern in the layout of `attention_scores`.
+pub fn attention_apply(pattern: &[f32], v: &[f32], sh: AttnShape, z: &mut [f32]) {
+    let (t, qc, dh) = (sh.seq_len, sh.n_heads * sh.d_head, sh.d_head);
+    z.par_chunks_mut(t * qc).enumerate().for_each(|(seq, zs)| {
+        for h in 0..sh.n_heads {
+            let block = &pattern[(seq * sh.n_heads + h) * t * t..][..t * t];
+            for i in 0..t {
+                let p = &block[i * t..(i + 1) * t];
+                apply_row(p, v, &sh, seq, h, &mut zs[i * qc + h * dh..][..dh]);
+            }
+        }
+    });
+}
+
+fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    max + row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
+/// `out[r] = logsumexp(logits[r]) - logits[r, targets[r]]` (next-token cross-entropy).
+pub fn cross_entropy(logits: &[f32], cols: usize, targets: &[u32], out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(logits.par_chunks(cols))
+        .zip(targets.par_iter())
+        .for_each(|((o, row), &t)| *o = (log_sum_exp(row) - row[t as usize] as f64) as f32);
+}
+
+/// `out[r] = KL(softmax(p[r]) || softmax(q[r]))` (`F.kl_div(log_softmax(q), softmax(p))` summed).
+pub fn kl_div(p: &[f32], q: &[f32], cols: usize, out: &mut [f32]) {
+    out.par_iter_mut()
+        .zip(p.par_chunks(cols).zip(q.par_chunks(cols)))
+        .for_each(|(o, (p, q))| {
+            let (lp, lq) = (log_sum_exp(p), log_sum_exp(q));
+            let kl: f64 = p
+                .iter()
+                .zip(q)
+                .map(|(&a, &b)| {
+                    let log_pa = a as f64 - lp;
+                    let pa = log_pa.exp();
+                    if pa == 0.0 {
+                        0.0
+                    } else {
+                        pa * (log_pa - (b as f64 - lq))
+                    }
+                })
+                .sum();
+            *o = kl as f32;
+        });
+}
+
+/// `dst[:, start..start + src_cols] = src`
+pub fn set_cols(dst: &mut [f32], dst_cols: usize, start: usize, src: &[f32], src_cols: usize) {
+    dst.par_chunks_mut(dst_cols)
+        .zip(src.par_chunks(src_cols))
+        .with_min_len(grain(dst_cols))
+        .for_each(|(d, s)| d[start..start + src_cols].copy_from_slice(s));
+}
+
+/// `dst[r, :] = src[r, :]` where `take[r]`
+pub fn select_rows(dst: &mut [f32], src: &[f32], cols: usize, take: &[bool]) {
+    dst.par_chunks_mut(cols)
+        .zip(src.par_chunks(cols))
+        .zip(take.par_iter())
+        .with_min_len(grain(cols))
+        .for_each(|((d, s), &t)| {
+            if t {
+                d.copy_from_slice(s)
+            }
+        });
+}

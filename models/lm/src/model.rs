@@ -1,0 +1,710 @@
+//! The hooked transformer: weights laid out for the `kernels` ops, and a forward pass
+//! that stops at every TransformerLens hook point.
+//!
+//! Weights are used as the checkpoint stores them, without TransformerLens's
+//! processing (no LayerNorm folding, no centring): what SAELens's
+//! `from_pretrained_no_processing` gives.
+
+use crate::config::{Family, LmConfig, NormKind};
+use crate::hooks::{HookKind, HookPoint, Hooks};
+use crate::weights::{cols, to_device, Checkpoint};
+use crate::{LmError, Result};
+use kernels::ops::{self, AttnShape};
+use kernels::{Device, Tensor};
+use std::path::Path;
+
+/// `y = x W (+ b)`, with `W` stored as the checkpoint has it: `[out, in]` (Linear)
+/// or `[in, out]` (GPT-2's Conv1D).
+struct Linear {
+    w: Tensor,
+    w_in_out: bool,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, out: &mut Tensor) {
+        ops::matmul(out, x, false, &self.w, !self.w_in_out, 1.0, 0.0);
+        if let Some(b) = &self.b {
+            ops::add_row_vec(out, b, 1.0);
+        }
+    }
+}
+
+struct Norm {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+struct Block {
+    ln1: Norm,
+    ln2: Norm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    /// `W_in` (GPT-2 `c_fc`, NeoX `dense_h_to_4h`, Llama `up_proj`).
+    mlp_in: Linear,
+    /// Llama's `gate_proj`.
+    mlp_gate: Option<Linear>,
+    mlp_out: Linear,
+}
+
+/// A batch of token ids: `n_seq` rows of `seq_len`, validated against the model.
+#[derive(Clone, Debug)]
+pub struct TokenBatch {
+    pub ids: Vec<u32>,
+    pub n_seq: usize,
+    pub seq_len: usize,
+}
+
+impl TokenBatch {
+    /// Checks every id against the vocabulary and the length against the context.
+    pub fn new(ids: &[i64], n_seq: usize, seq_len: usize, cfg: &LmConfig) -> Result<TokenBatch> {
+        if ids.len() != n_seq * seq_len || seq_len == 0 {
+            return Err(LmError::Invalid(format!(
+                "{} token ids cannot form {n_seq} sequences of {seq_len}",
+                ids.len()
+            )));
+        }
+        if seq_len > cfg.n_ctx {
+            return Err(LmError::ContextTooLong {
+                len: seq_len,
+                n_ctx: cfg.n_ctx,
+            });
+        }
+        if let Some(w) = cfg.sliding_window {
+            if seq_len > w {
+                return Err(LmError::Invalid(format!(
+                    "context of {seq_len} is longer than the sliding attention window {w}, which is not implemented"
+                )));
+            }
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for (i, &t) in ids.iter().enumerate() {
+            if t < 0 || t as usize >= cfg.d_vocab {
+                return Err(LmError::TokenOutOfRange {
+                    token: t,
+                    seq: i / seq_len,
+                    pos: i % seq_len,
+                    vocab: cfg.d_vocab,
+                });
+            }
+            out.push(t as u32);
+        }
+        Ok(TokenBatch {
+            ids: out,
+            n_seq,
+            seq_len,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n_seq * self.seq_len
+    }
+
+    /// Sequences `start..start + n` as their own batch.
+    pub fn slice(&self, start: usize, n: usize) -> TokenBatch {
+        TokenBatch {
+            ids: self.ids[start * self.seq_len..(start + n) * self.seq_len].to_vec(),
+            n_seq: n,
+            seq_len: self.seq_len,
+        }
+    }
+}
+
+/// Buffers of one forward pass, kept between passes so that a pass allocates
+/// nothing once the batch shape has been seen.
+#[derive(Default)]
+pub struct Workspace {
+    resid: Option<Tensor>,
+    normed: Option<Tensor>,
+    tmp: Option<Tensor>,
+    q: Option<Tensor>,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    z: Option<Tensor>,
+    attn_out: Option<Tensor>,
+    scores: Option<Tensor>,
+    pattern: Option<Tensor>,
+    mlp_pre: Option<Tensor>,
+    mlp_lin: Option<Tensor>,
+    mlp_out: Option<Tensor>,
+    /// Logits of the last full pass, `[n_seq*seq_len, d_vocab]`.
+    pub logits: Option<Tensor>,
+    positions: Vec<u32>,
+}
+
+fn buf<'a>(slot: &'a mut Option<Tensor>, device: &Device, shape: &[usize]) -> &'a mut Tensor {
+    match slot {
+        Some(t) => {
+            t.resize(shape);
+            t
+        }
+        None => slot.insert(Tensor::zeros(device, shape)),
+    }
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        Workspace::default()
+    }
+
+    /// Bytes held by the buffers.
+    pub fn bytes(&self) -> usize {
+        [
+            &self.resid,
+            &self.normed,
+            &self.tmp,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.z,
+            &self.attn_out,
+            &self.scores,
+            &self.pattern,
+            &self.mlp_pre,
+            &self.mlp_lin,
+            &self.mlp_out,
+            &self.logits,
+        ]
+        .iter()
+        .filter_map(|t| t.as_ref())
+        .map(|t| 4 * t.numel())
+        .sum::<usize>()
+            + 4 * self.positions.len()
+    }
+
+    /// The residual stream after the last pass (what a pass with `stop_at_layer` returns).
+    pub fn resid(&self) -> Option<&Tensor> {
+        self.resid.as_ref()
+    }
+}
+
+/// Calls the visitor at `hook` if it wants it.
+fn at(hooks: &mut dyn Hooks, hook: HookPoint, t: &mut Tensor) -> Result<()> {
+    if hooks.wants(&hook) {
+        hooks.visit(&hook, t)?;
+    }
+    Ok(())
+}
+
+/// A transformer language model loaded from an HF checkpoint.
+pub struct HookedTransformer {
+    cfg: LmConfig,
+    device: Device,
+    embed: Tensor,
+    pos_embed: Option<Tensor>,
+    blocks: Vec<Block>,
+    ln_final: Norm,
+    /// `[d_vocab, d_model]`; `None` when tied to `embed`.
+    unembed: Option<Tensor>,
+    /// Rotary tables `[n_ctx, rotary_dim]`.
+    rot_cos: Option<Tensor>,
+    rot_sin: Option<Tensor>,
+}
+
+impl HookedTransformer {
+    /// Loads `DIR/config.json` and the safetensors weights beside it.
+    pub fn load(dir: &Path, device: &Device) -> Result<HookedTransformer> {
+        let cfg = LmConfig::from_dir(dir)?;
+        let mut ck = Checkpoint::open(dir)?;
+        let model = match cfg.family {
+            Family::Gpt2 => Self::load_gpt2(cfg, &mut ck, device)?,
+            Family::GptNeox => Self::load_neox(cfg, &mut ck, device)?,
+            Family::Llama => Self::load_llama(cfg, &mut ck, device)?,
+        };
+        Ok(model)
+    }
+
+    pub fn cfg(&self) -> &LmConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of parameters held (a tied unembedding counts once).
+    pub fn n_params(&self) -> usize {
+        let lin = |l: &Linear| l.w.numel() + l.b.as_ref().map_or(0, |b| b.numel());
+        let norm = |n: &Norm| n.w.numel() + n.b.as_ref().map_or(0, |b| b.numel());
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                norm(&b.ln1)
+                    + norm(&b.ln2)
+                    + [&b.q, &b.k, &b.v, &b.o, &b.mlp_in, &b.mlp_out]
+                        .iter()
+                        .map(|l| lin(l))
+                        .sum::<usize>()
+                    + b.mlp_gate.as_ref().map_or(0, lin)
+            })
+            .sum();
+        self.embed.numel()
+            + self.pos_embed.as_ref().map_or(0, |p| p.numel())
+            + blocks
+            + norm(&self.ln_final)
+            + self.unembed.as_ref().map_or(0, |u| u.numel())
+    }
+
+    fn new(
+        cfg: LmConfig,
+        device: &Device,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        ln_final: Norm,
+    ) -> Self {
+        let (rot_cos, rot_sin) = match cfg.rotary {
+            Some((dim, base)) => {
+                let (c, s) = rotary_tables(cfg.n_ctx, dim, base);
+                (
+                    Some(Tensor::from_vec(device, &[cfg.n_ctx, dim], c).unwrap()),
+                    Some(Tensor::from_vec(device, &[cfg.n_ctx, dim], s).unwrap()),
+                )
+            }
+            None => (None, None),
+        };
+        HookedTransformer {
+            cfg,
+            device: device.clone(),
+            embed,
+            pos_embed: None,
+            blocks,
+            ln_final,
+            unembed: None,
+            rot_cos,
+            rot_sin,
+        }
+    }
+
+    fn load_gpt2(cfg: LmConfig, ck: &mut Checkpoint, dev: &Device) -> Result<Self> {
+        // Hub GPT-2 checkpoints name tensors with or without the `transformer.` prefix.
+        let n = |s: String| vec![format!("transformer.{s}"), s];
+        let (d, da, dm) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp);
+        let norm = |ck: &mut Checkpoint, p: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: ck.tensor(dev, &n(format!("{p}.weight")), &[d])?,
+                b: Some(ck.tensor(dev, &n(format!("{p}.bias")), &[d])?),
+            })
+        };
+        let conv = |ck: &mut Checkpoint, p: &str, i: usize, o: usize| -> Result<Linear> {
+            Ok(Linear {
+                w: ck.tensor(dev, &n(format!("{p}.weight")), &[i, o])?,
+                w_in_out: true,
+                b: Some(ck.tensor(dev, &n(format!("{p}.bias")), &[o])?),
+            })
+        };
+        let embed = ck.tensor(dev, &n("wte.weight".into()), &[cfg.d_vocab, d])?;
+        let pos = ck.tensor(dev, &n("wpe.weight".into()), &[cfg.n_ctx, d])?;
+        let mut blocks = Vec::new();
+        for l in 0..cfg.n_layers {
+            let p = format!("h.{l}");
+            let (_, w) = ck.take(&n(format!("{p}.attn.c_attn.weight")), &[d, 3 * da])?;
+            let (_, b) = ck.take(&n(format!("{p}.attn.c_attn.bias")), &[3 * da])?;
+            let part = |i: usize| -> Result<Linear> {
+                Ok(Linear {
+                    w: to_device(dev, cols(&w.values, 3 * da, i * da, da), &[d, da])?,
+                    w_in_out: true,
+                    b: Some(to_device(
+                        dev,
+                        b.values[i * da..(i + 1) * da].to_vec(),
+                        &[da],
+                    )?),
+                })
+            };
+            blocks.push(Block {
+                ln1: norm(ck, &format!("{p}.ln_1"))?,
+                ln2: norm(ck, &format!("{p}.ln_2"))?,
+                q: part(0)?,
+                k: part(1)?,
+                v: part(2)?,
+                o: conv(ck, &format!("{p}.attn.c_proj"), da, d)?,
+                mlp_in: conv(ck, &format!("{p}.mlp.c_fc"), d, dm)?,
+                mlp_gate: None,
+                mlp_out: conv(ck, &format!("{p}.mlp.c_proj"), dm, d)?,
+            });
+        }
+        let ln_final = norm(ck, "ln_f")?;
+        let unembed = if cfg.tied_embeddings {
+            None
+        } else {
+            Some(ck.tensor(dev, &["lm_head.weight".to_string()], &[cfg.d_vocab, d])?)
+        };
+        let mut m = Self::new(cfg, dev, embed, blocks, ln_final);
+        m.pos_embed = Some(pos);
+        m.unembed = unembed;
+        Ok(m)
+    }
+
+    fn load_neox(cfg: LmConfig, ck: &mut Checkpoint, dev: &Device) -> Result<Self> {
+        let n = |s: String| vec![format!("gpt_neox.{s}")];
+        let (d, dh, h, dm) = (cfg.d_model, cfg.d_head, cfg.n_heads, cfg.d_mlp);
+        let norm = |ck: &mut Checkpoint, p: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: ck.tensor(dev, &n(format!("{p}.weight")), &[d])?,
+                b: Some(ck.tensor(dev, &n(format!("{p}.bias")), &[d])?),
+            })
+        };
+        let linear =
+            |ck: &mut Checkpoint, p: &str, i: usize, o: usize, bias: bool| -> Result<Linear> {
+                Ok(Linear {
+                    w: ck.tensor(dev, &n(format!("{p}.weight")), &[o, i])?,
+                    w_in_out: false,
+                    b: if bias {
+                        Some(ck.tensor(dev, &n(format!("{p}.bias")), &[o])?)
+                    } else {
+                        None
+                    },
+                })
+            };
+        let embed = ck.tensor(dev, &n("embed_in.weight".into()), &[cfg.d_vocab, d])?;
+        let mut blocks = Vec::new();
+        for l in 0..cfg.n_layers {
+            let p = format!("layers.{l}");
+            // Fused QKV rows are laid out per head: [n_heads, (q, k, v), d_head].
+            let (_, w) = ck.take(
+                &n(format!("{p}.attention.query_key_value.weight")),
+                &[3 * d, d],
+            )?;
+            let b = if cfg.qkv_bias {
+                Some(
+                    ck.take(&n(format!("{p}.attention.query_key_value.bias")), &[3 * d])?
+                        .1,
+                )
+            } else {
+                None
+            };
+            let part = |i: usize| -> Result<Linear> {
+                let rows = |v: &[f32], width: usize| -> Vec<f32> {
+                    (0..h)
+                        .flat_map(|head| {
+                            let r0 = (head * 3 + i) * dh;
+                            v[r0 * width..(r0 + dh) * width].iter().copied()
+                        })
+                        .collect()
+                };
+                Ok(Linear {
+                    w: to_device(dev, rows(&w.values, d), &[d, d])?,
+                    w_in_out: false,
+                    b: match &b {
+                        Some(b) => Some(to_device(dev, rows(&b.values, 1), &[d])?),
+                        None => None,
+                    },
+                })
+            };
+            blocks.push(Block {
+                ln1: norm(ck, &format!("{p}.input_layernorm"))?,
+                ln2: norm(ck, &format!("{p}.post_attention_layernorm"))?,
+                q: part(0)?,
+                k: part(1)?,
+                v: part(2)?,
+                o: linear(ck, &format!("{p}.attention.dense"), d, d, cfg.attn_out_bias)?,
+                mlp_in: linear(ck, &format!("{p}.mlp.dense_h_to_4h"), d, dm, true)?,
+                mlp_gate: None,
+                mlp_out: linear(ck, &format!("{p}.mlp.dense_4h_to_h"), dm, d, true)?,
+            });
+        }
+        let ln_final = norm(ck, "final_layer_norm")?;
+        let unembed = if cfg.tied_embeddings {
+            None
+        } else {
+            Some(ck.tensor(dev, &["embed_out.weight".to_string()], &[cfg.d_vocab, d])?)
+        };
+        let mut m = Self::new(cfg, dev, embed, blocks, ln_final);
+        m.unembed = unembed;
+        Ok(m)
+    }
+
+    fn load_llama(cfg: LmConfig, ck: &mut Checkpoint, dev: &Device) -> Result<Self> {
+        let n = |s: String| vec![format!("model.{s}")];
+        let (d, da, dkv, dm) = (cfg.d_model, cfg.d_attn(), cfg.d_kv(), cfg.d_mlp);
+        let norm = |ck: &mut Checkpoint, p: &str| -> Result<Norm> {
+            Ok(Norm {
+                w: ck.tensor(dev, &n(format!("{p}.weight")), &[d])?,
+                b: None,
+            })
+        };
+        let linear =
+            |ck: &mut Checkpoint, p: &str, i: usize, o: usize, bias: bool| -> Result<Linear> {
+                Ok(Linear {
+                    w: ck.tensor(dev, &n(format!("{p}.weight")), &[o, i])?,
+                    w_in_out: false,
+                    b: if bias {
+                        Some(ck.tensor(dev, &n(format!("{p}.bias")), &[o])?)
+                    } else {
+                        None
+                    },
+                })
+            };
+        let embed = ck.tensor(dev, &n("embed_tokens.weight".into()), &[cfg.d_vocab, d])?;
+        let mut blocks = Vec::new();
+        for l in 0..cfg.n_layers {
+            let p = format!("layers.{l}");
+            let a = format!("{p}.self_attn");
+            let mb = cfg.mlp_bias;
+            blocks.push(Block {
+                ln1: norm(ck, &format!("{p}.input_layernorm"))?,
+                ln2: norm(ck, &format!("{p}.post_attention_layernorm"))?,
+                q: linear(ck, &format!("{a}.q_proj"), d, da, cfg.qkv_bias)?,
+                k: linear(ck, &format!("{a}.k_proj"), d, dkv, cfg.qkv_bias)?,
+                v: linear(ck, &format!("{a}.v_proj"), d, dkv, cfg.qkv_bias)?,
+                o: linear(ck, &format!("{a}.o_proj"), da, d, cfg.attn_out_bias)?,
+                mlp_in: linear(ck, &format!("{p}.mlp.up_proj"), d, dm, mb)?,
+                mlp_gate: Some(linear(ck, &format!("{p}.mlp.gate_proj"), d, dm, mb)?),
+                mlp_out: linear(ck, &format!("{p}.mlp.down_proj"), dm, d, mb)?,
+            });
+        }
+        let ln_final = norm(ck, "norm")?;
+        let unembed = if cfg.tied_embeddings {
+            None
+        } else {
+            Some(ck.tensor(dev, &["lm_head.weight".to_string()], &[cfg.d_vocab, d])?)
+        };
+        let mut m = Self::new(cfg, dev, embed, blocks, ln_final);
+        m.unembed = unembed;
+        Ok(m)
+    }
+
+    /// Parses hook names against this model.
+    pub fn hooks(&self, names: &[impl AsRef<str>]) -> Result<Vec<HookPoint>> {
+        names
+            .iter()
+            .map(|n| HookPoint::parse(n.as_ref(), &self.cfg))
+            .collect()
+    }
+
+    /// Checks a `stop_at_layer` value: `0..=n_layers` (0 stops after the embeddings).
+    pub fn check_stop_at_layer(&self, stop: usize) -> Result<()> {
+        if stop > self.cfg.n_layers {
+            return Err(LmError::StopAtLayer {
+                stop,
+                n_layers: self.cfg.n_layers,
+            });
+        }
+        Ok(())
+    }
+
+    /// One forward pass. With `stop_at_layer = Some(n)` only blocks `0..n` run and the
+    /// residual stream is left in the workspace; otherwise the logits are.
+    pub fn run(
+        &self,
+        ws: &mut Workspace,
+        batch: &TokenBatch,
+        stop_at_layer: Option<usize>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let stop = stop_at_layer.unwrap_or(cfg.n_layers);
+        self.check_stop_at_layer(stop)?;
+        let (rows, d, dev) = (batch.rows(), cfg.d_model, &self.device);
+        let resid = buf(&mut ws.resid, dev, &[rows, d]);
+        ops::embedding(&self.embed, &batch.ids, resid);
+        at(
+            hooks,
+            HookPoint {
+                layer: None,
+                kind: HookKind::Embed,
+            },
+            resid,
+        )?;
+        if let Some(pos) = &self.pos_embed {
+            ws.positions.clear();
+            ws.positions
+                .extend((0..rows).map(|r| (r % batch.seq_len) as u32));
+            let p = buf(&mut ws.tmp, dev, &[rows, d]);
+            ops::embedding(pos, &ws.positions, p);
+            at(
+                hooks,
+                HookPoint {
+                    layer: None,
+                    kind: HookKind::PosEmbed,
+                },
+                p,
+            )?;
+            ops::axpy(ws.resid.as_mut().unwrap(), 1.0, p);
+        }
+        for l in 0..stop {
+            self.block(l, ws, batch, hooks)?;
+        }
+        if stop_at_layer.is_none() {
+            let normed = buf(&mut ws.normed, dev, &[rows, d]);
+            let hook = HookPoint {
+                layer: Some(cfg.n_layers),
+                kind: HookKind::LnFinalNormalized,
+            };
+            self.norm(
+                &self.ln_final,
+                ws.resid.as_ref().unwrap(),
+                normed,
+                hook,
+                hooks,
+            )?;
+            let logits = buf(&mut ws.logits, dev, &[rows, cfg.d_vocab]);
+            let w_u = self.unembed.as_ref().unwrap_or(&self.embed);
+            ops::matmul(logits, normed, false, w_u, true, 1.0, 0.0);
+        }
+        Ok(())
+    }
+
+    fn norm(
+        &self,
+        n: &Norm,
+        x: &Tensor,
+        out: &mut Tensor,
+        hook: HookPoint,
+        hooks: &mut dyn Hooks,
+    ) -> Result<()> {
+        match self.cfg.norm {
+            NormKind::LayerNorm => ops::layer_norm(x, self.cfg.eps, out),
+            NormKind::RmsNorm => ops::rms_norm(x, self.cfg.eps, out),
+        }
+        at(hooks, hook, out)?;
+        ops::mul_row_vec(out, &n.w);
+        if let Some(b) = &n.b {
+            ops::add_row_vec(out, b, 1.0);
+        }
+        Ok(())
+    }
+
+    fn block(
+        &self,
+        l: usize,
+        ws: &mut Workspace,
+        batch: &TokenBatch,
+        hooks: &mut dyn Hooks,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let b = &self.blocks[l];
+        let hp = |kind| HookPoint::block(l, kind);
+        let (rows, dev) = (batch.rows(), &self.device);
+        let (d, da, dkv, dm) = (cfg.d_model, cfg.d_attn(), cfg.d_kv(), cfg.d_mlp);
+        let resid = ws.resid.as_mut().unwrap();
+        at(hooks, hp(HookKind::ResidPre), resid)?;
+
+        // Attention.
+        let normed = buf(&mut ws.normed, dev, &[rows, d]);
+        self.norm(&b.ln1, resid, normed, hp(HookKind::Ln1Normalized), hooks)?;
+        let q = buf(&mut ws.q, dev, &[rows, da]);
+        let k = buf(&mut ws.k, dev, &[rows, dkv]);
+        let v = buf(&mut ws.v, dev, &[rows, dkv]);
+        b.q.forward(normed, q);
+        b.k.forward(normed, k);
+        b.v.forward(normed, v);
+        at(hooks, hp(HookKind::Q), q)?;
+        at(hooks, hp(HookKind::K), k)?;
+        at(hooks, hp(HookKind::V), v)?;
+        if let (Some(cos), Some(sin)) = (&self.rot_cos, &self.rot_sin) {
+            ops::rotary(q, cfg.n_heads, cfg.d_head, batch.seq_len, cos, sin);
+            ops::rotary(k, cfg.n_kv_heads, cfg.d_head, batch.seq_len, cos, sin);
+            at(hooks, hp(HookKind::RotQ), q)?;
+            at(hooks, hp(HookKind::RotK), k)?;
+        }
+        let sh = AttnShape {
+            n_seq: batch.n_seq,
+            seq_len: batch.seq_len,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            d_head: cfg.d_head,
+        };
+        let scale = 1.0 / (cfg.d_head as f32).sqrt();
+        let z = buf(&mut ws.z, dev, &[rows, da]);
+        if hooks.wants(&hp(HookKind::AttnScores)) || hooks.wants(&hp(HookKind::Pattern)) {
+            let t = batch.seq_len;
+            let n = batch.n_seq * cfg.n_heads * t;
+            let scores = buf(&mut ws.scores, dev, &[n, t]);
+            ops::attention_scores(q, k, sh, scale, scores);
+            at(hooks, hp(HookKind::AttnScores), scores)?;
+            let pattern = buf(&mut ws.pattern, dev, &[n, t]);
+            ops::causal_softmax(scores, t, pattern);
+            at(hooks, hp(HookKind::Pattern), pattern)?;
+            ops::attention_apply(pattern, v, sh, z);
+        } else {
+            ops::causal_attention(q, k, v, sh, scale, z);
+        }
+        at(hooks, hp(HookKind::Z), z)?;
+        let attn_out = buf(&mut ws.attn_out, dev, &[rows, d]);
+        b.o.forward(z, attn_out);
+        at(hooks, hp(HookKind::AttnOut), attn_out)?;
+
+        // MLP, reading resid_pre (parallel) or resid_mid (sequential).
+        if !cfg.parallel_residual {
+            ops::axpy(resid, 1.0, attn_out);
+            at(hooks, hp(HookKind::ResidMid), resid)?;
+        }
+        self.norm(&b.ln2, resid, normed, hp(HookKind::Ln2Normalized), hooks)?;
+        let pre = buf(&mut ws.mlp_pre, dev, &[rows, dm]);
+        match &b.mlp_gate {
+            None => {
+                b.mlp_in.forward(normed, pre);
+                at(hooks, hp(HookKind::MlpPre), pre)?;
+                ops::activation(pre, cfg.act);
+            }
+            Some(gate) => {
+                let lin = buf(&mut ws.mlp_lin, dev, &[rows, dm]);
+                gate.forward(normed, pre);
+                at(hooks, hp(HookKind::MlpPre), pre)?;
+                b.mlp_in.forward(normed, lin);
+                at(hooks, hp(HookKind::MlpPreLinear), lin)?;
+                ops::activation(pre, cfg.act);
+                ops::mul(pre, lin);
+            }
+        }
+        at(hooks, hp(HookKind::MlpPost), pre)?;
+        let mlp_out = buf(&mut ws.mlp_out, dev, &[rows, d]);
+        b.mlp_out.forward(pre, mlp_out);
+        at(hooks, hp(HookKind::MlpOut), mlp_out)?;
+        if cfg.parallel_residual {
+            ops::axpy(resid, 1.0, attn_out);
+        }
+        ops::axpy(resid, 1.0, mlp_out);
+        at(hooks, hp(HookKind::ResidPost), resid)?;
+        Ok(())
+    }
+
+    /// Per-token next-token cross-entropy of the last full pass, `[n_seq, seq_len-1]`
+    /// flattened (TransformerLens's `loss_per_token=True`).
+    pub fn loss_per_token(&self, ws: &Workspace, batch: &TokenBatch) -> Result<Vec<f32>> {
+        let logits = ws
+            .logits
+            .as_ref()
+            .ok_or_else(|| LmError::Invalid("no logits: run a full forward pass first".into()))?;
+        Ok(self.loss_per_token_of(logits, batch))
+    }
+
+    /// [`HookedTransformer::loss_per_token`] for logits `[n_seq*seq_len, d_vocab]` of `batch`.
+    pub fn loss_per_token_of(&self, logits: &Tensor, batch: &TokenBatch) -> Vec<f32> {
+        let t = batch.seq_len;
+        // The last position of each sequence has no next token; score it against 0 and drop it.
+        let targets: Vec<u32> = (0..batch.rows())
+            .map(|r| if r % t + 1 < t { batch.ids[r + 1] } else { 0 })
+            .collect();
+        let mut ce = Tensor::zeros(&self.device, &[batch.rows()]);
+        ops::cross_entropy(logits, &targets, &mut ce);
+        ce.to_vec()
+            .into_iter()
+            .enumerate()
+            .filter(|(r, _)| r % t + 1 < t)
+            .map(|(_, v)| v)
+            .collect()
+    }
+}
+
+/// Rotary `cos`/`sin` tables `[n_ctx, dim]` as TransformerLens computes them in f32:
+/// angle(p, i) = p / base^((i mod dim/2) / (dim/2)).
+fn rotary_tables(n_ctx: usize, dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = dim / 2;
+    let freq: Vec<f32> = (0..half)
+        .map(|i| base.powf(i as f32 / half as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(n_ctx * dim);
+    let mut sin = Vec::with_capacity(n_ctx * dim);
+    for p in 0..n_ctx {
+        for i in 0..dim {
+            let angle = p as f32 / freq[i % half];
+            cos.push((angle as f64).cos() as f32);
+            sin.push((angle as f64).sin() as f32);
+        }
+    }
+    (cos, sin)
+}
