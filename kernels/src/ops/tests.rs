@@ -587,3 +587,250 @@ fn results_do_not_depend_on_the_thread_count() {
     let three = pool(3).install(run);
     assert!(one == three, "results differ between 1 and 3 threads");
 }
+
+// ---- transformer ops, against loops written from the PyTorch definitions ----
+
+#[test]
+fn layer_and_rms_norm_match_their_definitions() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let (r, c, eps) = (5, 37, 1e-5f32);
+    let xv: Vec<f32> = rand_vec(&mut rng, r * c)
+        .iter()
+        .map(|v| 3.0 * v + 1.0)
+        .collect();
+    let x = t(&[r, c], xv.clone());
+    let mut out = t(&[r, c], vec![0.; r * c]);
+    layer_norm(&x, eps, &mut out);
+    let mut want = Vec::new();
+    for row in xv.chunks(c) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+        want.extend(
+            row.iter()
+                .map(|&v| ((v as f64 - mean) / (var + eps as f64).sqrt()) as f32),
+        );
+    }
+    assert_close(&out.to_vec(), &want, 1e-6, "layer_norm");
+    rms_norm(&x, eps, &mut out);
+    let mut want = Vec::new();
+    for row in xv.chunks(c) {
+        let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
+        want.extend(
+            row.iter()
+                .map(|&v| (v as f64 / (ms + eps as f64).sqrt()) as f32),
+        );
+    }
+    assert_close(&out.to_vec(), &want, 1e-6, "rms_norm");
+}
+
+#[test]
+fn activations_match_known_values() {
+    // Values printed by torch 2.15: F.gelu, TransformerLens's gelu_new, F.silu at -2, -0.5, 0, 1, 3.
+    let xs = vec![-2.0f32, -0.5, 0.0, 1.0, 3.0];
+    let cases = [
+        (
+            Activation::Gelu,
+            [-0.045_500_28, -0.154_268_77, 0.0, 0.841_344_7, 2.995_949_7],
+        ),
+        (
+            Activation::GeluNew,
+            [-0.045_402_29, -0.154_286, 0.0, 0.841_192, 2.996_362_7],
+        ),
+        (
+            Activation::Silu,
+            [-0.238_405_84, -0.188_770_34, 0.0, 0.731_058_6, 2.857_722_5],
+        ),
+        (Activation::Relu, [0.0, 0.0, 0.0, 1.0, 3.0]),
+    ];
+    for (act, want) in cases {
+        let mut x = t(&[5], xs.clone());
+        activation(&mut x, act);
+        assert_close(&x.to_vec(), &want, 2e-6, &format!("{act:?}"));
+    }
+}
+
+#[test]
+fn embedding_gathers_rows() {
+    let table = t(&[3, 2], vec![0., 1., 10., 11., 20., 21.]);
+    let mut out = t(&[4, 2], vec![0.; 8]);
+    embedding(&table, &[2, 0, 2, 1], &mut out);
+    assert_eq!(out.to_vec(), vec![20., 21., 0., 1., 20., 21., 10., 11.]);
+}
+
+#[test]
+#[should_panic(expected = "id 3 out of range")]
+fn embedding_refuses_out_of_range_ids() {
+    let table = t(&[3, 2], vec![0.; 6]);
+    let mut out = t(&[1, 2], vec![0.; 2]);
+    embedding(&table, &[3], &mut out);
+}
+
+#[test]
+fn rotary_rotates_pairs_by_position_angle() {
+    // 2 sequences of 3 positions, 2 heads of 6 dims, rotating the first 4 of each head.
+    let (n, tt, h, dh, rot) = (2, 3, 2, 6, 4);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+    let xv = rand_vec(&mut rng, n * tt * h * dh);
+    let angle = |p: usize, i: usize| p as f32 * (0.3 + i as f32);
+    let (mut cos, mut sin) = (vec![], vec![]);
+    for p in 0..5 {
+        for i in 0..rot {
+            cos.push(angle(p, i % 2).cos());
+            sin.push(angle(p, i % 2).sin());
+        }
+    }
+    let mut x = t(&[n * tt, h * dh], xv.clone());
+    rotary(&mut x, h, dh, tt, &t(&[5, rot], cos), &t(&[5, rot], sin));
+    let got = x.to_vec();
+    for r in 0..n * tt {
+        for head in 0..h {
+            let o = r * h * dh + head * dh;
+            for i in 0..2 {
+                // (a + ib) * e^{i angle}: dims i and i + rot/2 form one complex number.
+                let (a, b) = (xv[o + i], xv[o + i + 2]);
+                let th = angle(r % tt, i);
+                assert!((got[o + i] - (a * th.cos() - b * th.sin())).abs() < 1e-6);
+                assert!((got[o + i + 2] - (b * th.cos() + a * th.sin())).abs() < 1e-6);
+            }
+            assert_eq!(
+                &got[o + rot..o + dh],
+                &xv[o + rot..o + dh],
+                "unrotated tail"
+            );
+        }
+    }
+}
+
+/// Causal attention with grouped-query heads, in f64, per (seq, head, query).
+fn naive_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sh: AttnShape,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (tt, hq, hk, dh) = (sh.seq_len, sh.n_heads, sh.n_kv_heads, sh.d_head);
+    let mut z = vec![0f32; sh.n_seq * tt * hq * dh];
+    let mut pat = vec![0f32; sh.n_seq * hq * tt * tt];
+    for s in 0..sh.n_seq {
+        for h in 0..hq {
+            let g = h * hk / hq;
+            for i in 0..tt {
+                let sc: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        (0..dh)
+                            .map(|e| {
+                                q[(s * tt + i) * hq * dh + h * dh + e] as f64
+                                    * k[(s * tt + j) * hk * dh + g * dh + e] as f64
+                            })
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                let den: f64 = sc.iter().map(|v| (v - m).exp()).sum();
+                for j in 0..=i {
+                    let p = (sc[j] - m).exp() / den;
+                    pat[((s * hq + h) * tt + i) * tt + j] = p as f32;
+                    for e in 0..dh {
+                        z[(s * tt + i) * hq * dh + h * dh + e] +=
+                            (p * v[(s * tt + j) * hk * dh + g * dh + e] as f64) as f32;
+                    }
+                }
+            }
+        }
+    }
+    (z, pat)
+}
+
+#[test]
+fn attention_fused_and_stepwise_match_a_naive_loop() {
+    let sh = AttnShape {
+        n_seq: 2,
+        seq_len: 7,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_head: 5,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let rows = sh.n_seq * sh.seq_len;
+    let (qv, kv, vv) = (
+        rand_vec(&mut rng, rows * 20),
+        rand_vec(&mut rng, rows * 10),
+        rand_vec(&mut rng, rows * 10),
+    );
+    let (q, k, v) = (
+        t(&[rows, 20], qv.clone()),
+        t(&[rows, 10], kv.clone()),
+        t(&[rows, 10], vv.clone()),
+    );
+    let scale = 0.7;
+    let (want_z, want_p) = naive_attention(&qv, &kv, &vv, sh, scale);
+    let mut z = t(&[rows, 20], vec![0.; rows * 20]);
+    causal_attention(&q, &k, &v, sh, scale, &mut z);
+    assert_close(&z.to_vec(), &want_z, 1e-5, "fused z");
+
+    let n = sh.n_seq * sh.n_heads * sh.seq_len;
+    let mut scores = t(&[n, 7], vec![0.; n * 7]);
+    attention_scores(&q, &k, sh, scale, &mut scores);
+    let s = scores.to_vec();
+    for (r, row) in s.chunks(7).enumerate() {
+        let i = r % 7;
+        assert!(
+            row[..=i].iter().all(|v| v.is_finite())
+                && row[i + 1..].iter().all(|&v| v == f32::NEG_INFINITY)
+        );
+    }
+    let mut pattern = t(&[n, 7], vec![0.; n * 7]);
+    causal_softmax(&scores, 7, &mut pattern);
+    assert_close(&pattern.to_vec(), &want_p, 1e-6, "pattern");
+    let mut z2 = t(&[rows, 20], vec![1.; rows * 20]);
+    attention_apply(&pattern, &v, sh, &mut z2);
+    assert_close(&z2.to_vec(), &want_z, 1e-5, "stepwise z");
+}
+
+#[test]
+fn cross_entropy_and_kl_match_log_softmax() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(14);
+    let (r, c) = (6, 50);
+    let (pv, qv) = (rand_vec(&mut rng, r * c), rand_vec(&mut rng, r * c));
+    let (p, q) = (
+        t(&[r, c], pv.iter().map(|v| 8.0 * v).collect()),
+        t(&[r, c], qv.iter().map(|v| 8.0 * v).collect()),
+    );
+    let logp = |x: &[f32]| -> Vec<f64> {
+        let m = x.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        x.iter().map(|&v| v as f64 - lse).collect()
+    };
+    let targets: Vec<u32> = (0..r as u32).map(|i| i * 7 % c as u32).collect();
+    let mut out = t(&[r], vec![0.; r]);
+    cross_entropy(&p, &targets, &mut out);
+    let (pv, qv) = (p.to_vec(), q.to_vec());
+    let want: Vec<f32> = (0..r)
+        .map(|i| -logp(&pv[i * c..(i + 1) * c])[targets[i] as usize] as f32)
+        .collect();
+    assert_close(&out.to_vec(), &want, 1e-6, "cross_entropy");
+    kl_div(&p, &q, &mut out);
+    let want: Vec<f32> = (0..r)
+        .map(|i| {
+            let (lp, lq) = (logp(&pv[i * c..(i + 1) * c]), logp(&qv[i * c..(i + 1) * c]));
+            lp.iter()
+                .zip(&lq)
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>() as f32
+        })
+        .collect();
+    assert_close(&out.to_vec(), &want, 1e-5, "kl_div");
+    kl_div(&p, &p, &mut out);
+    assert!(out.to_vec().iter().all(|v| v.abs() < 1e-6), "KL(p||p) = 0");
+}
+
+#[test]
+fn set_and_select_rows_and_cols() {
+    let mut dst = t(&[2, 4], vec![0.; 8]);
+    set_cols(&mut dst, 1, &t(&[2, 2], vec![1., 2., 3., 4.]));
+    assert_eq!(dst.to_vec(), vec![0., 1., 2., 0., 0., 3., 4., 0.]);
+    select_rows(&mut dst, &t(&[2, 4], vec![9.; 8]), &[false, true]);
+    assert_eq!(dst.to_vec(), vec![0., 1., 2., 0., 9., 9., 9., 9.]);
+}
