@@ -364,3 +364,48 @@ impl LmConfig {
         self.n_kv_heads * self.d_head
     }
 }
+
+/// The token ids SAELens's evals leave out (`get_special_token_ids`: the tokenizer's
+/// BOS, EOS, PAD, SEP and decoder-start ids). Read from `tokenizer_config.json` (token
+/// strings resolved through `tokenizer.json` or `added_tokens_decoder`) when the
+/// model directory has one, else from `config.json`'s `*_token_id` fields.
+pub fn special_token_ids(dir: &Path, cfg: &LmConfig) -> Vec<u32> {
+    let read = |name: &str| -> Option<Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+    };
+    let Some(tc) = read("tokenizer_config.json") else {
+        return cfg.special_token_ids.clone();
+    };
+    let tj = read("tokenizer.json");
+    let id_of = |content: &str| -> Option<u32> {
+        let from_added = |list: &Value| {
+            list.as_array()?
+                .iter()
+                .find(|t| t["content"] == content)
+                .and_then(|t| t["id"].as_u64())
+        };
+        let from_decoder = |map: &Value| {
+            map.as_object()?
+                .iter()
+                .find(|(_, t)| t["content"] == content)
+                .and_then(|(id, _)| id.parse::<u64>().ok())
+        };
+        tj.as_ref()
+            .and_then(|t| {
+                from_added(&t["added_tokens"]).or_else(|| t["model"]["vocab"][content].as_u64())
+            })
+            .or_else(|| from_decoder(&tc["added_tokens_decoder"]))
+            .map(|i| i as u32)
+    };
+    let mut ids: Vec<u32> = ["bos_token", "eos_token", "pad_token", "sep_token"]
+        .iter()
+        .filter_map(|k| {
+            let v = &tc[*k];
+            v.as_str().or_else(|| v["content"].as_str())
+        })
+        .filter_map(id_of)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}

@@ -17,7 +17,7 @@ mod model;
 pub mod splice;
 mod weights;
 
-pub use config::LmConfig;
+pub use config::{special_token_ids, LmConfig};
 pub use error::{LmError, Result};
 pub use hooks::{Capture, HookKind, HookPoint, Hooks, NoHooks};
 pub use model::{HookedTransformer, TokenBatch, Workspace};

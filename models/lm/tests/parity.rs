@@ -227,3 +227,57 @@ fn workspace_is_reused_across_passes() {
         first[..first.len() / 2]
     );
 }
+
+#[test]
+fn f16_weights_load_as_the_same_values_in_f32() {
+    // The tiny GPT-2 rounded to f16, stored once as F16 and once as F32: the two
+    // checkpoints must give bit-identical logits.
+    let src = fixtures().join("tiny-gpt2");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (f16_dir, f32_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // (name, shape, f16 bytes, f32 bytes of the same values)
+    type Both = (String, Vec<usize>, Vec<u8>, Vec<u8>);
+    let mut store: Vec<Both> = Vec::new();
+    for (name, v) in st.tensors() {
+        let (mut h, mut f) = (Vec::new(), Vec::new());
+        for b in v.data().chunks_exact(4) {
+            let x = half::f16::from_f32(f32::from_le_bytes(b.try_into().unwrap()));
+            h.extend(x.to_le_bytes());
+            f.extend(x.to_f32().to_le_bytes());
+        }
+        store.push((name, v.shape().to_vec(), h, f));
+    }
+    for (dir, half_precision) in [(&f16_dir, true), (&f32_dir, false)] {
+        std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+        let views: Vec<_> = store
+            .iter()
+            .map(|(n, s, h, f)| {
+                let (dt, data) = if half_precision {
+                    (safetensors::Dtype::F16, h)
+                } else {
+                    (safetensors::Dtype::F32, f)
+                };
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(dt, s.clone(), data).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    }
+    let tokens = pipeline::read_tokens(&fixtures().join("acts/tokens.npy")).unwrap();
+    let run = |dir: &std::path::Path| {
+        let model = load(dir);
+        let batch = lm::TokenBatch::new(&tokens.ids[..256], 2, 128, model.cfg()).unwrap();
+        let mut ws = Workspace::new();
+        model.run(&mut ws, &batch, None, &mut NoHooks).unwrap();
+        ws.logits.unwrap().to_vec()
+    };
+    let (a, b) = (run(f16_dir.path()), run(f32_dir.path()));
+    assert_eq!(a, b);
+    // And rounding the weights to f16 moves the logits only a little.
+    let full = run(&src);
+    let diff = max_abs_diff(&a, &full[..a.len()], "f16 vs f32 logits");
+    assert!(diff > 0.0 && diff < 1e-2, "{diff}");
+}

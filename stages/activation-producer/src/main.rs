@@ -1,0 +1,264 @@
+//! `activation-producer`: the language-model stage. `dump` writes TransformerLens hook
+//! activations of an HF checkpoint, `eval` runs SAELens's evals of an SAE spliced into
+//! the model, `bench` times the forward pass.
+
+use activation_producer::{bench, dump, eval, SeqposSlice};
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use schemas::Dtype;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "activation-producer",
+    version,
+    about = "Hook activations of HF transformer checkpoints, named as TransformerLens names them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the model over a token file and write the activations of some hooks.
+    ///
+    /// One tensor per hook, named by the hook: `[n_seq * positions, d]` for
+    /// per-position hooks (q/k/v/z heads flattened into d, or one head's d_head with
+    /// --hook-head-index); attention scores/patterns `[n_seq, n_heads, pos, pos]`.
+    /// A JSON summary goes to stdout.
+    Dump {
+        /// HF checkpoint directory (config.json + model.safetensors or shards).
+        #[arg(long)]
+        model: PathBuf,
+        /// Token ids `[n_seq, context_size]`: .npy, .safetensors (`input_ids`), or a
+        /// Parquet / Arrow file with an `input_ids` column.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Comma-separated TransformerLens hook names (e.g. blocks.6.hook_resid_pre).
+        #[arg(long, value_delimiter = ',', required = true)]
+        hooks: Vec<String>,
+        /// Run only blocks 0..N (default: the fewest that reach every hook).
+        #[arg(long)]
+        stop_at_layer: Option<usize>,
+        /// Keep one attention head of q/k/v/z hooks.
+        #[arg(long)]
+        hook_head_index: Option<usize>,
+        /// Positions to keep, as a Python slice START:STOP[:STEP] (SAELens's seqpos_slice).
+        #[arg(long, allow_hyphen_values = true)]
+        seqpos_slice: Option<String>,
+        /// Output safetensors file.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+        /// Sequences per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Storage dtype: float32, float16 or bfloat16.
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+        /// Device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// SAELens's evals of an SAE spliced into the model, printed as JSON.
+    ///
+    /// CE loss and KL with the SAE and with the hook zero-ablated, reconstruction,
+    /// shrinkage and sparsity metrics; special tokens excluded as SAELens does.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// SAE directory in SAELens's format; its metadata.hook_name is the hook.
+        #[arg(long)]
+        sae: PathBuf,
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Hook to splice at (default: the SAE's metadata.hook_name).
+        #[arg(long)]
+        hook: Option<String>,
+        /// Head to splice at (default: the SAE's metadata.hook_head_index).
+        #[arg(long)]
+        hook_head_index: Option<usize>,
+        #[arg(long, default_value_t = 8)]
+        batch_size_prompts: usize,
+        #[arg(long, default_value_t = 10)]
+        n_eval_reconstruction_batches: usize,
+        #[arg(long, default_value_t = 1)]
+        n_eval_sparsity_variance_batches: usize,
+        /// Token ids to exclude, comma-separated, instead of the model's special tokens
+        /// (an empty value excludes none).
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        ignore_tokens: Option<Vec<u32>>,
+        /// Also write everything, per-latent metrics included, to this JSON file.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Forward throughput to --stop-at-layer on a random GPT-2-shaped checkpoint
+    /// written by the bench (GPT-2 small by default); prints one JSON line.
+    Bench {
+        #[arg(long, default_value_t = 12)]
+        n_layers: usize,
+        #[arg(long, default_value_t = 768)]
+        d_model: usize,
+        #[arg(long, default_value_t = 12)]
+        n_heads: usize,
+        #[arg(long, default_value_t = 3072)]
+        d_mlp: usize,
+        #[arg(long, default_value_t = 50257)]
+        d_vocab: usize,
+        #[arg(long, default_value_t = 1024)]
+        n_ctx: usize,
+        /// Sequences per batch.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        context_size: usize,
+        #[arg(long, default_value_t = 6)]
+        stop_at_layer: usize,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Keep the random checkpoint in this directory.
+        #[arg(long)]
+        model_out: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let summary = match cli.command {
+        Command::Dump {
+            model,
+            tokens,
+            hooks,
+            stop_at_layer,
+            hook_head_index,
+            seqpos_slice,
+            output,
+            overwrite,
+            batch_size,
+            dtype,
+            device,
+            threads,
+        } => {
+            set_threads(threads)?;
+            let dtype = Dtype::parse(&dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+            if dtype == Dtype::F64 {
+                anyhow::bail!("--dtype: float64 is not an activation storage type (float32, float16, bfloat16)");
+            }
+            dump::run(&dump::DumpArgs {
+                model,
+                tokens,
+                hooks,
+                stop_at_layer,
+                hook_head_index,
+                seqpos_slice: seqpos_slice
+                    .as_deref()
+                    .map(SeqposSlice::parse)
+                    .transpose()?,
+                output,
+                overwrite,
+                batch_size,
+                dtype,
+                device,
+            })?
+        }
+        Command::Eval {
+            model,
+            sae,
+            tokens,
+            hook,
+            hook_head_index,
+            batch_size_prompts,
+            n_eval_reconstruction_batches,
+            n_eval_sparsity_variance_batches,
+            ignore_tokens,
+            output,
+            overwrite,
+            device,
+            threads,
+        } => {
+            set_threads(threads)?;
+            eval::run(&eval::EvalArgs {
+                model,
+                sae,
+                tokens,
+                hook,
+                hook_head_index,
+                batch_size_prompts,
+                n_eval_reconstruction_batches,
+                n_eval_sparsity_variance_batches,
+                ignore_tokens,
+                output,
+                overwrite,
+                device,
+            })?
+        }
+        Command::Bench {
+            n_layers,
+            d_model,
+            n_heads,
+            d_mlp,
+            d_vocab,
+            n_ctx,
+            batch,
+            context_size,
+            stop_at_layer,
+            iters,
+            warmup,
+            model_out,
+            seed,
+            threads,
+        } => {
+            set_threads(threads)?;
+            bench::run(&bench::BenchArgs {
+                n_layers,
+                d_model,
+                n_heads,
+                d_mlp,
+                d_vocab,
+                n_ctx,
+                batch,
+                context_size,
+                stop_at_layer,
+                iters,
+                warmup,
+                model_out,
+                seed,
+            })?
+        }
+    };
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(t) = threads {
+        kernels::set_num_threads(t).map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
