@@ -21,6 +21,13 @@ fn npy_fixture_reads_as_numpy_wrote_it() {
     assert!(t.ids.iter().all(|&i| (0..4096).contains(&i)));
 }
 
+fn write_parquet(path: &Path, batch: &RecordBatch) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(batch).unwrap();
+    w.close().unwrap();
+}
+
 fn write_npy(path: &Path, descr: &str, shape: &str, data: &[u8]) {
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
@@ -63,14 +70,7 @@ fn safetensors_parquet_arrow_and_int32_npy_agree() {
     let other: ArrayRef = Arc::new(Float32Array::from(vec![0.0; 8]));
     let batch = RecordBatch::try_from_iter([("score", other), ("input_ids", ids)]).unwrap();
     let pq = dir.path().join("t.parquet");
-    let mut w = parquet::arrow::ArrowWriter::try_new(
-        std::fs::File::create(&pq).unwrap(),
-        batch.schema(),
-        None,
-    )
-    .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    write_parquet(&pq, &batch);
     assert_eq!(read_tokens(&pq).unwrap(), want);
 
     let ipc = dir.path().join("t.arrow");
@@ -113,14 +113,7 @@ fn bad_token_files_say_why() {
     let ids: ArrayRef = Arc::new(lists.finish());
     let batch = RecordBatch::try_from_iter([("tokens", ids.clone())]).unwrap();
     let f = dir.path().join("named.parquet");
-    let mut w = parquet::arrow::ArrowWriter::try_new(
-        std::fs::File::create(&f).unwrap(),
-        batch.schema(),
-        None,
-    )
-    .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    write_parquet(&f, &batch);
     assert!(
         err(&f).contains("'input_ids' not found (columns: tokens)"),
         "{}",
@@ -128,14 +121,7 @@ fn bad_token_files_say_why() {
     );
     let batch = RecordBatch::try_from_iter([("input_ids", ids)]).unwrap();
     let f = dir.path().join("ragged.parquet");
-    let mut w = parquet::arrow::ArrowWriter::try_new(
-        std::fs::File::create(&f).unwrap(),
-        batch.schema(),
-        None,
-    )
-    .unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    write_parquet(&f, &batch);
     assert!(
         err(&f).contains("row 1 of 'input_ids' has 2 tokens, earlier rows 3"),
         "{}",

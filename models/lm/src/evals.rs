@@ -286,15 +286,8 @@ fn sparsity_variance(
             .pop()
             .flatten()
             .ok_or_else(|| LmError::Invalid(format!("the pass did not reach '{hook}'")))?;
-        let x = match head {
-            Some(h) => {
-                let dh = model.cfg().d_head;
-                let mut x = Tensor::zeros(model.device(), &[act.rows(), dh]);
-                ops::copy_cols(&act, h * dh, &mut x);
-                x
-            }
-            None => act,
-        };
+        let dh = model.cfg().d_head;
+        let x = crate::splice::head_columns(&act, head.map(|h| (h * dh, dh)));
         let (f, out) = sae.forward(&x)?;
         let (x, f, out) = (x.to_vec(), f.to_vec(), out.to_vec());
         let rows: Vec<usize> = (0..batch.rows()).filter(|&r| keep[r]).collect();

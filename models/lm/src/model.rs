@@ -49,6 +49,69 @@ struct Block {
     mlp_out: Linear,
 }
 
+/// Takes a family's weights out of a checkpoint, trying each name prefix in turn.
+struct Loader<'a> {
+    ck: &'a mut Checkpoint,
+    dev: &'a Device,
+    prefixes: &'a [&'a str],
+}
+
+impl Loader<'_> {
+    fn names(&self, name: &str) -> Vec<String> {
+        self.prefixes.iter().map(|p| format!("{p}{name}")).collect()
+    }
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<(String, sae::io::HostTensor)> {
+        let names = self.names(name);
+        self.ck.take(&names, shape)
+    }
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let names = self.names(name);
+        self.ck.tensor(self.dev, &names, shape)
+    }
+    fn norm(&mut self, p: &str, d: usize, bias: bool) -> Result<Norm> {
+        Ok(Norm {
+            w: self.tensor(&format!("{p}.weight"), &[d])?,
+            b: if bias {
+                Some(self.tensor(&format!("{p}.bias"), &[d])?)
+            } else {
+                None
+            },
+        })
+    }
+    /// An `nn.Linear`: weight `[out, in]`.
+    fn linear(&mut self, p: &str, i: usize, o: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            w: self.tensor(&format!("{p}.weight"), &[o, i])?,
+            w_in_out: false,
+            b: if bias {
+                Some(self.tensor(&format!("{p}.bias"), &[o])?)
+            } else {
+                None
+            },
+        })
+    }
+    /// GPT-2's `Conv1D`: weight `[in, out]`, always a bias.
+    fn conv1d(&mut self, p: &str, i: usize, o: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: self.tensor(&format!("{p}.weight"), &[i, o])?,
+            w_in_out: true,
+            b: Some(self.tensor(&format!("{p}.bias"), &[o])?),
+        })
+    }
+    /// The unembedding `[d_vocab, d_model]` stored under `name` (no prefix), or `None`
+    /// when it is tied to the embedding.
+    fn unembed(&mut self, cfg: &LmConfig, name: &str) -> Result<Option<Tensor>> {
+        if cfg.tied_embeddings {
+            return Ok(None);
+        }
+        Ok(Some(self.ck.tensor(
+            self.dev,
+            &[name.to_string()],
+            &[cfg.d_vocab, cfg.d_model],
+        )?))
+    }
+}
+
 /// A batch of token ids: `n_seq` rows of `seq_len`, validated against the model.
 #[derive(Clone, Debug)]
 pub struct TokenBatch {
@@ -280,28 +343,20 @@ impl HookedTransformer {
 
     fn load_gpt2(cfg: LmConfig, ck: &mut Checkpoint, dev: &Device) -> Result<Self> {
         // Hub GPT-2 checkpoints name tensors with or without the `transformer.` prefix.
-        let n = |s: String| vec![format!("transformer.{s}"), s];
+        let mut ld = Loader {
+            ck,
+            dev,
+            prefixes: &["transformer.", ""],
+        };
         let (d, da, dm) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp);
-        let norm = |ck: &mut Checkpoint, p: &str| -> Result<Norm> {
-            Ok(Norm {
-                w: ck.tensor(dev, &n(format!("{p}.weight")), &[d])?,
-                b: Some(ck.tensor(dev, &n(format!("{p}.bias")), &[d])?),
-            })
-        };
-        let conv = |ck: &mut Checkpoint, p: &str, i: usize, o: usize| -> Result<Linear> {
-            Ok(Linear {
-                w: ck.tensor(dev, &n(format!("{p}.weight")), &[i, o])?,
-                w_in_out: true,
-                b: Some(ck.tensor(dev, &n(format!("{p}.bias")), &[o])?),
-            })
-        };
-        let embed = ck.tensor(dev, &n("wte.weight".into()), &[cfg.d_vocab, d])?;
-        let pos = ck.tensor(dev, &n("wpe.weight".into()), &[cfg.n_ctx, d])?;
+        let embed = ld.tensor("wte.weight", &[cfg.d_vocab, d])?;
+        let pos = ld.tensor("wpe.weight", &[cfg.n_ctx, d])?;
         let mut blocks = Vec::new();
         for l in 0..cfg.n_layers {
             let p = format!("h.{l}");
-            let (_, w) = ck.take(&n(format!("{p}.attn.c_attn.weight")), &[d, 3 * da])?;
-            let (_, b) = ck.take(&n(format!("{p}.attn.c_attn.bias")), &[3 * da])?;
+            // q | k | v side by side in one Conv1D.
+            let (_, w) = ld.take(&format!("{p}.attn.c_attn.weight"), &[d, 3 * da])?;
+            let (_, b) = ld.take(&format!("{p}.attn.c_attn.bias"), &[3 * da])?;
             let part = |i: usize| -> Result<Linear> {
                 Ok(Linear {
                     w: to_device(dev, cols(&w.values, 3 * da, i * da, da), &[d, da])?,
@@ -314,23 +369,19 @@ impl HookedTransformer {
                 })
             };
             blocks.push(Block {
-                ln1: norm(ck, &format!("{p}.ln_1"))?,
-                ln2: norm(ck, &format!("{p}.ln_2"))?,
+                ln1: ld.norm(&format!("{p}.ln_1"), d, true)?,
+                ln2: ld.norm(&format!("{p}.ln_2"), d, true)?,
                 q: part(0)?,
                 k: part(1)?,
                 v: part(2)?,
-                o: conv(ck, &format!("{p}.attn.c_proj"), da, d)?,
-                mlp_in: conv(ck, &format!("{p}.mlp.c_fc"), d, dm)?,
+                o: ld.conv1d(&format!("{p}.attn.c_proj"), da, d)?,
+                mlp_in: ld.conv1d(&format!("{p}.mlp.c_fc"), d, dm)?,
                 mlp_gate: None,
-                mlp_out: conv(ck, &format!("{p}.mlp.c_proj"), dm, d)?,
+                mlp_out: ld.conv1d(&format!("{p}.mlp.c_proj"), dm, d)?,
             });
         }
-        let ln_final = norm(ck, "ln_f")?;
-        let unembed = if cfg.tied_embeddings {
-            None
-        } else {
-            Some(ck.tensor(dev, &["lm_head.weight".to_string()], &[cfg.d_vocab, d])?)
-        };
+        let ln_final = ld.norm("ln_f", d, true)?;
+        let unembed = ld.unembed(&cfg, "lm_head.weight")?;
         let mut m = Self::new(cfg, dev, embed, blocks, ln_final);
         m.pos_embed = Some(pos);
         m.unembed = unembed;
@@ -338,38 +389,24 @@ impl HookedTransformer {
     }
 
     fn load_neox(cfg: LmConfig, ck: &mut Checkpoint, dev: &Device) -> Result<Self> {
-        let n = |s: String| vec![format!("gpt_neox.{s}")];
-        let (d, dh, h, dm) = (cfg.d_model, cfg.d_head, cfg.n_heads, cfg.d_mlp);
-        let norm = |ck: &mut Checkpoint, p: &str| -> Result<Norm> {
-            Ok(Norm {
-                w: ck.tensor(dev, &n(format!("{p}.weight")), &[d])?,
-                b: Some(ck.tensor(dev, &n(format!("{p}.bias")), &[d])?),
-            })
+        let mut ld = Loader {
+            ck,
+            dev,
+            prefixes: &["gpt_neox."],
         };
-        let linear =
-            |ck: &mut Checkpoint, p: &str, i: usize, o: usize, bias: bool| -> Result<Linear> {
-                Ok(Linear {
-                    w: ck.tensor(dev, &n(format!("{p}.weight")), &[o, i])?,
-                    w_in_out: false,
-                    b: if bias {
-                        Some(ck.tensor(dev, &n(format!("{p}.bias")), &[o])?)
-                    } else {
-                        None
-                    },
-                })
-            };
-        let embed = ck.tensor(dev, &n("embed_in.weight".into()), &[cfg.d_vocab, d])?;
+        let (d, dh, h, dm) = (cfg.d_model, cfg.d_head, cfg.n_heads, cfg.d_mlp);
+        let embed = ld.tensor("embed_in.weight", &[cfg.d_vocab, d])?;
         let mut blocks = Vec::new();
         for l in 0..cfg.n_layers {
             let p = format!("layers.{l}");
             // Fused QKV rows are laid out per head: [n_heads, (q, k, v), d_head].
-            let (_, w) = ck.take(
-                &n(format!("{p}.attention.query_key_value.weight")),
+            let (_, w) = ld.take(
+                &format!("{p}.attention.query_key_value.weight"),
                 &[3 * d, d],
             )?;
             let b = if cfg.qkv_bias {
                 Some(
-                    ck.take(&n(format!("{p}.attention.query_key_value.bias")), &[3 * d])?
+                    ld.take(&format!("{p}.attention.query_key_value.bias"), &[3 * d])?
                         .1,
                 )
             } else {
@@ -394,73 +431,51 @@ impl HookedTransformer {
                 })
             };
             blocks.push(Block {
-                ln1: norm(ck, &format!("{p}.input_layernorm"))?,
-                ln2: norm(ck, &format!("{p}.post_attention_layernorm"))?,
+                ln1: ld.norm(&format!("{p}.input_layernorm"), d, true)?,
+                ln2: ld.norm(&format!("{p}.post_attention_layernorm"), d, true)?,
                 q: part(0)?,
                 k: part(1)?,
                 v: part(2)?,
-                o: linear(ck, &format!("{p}.attention.dense"), d, d, cfg.attn_out_bias)?,
-                mlp_in: linear(ck, &format!("{p}.mlp.dense_h_to_4h"), d, dm, true)?,
+                o: ld.linear(&format!("{p}.attention.dense"), d, d, cfg.attn_out_bias)?,
+                mlp_in: ld.linear(&format!("{p}.mlp.dense_h_to_4h"), d, dm, true)?,
                 mlp_gate: None,
-                mlp_out: linear(ck, &format!("{p}.mlp.dense_4h_to_h"), dm, d, true)?,
+                mlp_out: ld.linear(&format!("{p}.mlp.dense_4h_to_h"), dm, d, true)?,
             });
         }
-        let ln_final = norm(ck, "final_layer_norm")?;
-        let unembed = if cfg.tied_embeddings {
-            None
-        } else {
-            Some(ck.tensor(dev, &["embed_out.weight".to_string()], &[cfg.d_vocab, d])?)
-        };
+        let ln_final = ld.norm("final_layer_norm", d, true)?;
+        let unembed = ld.unembed(&cfg, "embed_out.weight")?;
         let mut m = Self::new(cfg, dev, embed, blocks, ln_final);
         m.unembed = unembed;
         Ok(m)
     }
 
     fn load_llama(cfg: LmConfig, ck: &mut Checkpoint, dev: &Device) -> Result<Self> {
-        let n = |s: String| vec![format!("model.{s}")];
-        let (d, da, dkv, dm) = (cfg.d_model, cfg.d_attn(), cfg.d_kv(), cfg.d_mlp);
-        let norm = |ck: &mut Checkpoint, p: &str| -> Result<Norm> {
-            Ok(Norm {
-                w: ck.tensor(dev, &n(format!("{p}.weight")), &[d])?,
-                b: None,
-            })
+        let mut ld = Loader {
+            ck,
+            dev,
+            prefixes: &["model."],
         };
-        let linear =
-            |ck: &mut Checkpoint, p: &str, i: usize, o: usize, bias: bool| -> Result<Linear> {
-                Ok(Linear {
-                    w: ck.tensor(dev, &n(format!("{p}.weight")), &[o, i])?,
-                    w_in_out: false,
-                    b: if bias {
-                        Some(ck.tensor(dev, &n(format!("{p}.bias")), &[o])?)
-                    } else {
-                        None
-                    },
-                })
-            };
-        let embed = ck.tensor(dev, &n("embed_tokens.weight".into()), &[cfg.d_vocab, d])?;
+        let (d, da, dkv, dm) = (cfg.d_model, cfg.d_attn(), cfg.d_kv(), cfg.d_mlp);
+        let embed = ld.tensor("embed_tokens.weight", &[cfg.d_vocab, d])?;
         let mut blocks = Vec::new();
         for l in 0..cfg.n_layers {
             let p = format!("layers.{l}");
             let a = format!("{p}.self_attn");
-            let mb = cfg.mlp_bias;
+            let (qb, ob, mb) = (cfg.qkv_bias, cfg.attn_out_bias, cfg.mlp_bias);
             blocks.push(Block {
-                ln1: norm(ck, &format!("{p}.input_layernorm"))?,
-                ln2: norm(ck, &format!("{p}.post_attention_layernorm"))?,
-                q: linear(ck, &format!("{a}.q_proj"), d, da, cfg.qkv_bias)?,
-                k: linear(ck, &format!("{a}.k_proj"), d, dkv, cfg.qkv_bias)?,
-                v: linear(ck, &format!("{a}.v_proj"), d, dkv, cfg.qkv_bias)?,
-                o: linear(ck, &format!("{a}.o_proj"), da, d, cfg.attn_out_bias)?,
-                mlp_in: linear(ck, &format!("{p}.mlp.up_proj"), d, dm, mb)?,
-                mlp_gate: Some(linear(ck, &format!("{p}.mlp.gate_proj"), d, dm, mb)?),
-                mlp_out: linear(ck, &format!("{p}.mlp.down_proj"), dm, d, mb)?,
+                ln1: ld.norm(&format!("{p}.input_layernorm"), d, false)?,
+                ln2: ld.norm(&format!("{p}.post_attention_layernorm"), d, false)?,
+                q: ld.linear(&format!("{a}.q_proj"), d, da, qb)?,
+                k: ld.linear(&format!("{a}.k_proj"), d, dkv, qb)?,
+                v: ld.linear(&format!("{a}.v_proj"), d, dkv, qb)?,
+                o: ld.linear(&format!("{a}.o_proj"), da, d, ob)?,
+                mlp_in: ld.linear(&format!("{p}.mlp.up_proj"), d, dm, mb)?,
+                mlp_gate: Some(ld.linear(&format!("{p}.mlp.gate_proj"), d, dm, mb)?),
+                mlp_out: ld.linear(&format!("{p}.mlp.down_proj"), dm, d, mb)?,
             });
         }
-        let ln_final = norm(ck, "norm")?;
-        let unembed = if cfg.tied_embeddings {
-            None
-        } else {
-            Some(ck.tensor(dev, &["lm_head.weight".to_string()], &[cfg.d_vocab, d])?)
-        };
+        let ln_final = ld.norm("norm", d, false)?;
+        let unembed = ld.unembed(&cfg, "lm_head.weight")?;
         let mut m = Self::new(cfg, dev, embed, blocks, ln_final);
         m.unembed = unembed;
         Ok(m)

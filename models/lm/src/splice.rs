@@ -84,15 +84,20 @@ impl<'a> Interventions<'a> {
     }
 }
 
-fn replace(item: &Item, act: &mut Tensor, sae_rows: Option<&[bool]>) -> Result<()> {
-    let x = match item.head {
+/// The columns `start..start + width` of `act` (one head), or all of it.
+pub(crate) fn head_columns(act: &Tensor, head: Option<(usize, usize)>) -> Tensor {
+    match head {
         Some((start, w)) => {
             let mut x = Tensor::zeros(&act.device(), &[act.rows(), w]);
             ops::copy_cols(act, start, &mut x);
             x
         }
         None => act.clone(),
-    };
+    }
+}
+
+fn replace(item: &Item, act: &mut Tensor, sae_rows: Option<&[bool]>) -> Result<()> {
+    let x = head_columns(act, item.head);
     let new = match &item.what {
         Intervention::ZeroAblate => Tensor::zeros(&act.device(), x.shape()),
         Intervention::Sae {

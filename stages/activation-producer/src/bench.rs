@@ -142,17 +142,9 @@ pub fn run(a: &BenchArgs) -> Result<Value> {
         "tokens_per_second": tokens / median,
         "workspace_mib": ws.bytes() as f64 / (1 << 20) as f64,
         "weights_mib": (4 * model.n_params()) as f64 / (1 << 20) as f64,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": pipeline::sys::peak_rss_mib(),
         "checkpoint_write_seconds": write_s,
         "load_seconds": load_s,
         "checkpoint": a.model_out.as_ref().map(|p| p.display().to_string()),
     }))
-}
-
-/// Peak resident memory of this process (`VmHWM`), in MiB; `null` off Linux.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }

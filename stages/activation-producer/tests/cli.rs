@@ -203,48 +203,28 @@ fn dump_errors_name_the_problem() {
     assert!(e.contains("expected START:STOP"), "{e}");
     assert!(!out.exists());
 
-    // Tokens beyond the vocabulary or the context.
-    let t = dir.path().join("bad.safetensors");
-    let ids: Vec<u8> = [1i64, 2, 4096, 3]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, 2], &ids).unwrap();
-    safetensors::serialize_to_file([("input_ids", view)], None, &t).unwrap();
-    let e = fails(&[
-        "dump",
-        "--model",
-        s(&model),
-        "--tokens",
-        s(&t),
-        "--hooks",
-        "hook_embed",
-        "--output",
-        s(&out),
-    ]);
+    // Tokens beyond the vocabulary or the context (the npy writer is below).
+    let t = dir.path().join("bad.npy");
+    let dump_tokens = |ids: &[i64], rows, cols| {
+        std::fs::write(&t, npy_i64(ids, rows, cols)).unwrap();
+        fails(&[
+            "dump",
+            "--model",
+            s(&model),
+            "--tokens",
+            s(&t),
+            "--hooks",
+            "hook_embed",
+            "--output",
+            s(&out),
+        ])
+    };
+    let e = dump_tokens(&[1, 2, 4096, 3], 2, 2);
     assert!(
         e.contains("token id 4096 at sequence 1, position 0 is out of range"),
         "{e}"
     );
-    let ids: Vec<u8> = vec![0i64; 300]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 300], &ids).unwrap();
-    safetensors::serialize_to_file([("input_ids", view)], None, &t).unwrap();
-    let e = fails(&[
-        "dump",
-        "--model",
-        s(&model),
-        "--tokens",
-        s(&t),
-        "--hooks",
-        "hook_embed",
-        "--output",
-        s(&out),
-    ]);
+    let e = dump_tokens(&[0; 300], 1, 300);
     assert!(
         e.contains("300 positions is longer than the model's 256"),
         "{e}"

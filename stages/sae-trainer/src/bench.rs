@@ -60,14 +60,6 @@ pub fn run(a: &BenchArgs) -> Result<Value> {
         "steps": times.len(),
         "tokens_per_second": batch as f64 / median,
         "step_seconds_median": median,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": pipeline::sys::peak_rss_mib(),
     }))
-}
-
-/// Peak resident memory of this process (`VmHWM`), in MiB; `null` off Linux.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }

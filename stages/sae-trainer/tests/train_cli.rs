@@ -329,6 +329,8 @@ fn exact_resume_after_sigkill() {
             .into_iter()
             .flatten()
             .filter_map(|e| e.ok().map(|e| e.path()))
+            // A checkpoint being written sits under a `.tmp-PID` name until renamed.
+            .filter(|p| !p.to_string_lossy().contains(".tmp-"))
             .filter(|p| p.join("trainer_state.json").exists())
             .collect();
         if let Some(p) = done.first() {
