@@ -198,3 +198,66 @@ fn head_index_splices_one_head_and_rows_can_be_left_alone() {
         .to_string();
     assert!(e.contains("d_in = 32") && e.contains("width 128"), "{e}");
 }
+
+#[test]
+fn two_saes_at_two_hooks_in_one_pass() {
+    let (model, batch) = setup();
+    let hooks = model
+        .hooks(&["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"])
+        .unwrap();
+    let sae = sae128();
+    let topk = sae::io::load(&fixtures().join("saes_inference/topk"), &Device::Cpu).unwrap();
+    let mut splice = Interventions::new();
+    splice
+        .add(
+            model.cfg(),
+            hooks[0],
+            None,
+            Intervention::Sae {
+                sae: &sae,
+                use_error_term: false,
+            },
+        )
+        .unwrap();
+    splice
+        .add(
+            model.cfg(),
+            hooks[1],
+            None,
+            Intervention::Sae {
+                sae: &topk,
+                use_error_term: false,
+            },
+        )
+        .unwrap();
+    let mut before = Capture::new(hooks.clone());
+    let mut after = Capture::new(hooks.clone());
+    // Capture, splice, capture again at each hook: the second SAE reads the stream the
+    // first one changed.
+    let mut first = Both(&mut before, &mut splice);
+    model
+        .run(
+            &mut Workspace::new(),
+            &batch,
+            None,
+            &mut Both(&mut first, &mut after),
+        )
+        .unwrap();
+    for (i, s) in [&sae, &topk].iter().enumerate() {
+        let x = before.get(&hooks[i]).unwrap();
+        let (_, recon) = s.forward(x).unwrap();
+        assert_eq!(
+            after.get(&hooks[i]).unwrap().to_vec(),
+            recon.to_vec(),
+            "hook {i}"
+        );
+    }
+    let clean = capture(&model, &batch, hooks[1]);
+    assert!(
+        max_abs_diff(
+            &before.get(&hooks[1]).unwrap().to_vec(),
+            &clean.to_vec(),
+            "x1"
+        ) > 1e-3
+    );
+}
