@@ -1,0 +1,103 @@
+//! Tokenization with the `tokenizers` crate, as SAELens's `tokenizer.encode(text)`
+//! does it (special tokens added by the tokenizer's post-processor, if it has one).
+
+use rayon::prelude::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    #[error("{}: {message}", path.display())]
+    Load { path: PathBuf, message: String },
+    #[error("document {index}: {message}")]
+    Encode { index: usize, message: String },
+    #[error("token option '{spec}': {message}")]
+    Token { spec: String, message: String },
+}
+
+/// A tokenizer and the special tokens its HF wrapper names (`bos_token`, ...).
+pub struct TextTokenizer {
+    pub tokenizer: Tokenizer,
+    /// `tokenizer_config.json` next to `tokenizer.json`, if present.
+    config: Option<Value>,
+}
+
+impl TextTokenizer {
+    /// Loads `PATH` (a `tokenizer.json`) or `PATH/tokenizer.json` (an HF model or
+    /// tokenizer directory); `tokenizer_config.json` beside it names bos/eos/sep.
+    pub fn load(path: &Path) -> Result<TextTokenizer, TokenizeError> {
+        let file = if path.is_dir() {
+            path.join("tokenizer.json")
+        } else {
+            path.to_path_buf()
+        };
+        let tokenizer = Tokenizer::from_file(&file).map_err(|e| TokenizeError::Load {
+            path: file.clone(),
+            message: format!("not a readable tokenizer.json: {e}"),
+        })?;
+        let config = file
+            .parent()
+            .map(|d| d.join("tokenizer_config.json"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str(&t).ok());
+        Ok(TextTokenizer { tokenizer, config })
+    }
+
+    /// Token ids of every document, in parallel across cores.
+    pub fn encode_all(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, TokenizeError> {
+        texts
+            .par_iter()
+            .enumerate()
+            .map(|(index, t)| {
+                self.tokenizer
+                    .encode(t.as_str(), true)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| TokenizeError::Encode {
+                        index,
+                        message: e.to_string(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Resolves a SAELens token option: `bos`, `eos`, `sep`, a token id, or `none`.
+    pub fn special_token(&self, spec: &str) -> Result<Option<u32>, TokenizeError> {
+        let err = |message: String| TokenizeError::Token {
+            spec: spec.to_string(),
+            message,
+        };
+        match spec {
+            "none" | "null" | "" => Ok(None),
+            "bos" | "eos" | "sep" => {
+                let key = format!("{spec}_token");
+                let content = self
+                    .config
+                    .as_ref()
+                    .map(|c| &c[&key])
+                    .and_then(|v| v.as_str().or_else(|| v["content"].as_str()))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "the tokenizer has no {key} (tokenizer_config.json beside tokenizer.json names it); give a token id instead"
+                        ))
+                    })?;
+                self.tokenizer
+                    .token_to_id(content)
+                    .map(Some)
+                    .ok_or_else(|| err(format!("{key} '{content}' is not in the vocabulary")))
+            }
+            id => {
+                let id: u32 = id
+                    .parse()
+                    .map_err(|_| err("expected bos, eos, sep, none or a token id".into()))?;
+                let vocab = self.tokenizer.get_vocab_size(true) as u32;
+                if id >= vocab {
+                    return Err(err(format!(
+                        "token id {id} is outside the vocabulary (0..{vocab})"
+                    )));
+                }
+                Ok(Some(id))
+            }
+        }
+    }
+}
