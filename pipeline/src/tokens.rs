@@ -205,10 +205,22 @@ fn arrow(path: &Path, ext: &str) -> Result<TokenRows, SourceError> {
             .collect::<Result<_, _>>()
             .map_err(|e| err(path, e))?
     } else {
-        arrow_ipc::reader::FileReader::try_new(f, None)
-            .map_err(|e| err(path, format!("not a readable Arrow IPC file: {e}")))?
+        match arrow_ipc::reader::FileReader::try_new(f, None) {
+            Ok(r) => r.collect::<Result<_, _>>().map_err(|e| err(path, e))?,
+            // HF `save_to_disk` writes the IPC stream format.
+            Err(_) => arrow_ipc::reader::StreamReader::try_new(
+                File::open(path).map_err(|e| err(path, e))?,
+                None,
+            )
+            .map_err(|e| {
+                err(
+                    path,
+                    format!("not a readable Arrow IPC file or stream: {e}"),
+                )
+            })?
             .collect::<Result<_, _>>()
-            .map_err(|e| err(path, e))?
+            .map_err(|e| err(path, e))?,
+        }
     };
     let (mut ids, mut n, mut t) = (Vec::new(), 0usize, None::<usize>);
     for b in &batches {

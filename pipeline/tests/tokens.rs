@@ -82,6 +82,14 @@ fn safetensors_parquet_arrow_and_int32_npy_agree() {
     w.write(&batch).unwrap();
     w.finish().unwrap();
     assert_eq!(read_tokens(&ipc).unwrap(), want);
+
+    // The stream format, as HF `save_to_disk` writes it.
+    let stream = dir.path().join("data-00000-of-00001.arrow");
+    let f = std::fs::File::create(&stream).unwrap();
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(f, &batch.schema()).unwrap();
+    w.write(&batch).unwrap();
+    w.finish().unwrap();
+    assert_eq!(read_tokens(&stream).unwrap(), want);
 }
 
 #[test]

@@ -5,4 +5,6 @@
 //! sources, the Parquet output and the `tokenizer` command are still to come.
 
 pub mod pack;
+pub mod pretokenize;
+pub mod sources;
 pub mod tokenize;

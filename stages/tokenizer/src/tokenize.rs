@@ -44,6 +44,13 @@ impl TextTokenizer {
         Ok(TextTokenizer { tokenizer, config })
     }
 
+    /// `model_max_length` from `tokenizer_config.json`, when it is a real bound (HF
+    /// writes a huge sentinel when there is none).
+    pub fn model_max_length(&self) -> Option<usize> {
+        let v = self.config.as_ref()?["model_max_length"].as_f64()?;
+        (v > 0.0 && v < 1e12).then_some(v as usize)
+    }
+
     /// Token ids of every document, in parallel across cores.
     pub fn encode_all(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, TokenizeError> {
         texts
