@@ -4,6 +4,7 @@
 //! [`tokenize`] (the `tokenizers` crate, encoding as `tokenizer.encode` does). Dataset
 //! sources, the Parquet output and the `tokenizer` command are still to come.
 
+pub mod bench;
 pub mod pack;
 pub mod pretokenize;
 pub mod sources;

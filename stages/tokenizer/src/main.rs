@@ -55,9 +55,37 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Time tokenize + pack over a dataset (repeated); prints tokens/s as JSON.
+    Bench {
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        context_size: usize,
+        /// Passes over the dataset; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(summary) => {
+            println!("{summary}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<serde_json::Value> {
     let Command::Pretokenize {
         dataset,
         tokenizer,
@@ -72,8 +100,26 @@ fn main() -> std::process::ExitCode {
         pretokenize_batch_size,
         output,
         overwrite,
-    } = Cli::parse().command;
-    let r = pretokenize::run(&PretokenizeArgs {
+    } = command
+    else {
+        let Command::Bench {
+            dataset,
+            tokenizer,
+            context_size,
+            repeats,
+            threads,
+        } = command
+        else {
+            unreachable!()
+        };
+        if let Some(t) = threads {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build_global()?;
+        }
+        return tokenizer::bench::run(&dataset, &tokenizer, context_size, repeats);
+    };
+    pretokenize::run(&PretokenizeArgs {
         dataset,
         tokenizer,
         context_size,
@@ -87,15 +133,5 @@ fn main() -> std::process::ExitCode {
         pretokenize_batch_size,
         output,
         overwrite,
-    });
-    match r {
-        Ok(summary) => {
-            println!("{summary}");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -141,3 +141,27 @@ fn errors_name_the_problem() {
     assert!(e.contains("fill no window of 128 tokens"), "{e}");
     assert!(!out.exists(), "failed runs write nothing");
 }
+
+#[test]
+fn bench_reports_throughput() {
+    let fx = fixtures();
+    let o = Command::new(env!("CARGO_BIN_EXE_tokenizer"))
+        .args([
+            "bench",
+            "--dataset",
+            s(&fx.join("pretok/corpus.jsonl")),
+            "--tokenizer",
+            s(&fx.join("tiny-gpt2")),
+            "--repeats",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (r["document_tokens"].as_u64(), r["windows"].as_u64()),
+        (Some(88529), Some(700))
+    );
+    assert!(r["tokens_per_second"].as_f64().unwrap() > 0.0);
+}
