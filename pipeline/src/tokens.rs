@@ -238,7 +238,7 @@ fn arrow(path: &Path, ext: &str) -> Result<TokenRows, SourceError> {
             }
         })?;
         for row in 0..col.len() {
-            let values = list_item(path, col, row)?;
+            let values = list_row_ids(path, col, row)?;
             let len = values.len();
             match t {
                 None => t = Some(len),
@@ -250,7 +250,7 @@ fn arrow(path: &Path, ext: &str) -> Result<TokenRows, SourceError> {
                 }
                 _ => {}
             }
-            ids.extend(ints_of(path, &values)?);
+            ids.extend(values);
             n += 1;
         }
     }
@@ -259,6 +259,12 @@ fn arrow(path: &Path, ext: &str) -> Result<TokenRows, SourceError> {
         n_seq: n,
         seq_len: t.unwrap_or(0),
     })
+}
+
+/// Token ids of row `row` of a list column (List / LargeList / FixedSizeList of
+/// integers), as stored in pretokenized datasets; `path` names the file in errors.
+pub fn list_row_ids(path: &Path, col: &ArrayRef, row: usize) -> Result<Vec<i64>, SourceError> {
+    ints_of(path, &list_item(path, col, row)?)
 }
 
 fn list_item(path: &Path, col: &ArrayRef, row: usize) -> Result<ArrayRef, SourceError> {

@@ -6,7 +6,7 @@
 //! `input_ids` (already tokenized), else `text` or `problem`; `column_name` overrides.
 
 use arrow_array::cast::AsArray;
-use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
 use serde_json::Value;
 use std::fs::File;
@@ -287,7 +287,16 @@ fn from_batches(
             ),
             DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(_, _) => {
                 for r in 0..a.len() {
-                    tokens.push(ids(path, &list_value(a, r), &col)?);
+                    let row =
+                        pipeline::tokens::list_row_ids(path, a, r).map_err(|e| err(path, e))?;
+                    let row: Option<Vec<u32>> =
+                        row.into_iter().map(|t| u32::try_from(t).ok()).collect();
+                    tokens.push(row.ok_or_else(|| {
+                        err(
+                            path,
+                            format!("column '{col}' holds a negative or too large token id"),
+                        )
+                    })?);
                 }
             }
             other => {
@@ -302,38 +311,5 @@ fn from_batches(
         Documents::Text(texts)
     } else {
         Documents::Tokens(tokens)
-    })
-}
-
-fn list_value(a: &ArrayRef, r: usize) -> ArrayRef {
-    match a.data_type() {
-        DataType::List(_) => a.as_list::<i32>().value(r),
-        DataType::LargeList(_) => a.as_list::<i64>().value(r),
-        _ => a.as_fixed_size_list().value(r),
-    }
-}
-
-fn ids(path: &Path, a: &ArrayRef, col: &str) -> Result<Vec<u32>, SourceError> {
-    use arrow_array::types::{Int32Type, Int64Type, UInt32Type};
-    Ok(match a.data_type() {
-        DataType::Int64 => a
-            .as_primitive::<Int64Type>()
-            .values()
-            .iter()
-            .map(|&v| v as u32)
-            .collect(),
-        DataType::Int32 => a
-            .as_primitive::<Int32Type>()
-            .values()
-            .iter()
-            .map(|&v| v as u32)
-            .collect(),
-        DataType::UInt32 => a.as_primitive::<UInt32Type>().values().to_vec(),
-        other => {
-            return Err(err(
-                path,
-                format!("column '{col}' holds {other}, expected integer token ids"),
-            ))
-        }
     })
 }
