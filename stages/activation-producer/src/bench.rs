@@ -12,20 +12,35 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+#[derive(clap::Args, Debug)]
 pub struct BenchArgs {
+    #[arg(long, default_value_t = 12)]
     pub n_layers: usize,
+    #[arg(long, default_value_t = 768)]
     pub d_model: usize,
+    #[arg(long, default_value_t = 12)]
     pub n_heads: usize,
+    #[arg(long, default_value_t = 3072)]
     pub d_mlp: usize,
+    #[arg(long, default_value_t = 50257)]
     pub d_vocab: usize,
+    #[arg(long, default_value_t = 1024)]
     pub n_ctx: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    #[arg(long, default_value_t = 128)]
     pub context_size: usize,
+    #[arg(long, default_value_t = 6)]
     pub stop_at_layer: usize,
+    #[arg(long, default_value_t = 3)]
     pub iters: usize,
+    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// Keep the random checkpoint here (to time other implementations on it).
+    /// Keep the random checkpoint in this directory (to time other implementations on it).
+    #[arg(long)]
     pub model_out: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 

@@ -106,34 +106,9 @@ enum Command {
     /// Forward throughput to --stop-at-layer on a random GPT-2-shaped checkpoint
     /// written by the bench (GPT-2 small by default); prints one JSON line.
     Bench {
-        #[arg(long, default_value_t = 12)]
-        n_layers: usize,
-        #[arg(long, default_value_t = 768)]
-        d_model: usize,
-        #[arg(long, default_value_t = 12)]
-        n_heads: usize,
-        #[arg(long, default_value_t = 3072)]
-        d_mlp: usize,
-        #[arg(long, default_value_t = 50257)]
-        d_vocab: usize,
-        #[arg(long, default_value_t = 1024)]
-        n_ctx: usize,
-        /// Sequences per batch.
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
-        context_size: usize,
-        #[arg(long, default_value_t = 6)]
-        stop_at_layer: usize,
-        #[arg(long, default_value_t = 3)]
-        iters: usize,
-        #[arg(long, default_value_t = 1)]
-        warmup: usize,
-        /// Keep the random checkpoint in this directory.
-        #[arg(long)]
-        model_out: Option<PathBuf>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        args: bench::BenchArgs,
+        /// CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -218,38 +193,9 @@ fn run(cli: Cli) -> Result<()> {
                 device,
             })?
         }
-        Command::Bench {
-            n_layers,
-            d_model,
-            n_heads,
-            d_mlp,
-            d_vocab,
-            n_ctx,
-            batch,
-            context_size,
-            stop_at_layer,
-            iters,
-            warmup,
-            model_out,
-            seed,
-            threads,
-        } => {
+        Command::Bench { args, threads } => {
             set_threads(threads)?;
-            bench::run(&bench::BenchArgs {
-                n_layers,
-                d_model,
-                n_heads,
-                d_mlp,
-                d_vocab,
-                n_ctx,
-                batch,
-                context_size,
-                stop_at_layer,
-                iters,
-                warmup,
-                model_out,
-                seed,
-            })?
+            bench::run(&args)?
         }
     };
     println!("{}", serde_json::to_string(&summary)?);

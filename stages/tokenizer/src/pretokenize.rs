@@ -15,20 +15,42 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// SAELens's `PretokenizeRunnerConfig` fields (defaults there, except `shuffle`).
+/// SAELens's `PretokenizeRunnerConfig` fields (defaults there, except `shuffle`); also
+/// the command's flags.
+#[derive(clap::Args, Debug)]
 pub struct PretokenizeArgs {
+    /// A .jsonl/.json, .parquet, .arrow or .txt file, an HF save_to_disk
+    /// directory, or a directory of such files.
+    #[arg(long)]
     pub dataset: PathBuf,
+    /// A tokenizer.json, or a directory holding one (and tokenizer_config.json).
+    #[arg(long)]
     pub tokenizer: PathBuf,
+    #[arg(long, default_value_t = 128)]
     pub context_size: usize,
+    /// The text column (default `text`).
+    #[arg(long)]
     pub column_name: Option<String>,
+    /// bos, eos, sep, a token id, or none.
+    #[arg(long, default_value = "bos")]
     pub begin_batch_token: String,
+    #[arg(long, default_value = "none")]
     pub begin_sequence_token: String,
+    #[arg(long, default_value = "bos")]
     pub sequence_separator_token: String,
+    #[arg(long)]
     pub disable_concat_sequences: bool,
+    /// Shuffle the packed rows (seeded); off by default, unlike SAELens.
+    #[arg(long)]
     pub shuffle: bool,
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Documents packed together before the window restarts (SAELens's map batch).
+    #[arg(long, default_value_t = 1000)]
     pub pretokenize_batch_size: usize,
+    #[arg(long)]
     pub output: PathBuf,
+    #[arg(long)]
     pub overwrite: bool,
 }
 
