@@ -4,6 +4,7 @@
 
 pub mod batches;
 pub mod source;
+pub mod staging;
 pub mod sys;
 pub mod tokens;
 

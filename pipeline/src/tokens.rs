@@ -331,3 +331,80 @@ fn ints_of(path: &Path, a: &ArrayRef) -> Result<Vec<i64>, SourceError> {
         }
     })
 }
+
+/// The `tokens` stream's schema: one `input_ids: FixedSizeList<Int32>[context_size]`
+/// column, and the tokenization record under [`schemas::tokens::STREAM_METADATA_KEY`].
+pub fn tokens_schema(meta: &schemas::TokenizationMetadata) -> arrow_schema::SchemaRef {
+    use arrow_schema::{Field, Schema};
+    let item = std::sync::Arc::new(Field::new("item", DataType::Int32, false));
+    let field = Field::new(
+        INPUT_IDS,
+        DataType::FixedSizeList(item, meta.context_size as i32),
+        false,
+    );
+    let json = serde_json::to_string(meta).expect("metadata serialises");
+    let md = [(schemas::tokens::STREAM_METADATA_KEY.to_string(), json)];
+    std::sync::Arc::new(Schema::new(vec![field]).with_metadata(md.into_iter().collect()))
+}
+
+/// One `tokens` record batch from windows of exactly `context_size` ids.
+pub fn tokens_batch(
+    schema: &arrow_schema::SchemaRef,
+    windows: &[Vec<u32>],
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    use arrow_array::{FixedSizeListArray, Int32Array};
+    let DataType::FixedSizeList(item, size) = schema.field(0).data_type() else {
+        unreachable!("tokens_schema makes a FixedSizeList column")
+    };
+    let values: Int32Array = windows.iter().flatten().map(|&t| t as i32).collect();
+    if let Some(w) = windows.iter().find(|w| w.len() != *size as usize) {
+        return Err(arrow_schema::ArrowError::InvalidArgumentError(format!(
+            "a token window has {} ids, the stream's context_size is {size}",
+            w.len()
+        )));
+    }
+    let list = FixedSizeListArray::try_new(item.clone(), *size, std::sync::Arc::new(values), None)?;
+    RecordBatch::try_new(schema.clone(), vec![std::sync::Arc::new(list)])
+}
+
+/// The tokenization record of a `tokens` stream, if its schema carries one.
+pub fn tokens_metadata(
+    schema: &arrow_schema::Schema,
+) -> Option<Result<schemas::TokenizationMetadata, serde_json::Error>> {
+    schema
+        .metadata()
+        .get(schemas::tokens::STREAM_METADATA_KEY)
+        .map(|j| serde_json::from_str(j))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_batches_carry_their_tokenization_and_read_back_as_rows() {
+        let meta: schemas::TokenizationMetadata = serde_json::from_value(serde_json::json!({
+            "sae_lens_version": "6.54.12", "tokenizer_name": "t", "original_dataset": "d",
+            "original_dataset_name": null, "original_split": null, "original_data_files": null,
+            "original_column_name": "text", "context_size": 3, "shuffled": false, "seed": null,
+            "begin_batch_token": "bos", "begin_sequence_token": null,
+            "sequence_separator_token": 7, "disable_concat_sequences": false
+        }))
+        .unwrap();
+        let schema = tokens_schema(&meta);
+        let b = tokens_batch(&schema, &[vec![1, 2, 3], vec![4, 5, 6]]).unwrap();
+        assert_eq!(b.num_rows(), 2);
+        assert_eq!(
+            list_row_ids(Path::new("x"), b.column(0), 1).unwrap(),
+            [4, 5, 6]
+        );
+        assert_eq!(tokens_metadata(&b.schema()).unwrap().unwrap(), meta);
+        let e = tokens_batch(&schema, &[vec![1, 2]])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("has 2 ids") && e.contains("context_size is 3"),
+            "{e}"
+        );
+    }
+}

@@ -4,12 +4,14 @@
 //! is spelled. Everything else refers to the constants and types defined here.
 
 pub mod sae_cfg;
+pub mod tokens;
 pub mod train_cfg;
 
 pub use sae_cfg::{
     ActivationFn, Architecture, BDecInitMethod, CfgError, Dtype, MseLossNormalization,
     NormalizeActivations, ReshapeActivations, SaeConfig, SparsityLossMode,
 };
+pub use tokens::{TokenSpec, TokenizationMetadata};
 pub use train_cfg::{FinetuningMethod, LrScheduler, TrainConfig};
 
 /// File names inside an SAE directory, as SAELens writes them.

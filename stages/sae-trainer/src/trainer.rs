@@ -383,14 +383,8 @@ impl Trainer {
     /// the trainer state (raw parameters, Adam moments, counters) for an exact resume.
     /// The directory appears complete or not at all.
     pub fn save_checkpoint(&self, dir: &Path, config_yaml: &str) -> Result<()> {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.with_file_name(format!("{name}.tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
+        let staged = pipeline::staging::Staged::dir(dir)?;
+        let tmp = staged.tmp.clone();
         io::save_training(&self.sae, &tmp, false)?;
         io::save_sparsity(&tmp, &self.log_feature_sparsity(), false)?;
         let mut tensors: Vec<OutTensor> = Vec::new();
@@ -436,10 +430,8 @@ impl Trainer {
             &tmp.join(TRAINER_STATE_JSON),
             serde_json::to_string_pretty(&state)?.as_bytes(),
         )?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
-        }
-        std::fs::rename(&tmp, dir)
+        staged
+            .commit()
             .with_context(|| format!("moving the checkpoint into {}", dir.display()))?;
         Ok(())
     }

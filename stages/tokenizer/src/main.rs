@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use tokenizer::pretokenize::{self, PretokenizeArgs};
+use tokenizer::stream::{self, StreamArgs};
+use tokenizer::train::{self, TrainArgs};
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +23,13 @@ enum Command {
     /// PretokenizeRunner): writes a Parquet dataset with an `input_ids` column and
     /// `sae_lens.json`, loadable by HF datasets and SAELens. Prints a JSON summary.
     Pretokenize(PretokenizeArgs),
+    /// Write the `tokens` stream (context_size windows, tokenization in the schema
+    /// metadata) to an Arrow IPC file. Reads text, or a pretokenized dataset, which is
+    /// checked against its sae_lens.json and sliced to context_size as SAELens does.
+    Stream(StreamArgs),
+    /// Train a byte-level BPE tokenizer on a dataset's text; writes an HF tokenizer
+    /// directory (tokenizer.json + tokenizer_config.json).
+    Train(TrainArgs),
     /// Time tokenize + pack over a dataset (repeated); prints tokens/s as JSON.
     Bench {
         #[arg(long)]
@@ -54,6 +63,8 @@ fn main() -> std::process::ExitCode {
 fn run(command: Command) -> anyhow::Result<serde_json::Value> {
     match command {
         Command::Pretokenize(args) => pretokenize::run(&args),
+        Command::Stream(args) => stream::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::Bench {
             dataset,
             tokenizer,

@@ -19,6 +19,24 @@ pub struct PackOptions {
     pub disable_concat_sequences: bool,
 }
 
+impl PackOptions {
+    /// Settings SAELens cannot pack with: a zero context, or (concatenating) a
+    /// one-token context that the begin-batch token fills, which never advances through
+    /// a document (SAELens loops forever there).
+    pub fn check(&self) -> Result<(), String> {
+        if self.context_size == 0 {
+            return Err("context_size must be positive".into());
+        }
+        if self.context_size == 1
+            && self.begin_batch_token.is_some()
+            && !self.disable_concat_sequences
+        {
+            return Err("context_size 1 leaves no room for document tokens after the begin-batch token; use a larger context or no begin-batch token".into());
+        }
+        Ok(())
+    }
+}
+
 /// Packs a stream of documents; windows come out as they fill.
 #[derive(Clone, Debug)]
 pub struct Packer {
@@ -27,9 +45,11 @@ pub struct Packer {
 }
 
 impl Packer {
-    /// Panics if `context_size` is 0 (callers validate user input first).
+    /// Panics on settings [`PackOptions::check`] refuses (callers check user input first).
     pub fn new(opts: PackOptions) -> Packer {
-        assert!(opts.context_size > 0, "context_size must be positive");
+        if let Err(e) = opts.check() {
+            panic!("{e}");
+        }
         Packer { opts, window: None }
     }
 

@@ -2,15 +2,14 @@
 //! windows with an `input_ids` column and SAELens's `sae_lens.json`, as SAELens's
 //! `PretokenizeRunner` saves it.
 
-use crate::pack::{pack_documents, PackOptions};
-use crate::sources::{read_documents, Documents};
-use crate::tokenize::TextTokenizer;
-use anyhow::{bail, Context, Result};
+use crate::windows::{Grouping, TokensArgs};
+use anyhow::{bail, Result};
 use arrow_array::builder::{Int32Builder, ListBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use schemas::columns::INPUT_IDS;
+use schemas::tokens::{DATA_FILE, METADATA_FILE};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,178 +18,127 @@ use std::sync::Arc;
 /// the command's flags.
 #[derive(clap::Args, Debug)]
 pub struct PretokenizeArgs {
-    /// A .jsonl/.json, .parquet, .arrow or .txt file, an HF save_to_disk
-    /// directory, or a directory of such files.
-    #[arg(long)]
-    pub dataset: PathBuf,
-    /// A tokenizer.json, or a directory holding one (and tokenizer_config.json).
-    #[arg(long)]
-    pub tokenizer: PathBuf,
-    #[arg(long, default_value_t = 128)]
-    pub context_size: usize,
-    /// The text column (default `text`).
-    #[arg(long)]
-    pub column_name: Option<String>,
-    /// bos, eos, sep, a token id, or none.
-    #[arg(long, default_value = "bos")]
-    pub begin_batch_token: String,
-    #[arg(long, default_value = "none")]
-    pub begin_sequence_token: String,
-    #[arg(long, default_value = "bos")]
-    pub sequence_separator_token: String,
-    #[arg(long)]
-    pub disable_concat_sequences: bool,
+    #[command(flatten)]
+    pub tokens: TokensArgs,
+    /// Documents packed together before the window restarts (SAELens's map batch);
+    /// 0 = never.
+    #[arg(long, default_value_t = 1000)]
+    pub pretokenize_batch_size: usize,
+    /// SAELens's `num_proc`: `datasets.map` cuts the documents into this many
+    /// contiguous shards, each packed on its own, so the windows depend on it (the work
+    /// itself runs on all cores regardless).
+    #[arg(long, default_value_t = 4)]
+    pub num_proc: usize,
     /// Shuffle the packed rows (seeded); off by default, unlike SAELens.
     #[arg(long)]
     pub shuffle: bool,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Documents packed together before the window restarts (SAELens's map batch).
-    #[arg(long, default_value_t = 1000)]
-    pub pretokenize_batch_size: usize,
     #[arg(long)]
     pub output: PathBuf,
     #[arg(long)]
     pub overwrite: bool,
 }
 
-/// The file name of the one data file written.
-pub const DATA_FILE: &str = "data-00000-of-00001.parquet";
-/// SAELens's metadata file beside it.
-pub const METADATA_FILE: &str = "sae_lens.json";
-
-/// SAELens writes a token option as `"bos"`/`"eos"`/`"sep"`, an int, or null.
-fn option_json(spec: &str) -> Value {
-    match spec {
-        "none" | "null" | "" => Value::Null,
-        s => s.parse::<u64>().map_or_else(|_| json!(s), |i| json!(i)),
-    }
-}
-
-pub fn run(a: &PretokenizeArgs) -> Result<Value> {
-    if a.context_size == 0 {
-        bail!("--context-size must be positive");
-    }
-    let out_used = a.output.is_dir() && std::fs::read_dir(&a.output)?.next().is_some();
-    if (out_used || a.output.is_file()) && !a.overwrite {
+/// Refuses to replace a non-empty `output` unless `overwrite`.
+pub fn check_output(output: &Path, overwrite: bool) -> Result<()> {
+    let used = output.is_file() || (output.is_dir() && std::fs::read_dir(output)?.next().is_some());
+    if used && !overwrite {
         bail!(
             "{} already exists and is not empty; pass --overwrite to replace it",
-            a.output.display()
+            output.display()
         );
     }
-    let tok = TextTokenizer::load(&a.tokenizer)?;
-    if let Some(max) = tok.model_max_length() {
-        if a.context_size > max {
-            bail!(
-                "--context-size {} is larger than the tokenizer's model_max_length {max}",
-                a.context_size
-            );
+    Ok(())
+}
+
+/// Rows per Parquet row group: bounds the writer's buffer.
+const ROW_GROUP_ROWS: usize = 8192;
+
+pub fn run(a: &PretokenizeArgs) -> Result<Value> {
+    check_output(&a.output, a.overwrite)?;
+    let mut windows = a.tokens.open(Grouping {
+        batch_size: a.pretokenize_batch_size,
+        num_proc: a.num_proc,
+    })?;
+    if windows.is_pretokenized() {
+        bail!(
+            "{}: the column is already tokenized; pretokenize reads text",
+            a.tokens.dataset.display()
+        );
+    }
+    let mut metadata = windows.metadata.clone();
+    metadata.shuffled = a.shuffle;
+    metadata.seed = a.seed;
+    let dir = pipeline::staging::Staged::dir(&a.output)?;
+    let file = std::fs::File::create(dir.tmp.join(DATA_FILE))?;
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .build();
+    let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
+    let mut write = |rows: &[Vec<u32>]| -> Result<()> {
+        let batch = list_batch(rows)?;
+        let w = match writer.as_mut() {
+            Some(w) => w,
+            None => writer.insert(parquet::arrow::ArrowWriter::try_new(
+                file.try_clone()?,
+                batch.schema(),
+                Some(props.clone()),
+            )?),
+        };
+        w.write(&batch)?;
+        Ok(())
+    };
+    if a.shuffle {
+        // As SAELens, the packed rows are shuffled (not the documents): all of them
+        // are held, as token ids only.
+        let mut all: Vec<Vec<u32>> = Vec::new();
+        for chunk in windows.by_ref() {
+            all.extend(chunk?);
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed.unwrap_or(0));
+        all.shuffle(&mut rng);
+        for rows in all.chunks(ROW_GROUP_ROWS) {
+            write(rows)?;
+        }
+    } else {
+        for chunk in windows.by_ref() {
+            write(&chunk?)?;
         }
     }
-    let opts = PackOptions {
-        context_size: a.context_size,
-        begin_batch_token: tok.special_token(&a.begin_batch_token)?,
-        begin_sequence_token: tok.special_token(&a.begin_sequence_token)?,
-        sequence_separator_token: tok.special_token(&a.sequence_separator_token)?,
-        disable_concat_sequences: a.disable_concat_sequences,
-    };
-    let docs = read_documents(&a.dataset, Some(a.column_name.as_deref().unwrap_or("text")))?;
-    let texts = match docs {
-        Documents::Text(t) => t,
-        Documents::Tokens(_) => bail!(
-            "{}: the column is already tokenized; pretokenize reads text",
-            a.dataset.display()
-        ),
-    };
-    let n_docs = texts.len();
-    let ids = tok.encode_all(&texts)?;
-    let n_doc_tokens: usize = ids.iter().map(|d| d.len()).sum();
-    let mut windows = pack_documents(
-        ids.iter().map(|d| d.as_slice()),
-        opts,
-        a.pretokenize_batch_size,
-    );
-    if windows.is_empty() {
+    let c = windows.counts.clone();
+    if c.windows == 0 {
         bail!(
-            "{}: {n_docs} documents ({n_doc_tokens} tokens) fill no window of {} tokens",
-            a.dataset.display(),
-            a.context_size
+            "{}: {} documents ({} tokens) fill no window of {} tokens",
+            a.tokens.dataset.display(),
+            c.documents,
+            c.document_tokens,
+            a.tokens.context_size
         );
     }
-    if a.shuffle {
-        // As SAELens, the packed rows are shuffled (not the documents).
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed.unwrap_or(0));
-        windows.shuffle(&mut rng);
-    }
-
-    let metadata = json!({
-        "sae_lens_version": schemas::SAELENS_FORMAT_VERSION,
-        "tokenizer_name": a.tokenizer.display().to_string(),
-        "original_dataset": a.dataset.display().to_string(),
-        "original_dataset_name": null,
-        "original_split": null,
-        "original_data_files": null,
-        "original_column_name": a.column_name.as_deref().unwrap_or("text"),
-        "context_size": a.context_size,
-        "shuffled": a.shuffle,
-        "seed": a.seed,
-        "begin_batch_token": option_json(&a.begin_batch_token),
-        "begin_sequence_token": option_json(&a.begin_sequence_token),
-        "sequence_separator_token": option_json(&a.sequence_separator_token),
-        "disable_concat_sequences": a.disable_concat_sequences,
-        "use_chat_formatting": false,
-    });
-    write_dataset(&a.output, &windows, &metadata)?;
+    writer.expect("rows were written").close()?;
+    std::fs::write(
+        dir.tmp.join(METADATA_FILE),
+        serde_json::to_string_pretty(&metadata)?,
+    )?;
+    dir.commit()?;
     Ok(json!({
         "output": a.output.display().to_string(),
-        "documents": n_docs,
-        "document_tokens": n_doc_tokens,
-        "sequences": windows.len(),
-        "context_size": a.context_size,
+        "documents": c.documents,
+        "document_tokens": c.document_tokens,
+        "sequences": c.windows,
+        "context_size": a.tokens.context_size,
+        "warnings": windows.warnings,
     }))
 }
 
-/// Writes the dataset into `DIR.tmp-PID`, then swaps it in for `dir`.
-fn write_dataset(dir: &Path, windows: &[Vec<u32>], metadata: &Value) -> Result<()> {
-    let name = dir
-        .file_name()
-        .context("the output needs a directory name")?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = dir.with_file_name(format!("{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+/// Windows as an `input_ids: List<Int32>` batch (HF `datasets`' `Sequence(int32)`).
+fn list_batch(rows: &[Vec<u32>]) -> Result<RecordBatch> {
     let mut lists = ListBuilder::new(Int32Builder::new());
-    for w in windows {
+    for w in rows {
         lists.append_value(w.iter().map(|&t| Some(t as i32)));
     }
     let col: ArrayRef = Arc::new(lists.finish());
-    let batch = RecordBatch::try_from_iter([(INPUT_IDS, col)])?;
-    let f = std::fs::File::create(tmp.join(DATA_FILE))?;
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .build();
-    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), Some(props))?;
-    w.write(&batch)?;
-    w.close()?;
-    std::fs::write(
-        tmp.join(METADATA_FILE),
-        serde_json::to_string_pretty(metadata)?,
-    )?;
-    // Swap: the old output (if any) is removed only once the new one is complete.
-    let old = dir.with_file_name(format!("{name}.old-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::rename(dir, &old)?;
-    }
-    std::fs::rename(&tmp, dir)?;
-    if old.exists() {
-        if old.is_dir() {
-            std::fs::remove_dir_all(&old)?;
-        } else {
-            std::fs::remove_file(&old)?;
-        }
-    }
-    Ok(())
+    Ok(RecordBatch::try_from_iter([(INPUT_IDS, col)])?)
 }

@@ -21,6 +21,8 @@ pub struct TextTokenizer {
     pub tokenizer: Tokenizer,
     /// `tokenizer_config.json` next to `tokenizer.json`, if present.
     config: Option<Value>,
+    /// The model's `config.json` there, if present (an HF model directory).
+    model_config: Option<Value>,
 }
 
 impl TextTokenizer {
@@ -36,19 +38,57 @@ impl TextTokenizer {
             path: file.clone(),
             message: format!("not a readable tokenizer.json: {e}"),
         })?;
-        let config = file
-            .parent()
-            .map(|d| d.join("tokenizer_config.json"))
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| serde_json::from_str(&t).ok());
-        Ok(TextTokenizer { tokenizer, config })
+        let beside = |name: &str| {
+            file.parent()
+                .map(|d| d.join(name))
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|t| serde_json::from_str(&t).ok())
+        };
+        Ok(TextTokenizer {
+            tokenizer,
+            config: beside("tokenizer_config.json"),
+            model_config: beside("config.json"),
+        })
     }
 
-    /// `model_max_length` from `tokenizer_config.json`, when it is a real bound (HF
-    /// writes a huge sentinel when there is none).
-    pub fn model_max_length(&self) -> Option<usize> {
-        let v = self.config.as_ref()?["model_max_length"].as_f64()?;
-        (v > 0.0 && v < 1e12).then_some(v as usize)
+    /// The longest context the tokenizer or its model allows, and who says so:
+    /// `model_max_length` in `tokenizer_config.json` (HF writes a huge sentinel when
+    /// there is none), or the model's `config.json` beside it (`n_positions`, `n_ctx`,
+    /// `max_position_embeddings`).
+    pub fn max_context(&self) -> Option<(usize, String)> {
+        let from_tok = self.config.as_ref().and_then(|c| {
+            let v = c["model_max_length"].as_f64()?;
+            (v > 0.0 && v < 1e12)
+                .then(|| (v as usize, "the tokenizer's model_max_length".to_string()))
+        });
+        let from_model = self.model_config.as_ref().and_then(|c| {
+            ["n_positions", "n_ctx", "max_position_embeddings"]
+                .iter()
+                .find_map(|k| Some((c[*k].as_u64()? as usize, format!("the model's {k}"))))
+        });
+        [from_tok, from_model]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(n, _)| *n)
+    }
+
+    /// xxHash64 of the vocabulary (every id and its token, added tokens included), as
+    /// 16 hex digits: two tokenizers with equal hashes map text to the same ids.
+    pub fn vocab_hash(&self) -> String {
+        use std::hash::Hasher;
+        let mut h = twox_hash::XxHash64::with_seed(0);
+        for id in 0..self.vocab_size() {
+            if let Some(t) = self.tokenizer.id_to_token(id) {
+                h.write(&id.to_le_bytes());
+                h.write(t.as_bytes());
+            }
+        }
+        format!("{:016x}", h.finish())
+    }
+
+    /// Ids run from 0 to this (added tokens included).
+    pub fn vocab_size(&self) -> u32 {
+        self.tokenizer.get_vocab_size(true) as u32
     }
 
     /// Token ids of every document, in parallel across cores.
@@ -97,7 +137,7 @@ impl TextTokenizer {
                 let id: u32 = id
                     .parse()
                     .map_err(|_| err("expected bos, eos, sep, none or a token id".into()))?;
-                let vocab = self.tokenizer.get_vocab_size(true) as u32;
+                let vocab = self.vocab_size();
                 if id >= vocab {
                     return Err(err(format!(
                         "token id {id} is outside the vocabulary (0..{vocab})"

@@ -91,3 +91,85 @@ fn token_options_resolve_or_say_why() {
         .to_string();
     assert!(e.contains("not a readable tokenizer.json"), "{e}");
 }
+
+/// Every combination of begin-batch / begin-sequence / separator token (none, the
+/// "bos" 100, a token 7 that also occurs in the data), disable_concat_sequences and
+/// context sizes 1, 2, 5, 16, on documents from empty to longer than two windows, some
+/// starting with a special token: SAELens 6.54.12's own windows
+/// (`tests/tokenizer/make_pack_combos.py`), equal id for id.
+#[test]
+fn every_token_option_combination_packs_as_saelens() {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("pretok/pack_combos.json")).unwrap(),
+    )
+    .unwrap();
+    let docs: Vec<Vec<u32>> = serde_json::from_value(v["documents"].clone()).unwrap();
+    assert!(docs.iter().any(|d| d.len() > 32) && docs.iter().any(|d| d.is_empty()));
+    let cases = v["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3 * 3 * 3 * 2 * 4);
+    let id = |c: &serde_json::Value, k: &str| c[k].as_u64().map(|t| t as u32);
+    let (mut compared, mut refused) = (0, 0);
+    for c in cases {
+        let opts = PackOptions {
+            context_size: c["context_size"].as_u64().unwrap() as usize,
+            begin_batch_token: id(c, "begin_batch_token"),
+            begin_sequence_token: id(c, "begin_sequence_token"),
+            sequence_separator_token: id(c, "sequence_separator_token"),
+            disable_concat_sequences: c["disable_concat_sequences"].as_bool().unwrap(),
+        };
+        if c["windows"] == "endless" {
+            // SAELens never returns here; we refuse the settings instead.
+            assert!(opts.check().is_err(), "{opts:?} should be refused");
+            refused += 1;
+            continue;
+        }
+        assert!(opts.check().is_ok(), "{opts:?}");
+        let want: Vec<Vec<u32>> = serde_json::from_value(c["windows"].clone()).unwrap();
+        let got = pack_documents(docs.iter().map(|d| d.as_slice()), opts, 0);
+        assert_eq!(got, want, "{opts:?}");
+        compared += 1;
+    }
+    assert_eq!((compared, refused), (198, 18));
+}
+
+/// The streaming path (dataset → groups of 1000 documents → windows) gives the same
+/// 700 windows as SAELens, a chunk at a time.
+#[test]
+fn the_window_stream_equals_saelens_pretokenize() {
+    let fx = fixtures();
+    let args = tokenizer::windows::TokensArgs {
+        dataset: fx.join("pretok/corpus.jsonl"),
+        tokenizer: fx.join("tiny-gpt2"),
+        context_size: 128,
+        column_name: None,
+        query: None,
+        begin_batch_token: "bos".into(),
+        begin_sequence_token: "none".into(),
+        sequence_separator_token: "bos".into(),
+        disable_concat_sequences: false,
+    };
+    let saelens = tokenizer::windows::Grouping {
+        batch_size: 1000,
+        num_proc: 1,
+    };
+    let mut windows = args.open(saelens).unwrap();
+    assert!(!windows.is_pretokenized());
+    let got: Vec<Vec<u32>> = windows.by_ref().flat_map(|c| c.unwrap()).collect();
+    let want = pipeline::read_tokens(&fx.join("pretok/tokens_all.npy")).unwrap();
+    let want: Vec<Vec<u32>> = want
+        .ids
+        .chunks(128)
+        .map(|r| r.iter().map(|&t| t as u32).collect())
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(windows.counts.documents, 500);
+    assert_eq!(windows.counts.document_tokens, 88529);
+    assert_eq!(windows.counts.windows, 700);
+    // Groups of 7 documents restart the window 72 times: fewer windows.
+    let small = tokenizer::windows::Grouping {
+        batch_size: 7,
+        num_proc: 1,
+    };
+    let n: usize = args.open(small).unwrap().map(|c| c.unwrap().len()).sum();
+    assert!(n < 700, "{n}");
+}

@@ -32,6 +32,9 @@ fn writes_saelens_windows_and_metadata_and_refuses_to_overwrite() {
         s(&tok),
         "--context-size",
         "128",
+        // The fixture was made with num_proc 1 (SAELens's default is 4).
+        "--num-proc",
+        "1",
         "--output",
         s(&out),
     ];
@@ -72,8 +75,12 @@ fn writes_saelens_windows_and_metadata_and_refuses_to_overwrite() {
             "sequence_separator_token",
             "disable_concat_sequences",
             "use_chat_formatting",
+            // Ours, after SAELens's (which reads only tokenizer_name).
+            "tokenizer_vocab_hash",
         ]
     );
+    let tok_hash = meta["tokenizer_vocab_hash"].as_str().unwrap();
+    assert!(tok_hash.len() == 16 && tok_hash.chars().all(|c| c.is_ascii_hexdigit()));
     assert_eq!(
         (
             meta["begin_batch_token"].as_str(),
@@ -108,6 +115,47 @@ fn writes_saelens_windows_and_metadata_and_refuses_to_overwrite() {
     );
 }
 
+/// SAELens's defaults cut the documents into num_proc = 4 contiguous shards and pack
+/// each map batch on its own: with 150 documents, batches of 10 and a 32-token context
+/// that is many restarts, every one of which must fall where SAELens's falls.
+#[test]
+fn packs_shards_and_map_batches_as_saelens() {
+    let fx = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = std::fs::read_to_string(fx.join("pretok/corpus.jsonl")).unwrap();
+    let first150: Vec<&str> = corpus.lines().take(150).collect();
+    let data = dir.path().join("first150.jsonl");
+    std::fs::write(&data, first150.join("\n")).unwrap();
+    let out = dir.path().join("o");
+    let tok = fx.join("tiny-gpt2");
+    let args = |extra: &[&str]| -> Output {
+        let mut a = vec![
+            "--dataset",
+            s(&data),
+            "--tokenizer",
+            s(&tok),
+            "--context-size",
+            "32",
+            "--pretokenize-batch-size",
+            "10",
+            "--output",
+            s(&out),
+            "--overwrite",
+        ];
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    assert!(args(&[]).status.success(), "num_proc 4 is the default");
+    let got = pipeline::read_tokens(&out.join("data-00000-of-00001.parquet")).unwrap();
+    let want = pipeline::read_tokens(&fx.join("pretok/tokens_np4_b10_c32.npy")).unwrap();
+    assert_eq!((got.n_seq, got.seq_len), (853, 32));
+    assert_eq!(got, want);
+    // One shard restarts in other places: not SAELens's default windows.
+    assert!(args(&["--num-proc", "1"]).status.success());
+    let one = pipeline::read_tokens(&out.join("data-00000-of-00001.parquet")).unwrap();
+    assert_ne!(one, want);
+}
+
 #[test]
 fn errors_name_the_problem() {
     let fx = fixtures();
@@ -123,7 +171,7 @@ fn errors_name_the_problem() {
     };
     let e = err(&["--dataset", s(&corpus), "--context-size", "300"]);
     assert!(
-        e.contains("larger than the tokenizer's model_max_length 256"),
+        e.contains("larger than the tokenizer's model_max_length (256)"),
         "{e}"
     );
     let e = err(&["--dataset", s(&corpus), "--column-name", "body"]);

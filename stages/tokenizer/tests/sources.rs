@@ -141,3 +141,193 @@ fn bad_datasets_say_why() {
     std::fs::write(p("broken.jsonl"), "{\"text\": \"a\"}\n{oops\n").unwrap();
     assert!(e(&p("broken.jsonl"), None).contains("line 2: not JSON"));
 }
+
+#[test]
+fn csv_globs_token_lists_and_batches_of_bounded_size() {
+    use tokenizer::sources::{Dataset, DocumentStream, BATCH_ROWS};
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+
+    // CSV: every column is text, quoted commas and newlines kept.
+    std::fs::write(
+        p("d.csv"),
+        "id,text\n1,\"first, with a comma\"\n2,\"two\nlines\"\n3,42\n",
+    )
+    .unwrap();
+    assert_eq!(
+        read_documents(&p("d.csv"), None).unwrap(),
+        Documents::Text(vec![
+            "first, with a comma".into(),
+            "two\nlines".into(),
+            "42".into()
+        ])
+    );
+
+    // A glob over shards, in name order; other files in the folder are not read.
+    let shards = p("shards");
+    std::fs::create_dir(&shards).unwrap();
+    for (i, t) in ["zero", "one", "two"].iter().enumerate() {
+        write_parquet(
+            &shards.join(format!("part-{i}.parquet")),
+            &RecordBatch::try_from_iter([(
+                "text",
+                Arc::new(StringArray::from(vec![*t])) as ArrayRef,
+            )])
+            .unwrap(),
+        );
+    }
+    std::fs::write(shards.join("README.md"), "not data").unwrap();
+    let glob = shards.join("part-*.parquet");
+    assert_eq!(
+        read_documents(&glob, None).unwrap(),
+        Documents::Text(vec!["zero".into(), "one".into(), "two".into()])
+    );
+    let e = read_documents(&shards.join("nope-*.parquet"), None).unwrap_err();
+    assert!(e.to_string().contains("the glob matches no files"), "{e}");
+    let e = read_documents(&shards.join("*"), None).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("README.md: matched by the glob but not a dataset file"),
+        "{e}"
+    );
+
+    // JSONL token lists are already-tokenized documents.
+    std::fs::write(p("t.jsonl"), "{\"tokens\": [1, 2, 3]}\n{\"tokens\": [4]}\n").unwrap();
+    assert_eq!(
+        read_documents(&p("t.jsonl"), None).unwrap(),
+        Documents::Tokens(vec![vec![1, 2, 3], vec![4]])
+    );
+
+    // A big text file comes in batches of BATCH_ROWS documents, never all at once.
+    let n = BATCH_ROWS * 2 + 5;
+    let lines: Vec<String> = (0..n).map(|i| format!("document {i}")).collect();
+    std::fs::write(p("big.txt"), lines.join("\n")).unwrap();
+    let ds = Dataset::open(&p("big.txt")).unwrap();
+    let sizes: Vec<usize> = DocumentStream::of(&ds, None)
+        .unwrap()
+        .map(|d| d.unwrap().len())
+        .collect();
+    assert_eq!(sizes, [BATCH_ROWS, BATCH_ROWS, 5]);
+    let lines: Vec<String> = (0..n)
+        .map(|i| serde_json::json!({"text": format!("d{i}")}).to_string())
+        .collect();
+    std::fs::write(p("big.jsonl"), lines.join("\n")).unwrap();
+    let ds = Dataset::open(&p("big.jsonl")).unwrap();
+    let chunks: Vec<Documents> = DocumentStream::of(&ds, None)
+        .unwrap()
+        .map(|d| d.unwrap())
+        .collect();
+    assert_eq!(chunks.len(), 3);
+    assert_eq!(
+        chunks[2],
+        Documents::Text(vec![
+            format!("d{}", n - 5),
+            format!("d{}", n - 4),
+            format!("d{}", n - 3),
+            format!("d{}", n - 2),
+            format!("d{}", n - 1)
+        ])
+    );
+}
+
+#[test]
+fn more_bad_datasets_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let e = |path: &Path| read_documents(path, None).unwrap_err().to_string();
+    // A Parquet file with the column but no rows.
+    let empty = RecordBatch::try_from_iter([(
+        "text",
+        Arc::new(StringArray::from(Vec::<String>::new())) as ArrayRef,
+    )])
+    .unwrap();
+    write_parquet(&p("empty.parquet"), &empty);
+    assert!(e(&p("empty.parquet")).contains("empty.parquet: no documents"));
+    // A JSON array is not JSON Lines.
+    std::fs::write(p("array.json"), r#"[{"text": "a"}]"#).unwrap();
+    let m = e(&p("array.json"));
+    assert!(
+        m.contains("line 1: not a JSON object (expected JSON Lines"),
+        "{m}"
+    );
+    // Text in one shard, token ids in the next.
+    let mixed = p("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::write(mixed.join("a.jsonl"), r#"{"text": "words"}"#).unwrap();
+    std::fs::write(mixed.join("b.jsonl"), r#"{"text": [1, 2]}"#).unwrap();
+    let m = e(&mixed);
+    assert!(
+        m.contains("b.jsonl: column 'text' is List") && m.contains("text in the files before"),
+        "{m}"
+    );
+    // A shard without the column names itself and what it has.
+    std::fs::write(mixed.join("b.jsonl"), r#"{"body": "words"}"#).unwrap();
+    let m = e(&mixed);
+    assert!(
+        m.contains("b.jsonl: column 'text' not found (columns: body)"),
+        "{m}"
+    );
+    // A truncated Parquet file (a valid one cut short).
+    write_parquet(&p("whole.parquet"), &text_batch("text"));
+    let bytes = std::fs::read(p("whole.parquet")).unwrap();
+    std::fs::write(p("cut.parquet"), &bytes[..bytes.len() / 2]).unwrap();
+    assert!(e(&p("cut.parquet")).contains("not a readable Parquet file"));
+    // An unknown extension.
+    std::fs::write(p("d.xlsx"), "x").unwrap();
+    assert!(e(&p("d.xlsx")).contains("not a dataset file"));
+}
+
+#[cfg(feature = "sql")]
+#[test]
+fn sql_filters_and_projects_any_format() {
+    use tokenizer::sources::{Dataset, DocumentStream};
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let lines: Vec<String> = (0..3000)
+        .map(|i| serde_json::json!({"text": "x".repeat(i % 10), "lang": if i % 3 == 0 {"en"} else {"de"}}).to_string())
+        .collect();
+    std::fs::write(p("d.jsonl"), lines.join("\n")).unwrap();
+    let query = |path: &Path, sql: &str| -> Result<Vec<String>, String> {
+        let ds = Dataset::open(path).map_err(|e| e.to_string())?;
+        let docs =
+            tokenizer::windows::documents(&ds, Some(sql), None).map_err(|e| format!("{e:#}"))?;
+        let mut out = Vec::new();
+        for d in docs {
+            match d.map_err(|e| e.to_string())? {
+                Documents::Text(t) => out.extend(t),
+                Documents::Tokens(_) => panic!("text expected"),
+            }
+        }
+        Ok(out)
+    };
+    let got = query(
+        &p("d.jsonl"),
+        "SELECT text FROM data WHERE length(text) > 7 AND lang = 'en'",
+    )
+    .unwrap();
+    let want: Vec<String> = (0..3000)
+        .filter(|i| i % 10 > 7 && i % 3 == 0)
+        .map(|i| "x".repeat(i % 10))
+        .collect();
+    assert_eq!(got, want, "filtered, in the dataset's order");
+    // Over a directory of Parquet shards, renaming a column to the one SAELens reads.
+    let shards = p("shards");
+    std::fs::create_dir(&shards).unwrap();
+    write_parquet(&shards.join("a.parquet"), &text_batch("body"));
+    write_parquet(&shards.join("b.parquet"), &text_batch("body"));
+    let got = query(
+        &shards,
+        "SELECT upper(body) AS text FROM data WHERE source <> 'b'",
+    )
+    .unwrap();
+    assert_eq!(got, ["FIRST DOCUMENT", "", "FIRST DOCUMENT", ""]);
+    let ds = Dataset::open(&shards).unwrap();
+    assert!(
+        DocumentStream::of(&ds, None).is_err(),
+        "no text column without the query"
+    );
+    let e = query(&p("d.jsonl"), "SELECT nope FROM data").unwrap_err();
+    assert!(e.contains("query failed") && e.contains("nope"), "{e}");
+    let e = query(&p("d.jsonl"), "SELECT lang AS other FROM data").unwrap_err();
+    assert!(e.contains("(query): column 'tokens' / 'input_ids' / 'text' / 'problem' not found (columns: other)"), "{e}");
+}
