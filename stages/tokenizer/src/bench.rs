@@ -1,12 +1,20 @@
-//! `tokenizer bench`: tokenize + pack throughput (SAELens's default token options).
+//! `tokenizer bench`: tokenize + pack throughput (SAELens's default token options), in
+//! memory and end to end through the window stream (reading the file, SAELens's
+//! default `num_proc` 4 shards and map batches of 1000).
 
 use crate::pack::{pack_documents, PackOptions};
 use crate::sources::{read_documents, Documents};
 use crate::tokenize::TextTokenizer;
+use crate::windows::{Grouping, TokensArgs};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::Instant;
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
 
 pub fn run(dataset: &Path, tokenizer: &Path, context_size: usize, repeats: usize) -> Result<Value> {
     let tok = TextTokenizer::load(tokenizer)?;
@@ -20,25 +28,50 @@ pub fn run(dataset: &Path, tokenizer: &Path, context_size: usize, repeats: usize
         sequence_separator_token: tok.special_token("bos")?,
         disable_concat_sequences: false,
     };
-    let mut times = Vec::new();
+    let (mut memory, mut stream) = (Vec::new(), Vec::new());
     let (mut n_tokens, mut n_windows) = (0, 0);
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
         let ids = tok.encode_all(&texts)?;
         let windows = pack_documents(ids.iter().map(|d| d.as_slice()), opts, 1000);
-        times.push(t.elapsed().as_secs_f64());
+        memory.push(t.elapsed().as_secs_f64());
         n_tokens = ids.iter().map(|d| d.len()).sum::<usize>();
         n_windows = windows.len();
+
+        let t = Instant::now();
+        let args = TokensArgs {
+            dataset: dataset.to_path_buf(),
+            tokenizer: tokenizer.to_path_buf(),
+            context_size,
+            column_name: Some("text".into()),
+            query: None,
+            begin_batch_token: "bos".into(),
+            begin_sequence_token: "none".into(),
+            sequence_separator_token: "bos".into(),
+            disable_concat_sequences: false,
+            shuffle_documents: false,
+            shuffle_buffer: 0,
+            seed: None,
+        };
+        let mut w = args.open(Grouping {
+            batch_size: 1000,
+            num_proc: 4,
+        })?;
+        for chunk in w.by_ref() {
+            chunk?;
+        }
+        stream.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let (memory, stream) = (median(memory), median(stream));
     Ok(json!({
         "documents": texts.len(),
         "characters": texts.iter().map(|t| t.len()).sum::<usize>(),
         "document_tokens": n_tokens,
         "windows": n_windows,
         "threads": rayon::current_num_threads(),
-        "seconds_median": median,
-        "tokens_per_second": n_tokens as f64 / median,
+        "seconds_median": memory,
+        "tokens_per_second": n_tokens as f64 / memory,
+        "stream_seconds_median": stream,
+        "stream_tokens_per_second": n_tokens as f64 / stream,
     }))
 }

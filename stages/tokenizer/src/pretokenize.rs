@@ -29,11 +29,9 @@ pub struct PretokenizeArgs {
     /// itself runs on all cores regardless).
     #[arg(long, default_value_t = 4)]
     pub num_proc: usize,
-    /// Shuffle the packed rows (seeded); off by default, unlike SAELens.
+    /// Shuffle the packed rows (seeded by --seed); off by default, unlike SAELens.
     #[arg(long)]
     pub shuffle: bool,
-    #[arg(long)]
-    pub seed: Option<u64>,
     #[arg(long)]
     pub output: PathBuf,
     #[arg(long)]
@@ -68,8 +66,7 @@ pub fn run(a: &PretokenizeArgs) -> Result<Value> {
         );
     }
     let mut metadata = windows.metadata.clone();
-    metadata.shuffled = a.shuffle;
-    metadata.seed = a.seed;
+    metadata.shuffled |= a.shuffle;
     let dir = pipeline::staging::Staged::dir(&a.output)?;
     let file = std::fs::File::create(dir.tmp.join(DATA_FILE))?;
     let props = parquet::file::properties::WriterProperties::builder()
@@ -97,7 +94,7 @@ pub fn run(a: &PretokenizeArgs) -> Result<Value> {
         for chunk in windows.by_ref() {
             all.extend(chunk?);
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed.unwrap_or(0));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.tokens.seed.unwrap_or(0));
         all.shuffle(&mut rng);
         for rows in all.chunks(ROW_GROUP_ROWS) {
             write(rows)?;

@@ -518,3 +518,90 @@ pub fn read_documents(path: &Path, column_name: Option<&str>) -> Result<Document
     }
     Ok(out)
 }
+
+/// Documents through a seeded shuffle buffer (the scheme of HF's streaming
+/// `shuffle(seed, buffer_size)`): the buffer fills, then each new document takes the
+/// place of a random one, which comes out; at the end the rest come out shuffled. Memory
+/// is bounded by the buffer; the order is the same for the same seed.
+pub struct ShuffledDocuments {
+    inner: DocumentStream,
+    buffer: Documents,
+    size: usize,
+    rng: rand_chacha::ChaCha8Rng,
+    done: bool,
+}
+
+impl ShuffledDocuments {
+    pub fn new(inner: DocumentStream, buffer_size: usize, seed: u64) -> ShuffledDocuments {
+        use rand::SeedableRng;
+        let buffer = if inner.is_tokenized() {
+            Documents::Tokens(Vec::new())
+        } else {
+            Documents::Text(Vec::new())
+        };
+        ShuffledDocuments {
+            inner,
+            buffer,
+            size: buffer_size.max(1),
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            done: false,
+        }
+    }
+}
+
+/// Feeds `incoming` through the buffer `buf` of capacity `size`; what leaves is returned.
+fn exchange<T>(
+    buf: &mut Vec<T>,
+    incoming: Vec<T>,
+    size: usize,
+    rng: &mut impl rand::Rng,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for item in incoming {
+        if buf.len() < size {
+            buf.push(item);
+        } else {
+            let i = rng.random_range(0..size);
+            out.push(std::mem::replace(&mut buf[i], item));
+        }
+    }
+    out
+}
+
+impl Iterator for ShuffledDocuments {
+    type Item = Result<Documents, SourceError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use rand::seq::SliceRandom;
+        while !self.done {
+            let out = match (self.inner.next(), &mut self.buffer) {
+                (None, _) => {
+                    self.done = true;
+                    break;
+                }
+                (Some(Err(e)), _) => return Some(Err(e)),
+                (Some(Ok(Documents::Text(t))), Documents::Text(b)) => {
+                    Documents::Text(exchange(b, t, self.size, &mut self.rng))
+                }
+                (Some(Ok(Documents::Tokens(t))), Documents::Tokens(b)) => {
+                    Documents::Tokens(exchange(b, t, self.size, &mut self.rng))
+                }
+                _ => unreachable!("a stream's documents are all of one kind"),
+            };
+            if !out.is_empty() {
+                return Some(Ok(out));
+            }
+        }
+        let rest = match &mut self.buffer {
+            Documents::Text(b) => {
+                b.shuffle(&mut self.rng);
+                Documents::Text(std::mem::take(b))
+            }
+            Documents::Tokens(b) => {
+                b.shuffle(&mut self.rng);
+                Documents::Tokens(std::mem::take(b))
+            }
+        };
+        (!rest.is_empty()).then_some(Ok(rest))
+    }
+}

@@ -6,7 +6,7 @@
 //! `context_size`, as SAELens's ActivationsStore does.
 
 use crate::pack::{PackOptions, Packer};
-use crate::sources::{Dataset, DocumentStream, Documents};
+use crate::sources::{Dataset, DocumentStream, Documents, ShuffledDocuments, SourceError};
 use crate::tokenize::TextTokenizer;
 use anyhow::{bail, Context, Result};
 use schemas::tokens::METADATA_FILE;
@@ -41,6 +41,15 @@ pub struct TokensArgs {
     pub sequence_separator_token: String,
     #[arg(long)]
     pub disable_concat_sequences: bool,
+    /// Shuffle the documents before packing (seeded, through a buffer of
+    /// --shuffle-buffer documents, so memory stays bounded).
+    #[arg(long)]
+    pub shuffle_documents: bool,
+    #[arg(long, default_value_t = 10_000)]
+    pub shuffle_buffer: usize,
+    /// Seed of every shuffle (default 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// Where packing restarts. SAELens's `PretokenizeRunner` packs each `datasets.map`
@@ -82,7 +91,8 @@ pub struct Counts {
 
 /// Token windows of a dataset, in chunks; see the module notes.
 pub struct TokenWindows {
-    docs: DocumentStream,
+    docs: Box<dyn Iterator<Item = Result<Documents, SourceError>> + Send>,
+    tokenized: bool,
     tok: TextTokenizer,
     packer: Packer,
     group_size: usize,
@@ -136,8 +146,8 @@ impl TokensArgs {
                 original_data_files: None,
                 original_column_name: Some(docs.column().to_string()),
                 context_size: ctx,
-                shuffled: false,
-                seed: None,
+                shuffled: self.shuffle_documents,
+                seed: self.seed,
                 begin_batch_token: TokenSpec::parse(&self.begin_batch_token),
                 begin_sequence_token: TokenSpec::parse(&self.begin_sequence_token),
                 sequence_separator_token: TokenSpec::parse(&self.sequence_separator_token),
@@ -157,8 +167,18 @@ impl TokensArgs {
             Vec::new()
         };
         let docs_tokenized = docs.is_tokenized();
+        let docs: Box<dyn Iterator<Item = _> + Send> = if self.shuffle_documents {
+            Box::new(ShuffledDocuments::new(
+                docs,
+                self.shuffle_buffer,
+                self.seed.unwrap_or(0),
+            ))
+        } else {
+            Box::new(docs)
+        };
         let mut w = TokenWindows {
             docs,
+            tokenized: docs_tokenized,
             tok,
             packer: Packer::new(pack),
             // Pretokenized rows are taken as they are: no packing, no groups.
@@ -307,7 +327,7 @@ impl TokenWindows {
 
     /// Whether the dataset was already tokenized.
     pub fn is_pretokenized(&self) -> bool {
-        self.docs.is_tokenized()
+        self.tokenized
     }
 
     fn slice(&mut self, rows: Vec<Vec<u32>>) -> Result<Vec<Vec<u32>>> {

@@ -147,6 +147,9 @@ fn the_window_stream_equals_saelens_pretokenize() {
         begin_sequence_token: "none".into(),
         sequence_separator_token: "bos".into(),
         disable_concat_sequences: false,
+        shuffle_documents: false,
+        shuffle_buffer: 0,
+        seed: None,
     };
     let saelens = tokenizer::windows::Grouping {
         batch_size: 1000,

@@ -212,4 +212,5 @@ fn bench_reports_throughput() {
         (Some(88529), Some(700))
     );
     assert!(r["tokens_per_second"].as_f64().unwrap() > 0.0);
+    assert!(r["stream_tokens_per_second"].as_f64().unwrap() > 0.0);
 }

@@ -331,3 +331,36 @@ fn sql_filters_and_projects_any_format() {
     let e = query(&p("d.jsonl"), "SELECT lang AS other FROM data").unwrap_err();
     assert!(e.contains("(query): column 'tokens' / 'input_ids' / 'text' / 'problem' not found (columns: other)"), "{e}");
 }
+
+#[test]
+fn documents_shuffle_through_a_seeded_buffer() {
+    use tokenizer::sources::{Dataset, DocumentStream, ShuffledDocuments};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.txt");
+    let lines: Vec<String> = (0..3000).map(|i| format!("doc {i}")).collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let ds = Dataset::open(&path).unwrap();
+    let shuffled = |buffer: usize, seed: u64| -> Vec<String> {
+        let docs = DocumentStream::of(&ds, None).unwrap();
+        ShuffledDocuments::new(docs, buffer, seed)
+            .flat_map(|d| match d.unwrap() {
+                Documents::Text(t) => t,
+                Documents::Tokens(_) => panic!(),
+            })
+            .collect()
+    };
+    let a = shuffled(500, 1);
+    assert_ne!(a, lines, "reordered");
+    assert_eq!(a, shuffled(500, 1), "the same for the same seed");
+    assert_ne!(a, shuffled(500, 2), "another seed, another order");
+    let mut sorted = a.clone();
+    sorted.sort();
+    let mut want = lines.clone();
+    want.sort();
+    assert_eq!(sorted, want, "every document exactly once");
+    // A buffer of 500 cannot move a document more than 500 places earlier.
+    for (pos, d) in a.iter().enumerate() {
+        let orig: usize = d[4..].parse().unwrap();
+        assert!(pos + 500 >= orig, "{d} at {pos}");
+    }
+}
