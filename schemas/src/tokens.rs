@@ -58,6 +58,31 @@ pub struct TokenizationMetadata {
     pub tokenizer_vocab_hash: Option<String>,
 }
 
+impl TokenizationMetadata {
+    /// A record of the current SAELens format with nothing inserted or shuffled; callers
+    /// fill in what they did.
+    pub fn new(tokenizer_name: &str, original_dataset: &str, context_size: usize) -> Self {
+        TokenizationMetadata {
+            sae_lens_version: crate::SAELENS_FORMAT_VERSION.to_string(),
+            tokenizer_name: tokenizer_name.to_string(),
+            original_dataset: original_dataset.to_string(),
+            original_dataset_name: None,
+            original_split: None,
+            original_data_files: None,
+            original_column_name: None,
+            context_size,
+            shuffled: false,
+            seed: None,
+            begin_batch_token: None,
+            begin_sequence_token: None,
+            sequence_separator_token: None,
+            disable_concat_sequences: false,
+            use_chat_formatting: false,
+            tokenizer_vocab_hash: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,20 +39,8 @@ pub fn run(dataset: &Path, tokenizer: &Path, context_size: usize, repeats: usize
         n_windows = windows.len();
 
         let t = Instant::now();
-        let args = TokensArgs {
-            dataset: dataset.to_path_buf(),
-            tokenizer: tokenizer.to_path_buf(),
-            context_size,
-            column_name: Some("text".into()),
-            query: None,
-            begin_batch_token: "bos".into(),
-            begin_sequence_token: "none".into(),
-            sequence_separator_token: "bos".into(),
-            disable_concat_sequences: false,
-            shuffle_documents: false,
-            shuffle_buffer: 0,
-            seed: None,
-        };
+        let mut args = TokensArgs::new(dataset, tokenizer, context_size);
+        args.column_name = Some("text".into());
         let mut w = args.open(Grouping {
             batch_size: 1000,
             num_proc: 4,

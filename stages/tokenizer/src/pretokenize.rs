@@ -104,16 +104,7 @@ pub fn run(a: &PretokenizeArgs) -> Result<Value> {
             write(&chunk?)?;
         }
     }
-    let c = windows.counts.clone();
-    if c.windows == 0 {
-        bail!(
-            "{}: {} documents ({} tokens) fill no window of {} tokens",
-            a.tokens.dataset.display(),
-            c.documents,
-            c.document_tokens,
-            a.tokens.context_size
-        );
-    }
+    let c = windows.finish()?;
     writer.expect("rows were written").close()?;
     std::fs::write(
         dir.tmp.join(METADATA_FILE),

@@ -5,7 +5,7 @@
 
 use crate::pretokenize::check_output;
 use crate::windows::{Grouping, TokensArgs};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use pipeline::tokens::{tokens_batch, tokens_schema};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -35,16 +35,7 @@ pub fn run(a: &StreamArgs) -> Result<Value> {
             w.write(&tokens_batch(&schema, &chunk)?)?;
         }
     }
-    let c = windows.counts.clone();
-    if c.windows == 0 {
-        bail!(
-            "{}: {} documents ({} tokens) fill no window of {} tokens",
-            a.tokens.dataset.display(),
-            c.documents,
-            c.document_tokens,
-            a.tokens.context_size
-        );
-    }
+    let c = windows.finish()?;
     w.finish()?;
     staged.commit()?;
     Ok(json!({

@@ -52,6 +52,30 @@ pub struct TokensArgs {
     pub seed: Option<u64>,
 }
 
+impl TokensArgs {
+    /// SAELens's defaults (bos / none / bos, concatenating, no shuffle).
+    pub fn new(
+        dataset: &std::path::Path,
+        tokenizer: &std::path::Path,
+        context_size: usize,
+    ) -> Self {
+        TokensArgs {
+            dataset: dataset.to_path_buf(),
+            tokenizer: tokenizer.to_path_buf(),
+            context_size,
+            column_name: None,
+            query: None,
+            begin_batch_token: "bos".into(),
+            begin_sequence_token: "none".into(),
+            sequence_separator_token: "bos".into(),
+            disable_concat_sequences: false,
+            shuffle_documents: false,
+            shuffle_buffer: 10_000,
+            seed: None,
+        }
+    }
+}
+
 /// Where packing restarts. SAELens's `PretokenizeRunner` packs each `datasets.map`
 /// batch on its own (a fresh window, its partial last window dropped), and with
 /// `num_proc` > 1 `datasets` first cuts the documents into that many contiguous shards;
@@ -138,22 +162,19 @@ impl TokensArgs {
             pretokenized_metadata(&dataset, &tok, &self.tokenizer, ctx, &mut warnings)?
         } else {
             TokenizationMetadata {
-                sae_lens_version: schemas::SAELENS_FORMAT_VERSION.to_string(),
-                tokenizer_name: self.tokenizer.display().to_string(),
-                original_dataset: self.dataset.display().to_string(),
-                original_dataset_name: None,
-                original_split: None,
-                original_data_files: None,
                 original_column_name: Some(docs.column().to_string()),
-                context_size: ctx,
                 shuffled: self.shuffle_documents,
                 seed: self.seed,
                 begin_batch_token: TokenSpec::parse(&self.begin_batch_token),
                 begin_sequence_token: TokenSpec::parse(&self.begin_sequence_token),
                 sequence_separator_token: TokenSpec::parse(&self.sequence_separator_token),
                 disable_concat_sequences: self.disable_concat_sequences,
-                use_chat_formatting: false,
                 tokenizer_vocab_hash: Some(tok.vocab_hash()),
+                ..TokenizationMetadata::new(
+                    &self.tokenizer.display().to_string(),
+                    &self.dataset.display().to_string(),
+                    ctx,
+                )
             }
         };
         let shards = if grouping.num_proc > 1 && !docs.is_tokenized() {
@@ -242,22 +263,8 @@ fn pretokenized_metadata(
             dataset.spec.display()
         ));
         return Ok(TokenizationMetadata {
-            sae_lens_version: schemas::SAELENS_FORMAT_VERSION.to_string(),
-            tokenizer_name: String::new(),
-            original_dataset: dataset.spec.display().to_string(),
-            original_dataset_name: None,
-            original_split: None,
-            original_data_files: None,
-            original_column_name: None,
-            context_size: ctx,
-            shuffled: false,
-            seed: None,
-            begin_batch_token: None,
-            begin_sequence_token: None,
-            sequence_separator_token: None,
-            disable_concat_sequences: false,
-            use_chat_formatting: false,
             tokenizer_vocab_hash: Some(ours),
+            ..TokenizationMetadata::new("", &dataset.spec.display().to_string(), ctx)
         });
     };
     let mut meta: TokenizationMetadata = serde_json::from_str(&text).with_context(|| {
@@ -318,6 +325,21 @@ impl TokenWindows {
         }
         let group_end = start + ((i - start) / self.group_size + 1) * self.group_size;
         group_end.min(shard_end)
+    }
+
+    /// The totals once the stream is drained; an error if no window came out.
+    pub fn finish(&self) -> Result<Counts> {
+        let c = self.counts.clone();
+        if c.windows == 0 {
+            bail!(
+                "{}: {} documents ({} tokens) fill no window of {} tokens",
+                self.origin.display(),
+                c.documents,
+                c.document_tokens,
+                self.context_size
+            );
+        }
+        Ok(c)
     }
 
     /// The tokenizer in use.

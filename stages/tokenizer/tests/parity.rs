@@ -137,20 +137,11 @@ fn every_token_option_combination_packs_as_saelens() {
 #[test]
 fn the_window_stream_equals_saelens_pretokenize() {
     let fx = fixtures();
-    let args = tokenizer::windows::TokensArgs {
-        dataset: fx.join("pretok/corpus.jsonl"),
-        tokenizer: fx.join("tiny-gpt2"),
-        context_size: 128,
-        column_name: None,
-        query: None,
-        begin_batch_token: "bos".into(),
-        begin_sequence_token: "none".into(),
-        sequence_separator_token: "bos".into(),
-        disable_concat_sequences: false,
-        shuffle_documents: false,
-        shuffle_buffer: 0,
-        seed: None,
-    };
+    let args = tokenizer::windows::TokensArgs::new(
+        &fx.join("pretok/corpus.jsonl"),
+        &fx.join("tiny-gpt2"),
+        128,
+    );
     let saelens = tokenizer::windows::Grouping {
         batch_size: 1000,
         num_proc: 1,
