@@ -12,6 +12,8 @@
 
 mod cpu;
 mod cpu_lm;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod ops;
 mod sparse;
 mod tensor;
@@ -28,6 +30,9 @@ pub enum KernelError {
     UnknownDevice(String),
     #[error("device '{0}' needs CUDA, but this binary was built without the `cuda` feature (rebuild with `--features cuda`)")]
     NotBuiltWithCuda(String),
+    /// A CUDA library, device or launch failed (feature `cuda`).
+    #[error("CUDA: {0}")]
+    Cuda(String),
     #[error("tensor data has {got} values but shape {shape:?} needs {want}")]
     ShapeData {
         shape: Vec<usize>,

@@ -1,0 +1,342 @@
+// The SAE hot path on CUDA: hand-written kernels, compiled at run time by NVRTC (no
+// CUDA toolkit at build time). Row-major f32 throughout, matching the CPU backend:
+// activations [rows, d_in], W_enc [d_in, d_sae], W_dec [d_sae, d_in], sparse latents as
+// fixed-k rows (idx/val [rows, k], indices ascending within a row).
+//
+// Launch shapes are chosen by the host (kernels/src/cuda.rs); each kernel says which.
+
+#define FULL_MASK 0xffffffffu
+
+// ---------------------------------------------------------------------------------
+// Fused bias + activation (grid-stride over n = rows * cols).
+
+// pre[i] += b[i % cols]; act[i] = max(pre[i], 0).
+extern "C" __global__ void bias_relu(float* pre, const float* b, float* act,
+                                     long long n, int cols) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float v = pre[i] + b[i % cols];
+        pre[i] = v;
+        act[i] = v > 0.f ? v : 0.f;
+    }
+}
+
+// JumpReLU: act = pre if pre > threshold[col] else 0 (SAELens: strictly greater).
+extern "C" __global__ void bias_jumprelu(float* pre, const float* b, const float* thr,
+                                         float* act, long long n, int cols) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        int c = (int)(i % cols);
+        float v = pre[i] + b[c];
+        pre[i] = v;
+        act[i] = v > thr[c] ? v : 0.f;
+    }
+}
+
+// Where mask[col] == 0, pre = -inf (AuxK: only dead latents may be chosen).
+extern "C" __global__ void mask_cols(float* pre, const unsigned char* mask,
+                                     long long n, int cols) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        if (!mask[i % cols]) pre[i] = -__int_as_float(0x7f800000);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Top-k by radix select on order-preserving keys.
+
+// Larger float -> larger unsigned key (NaN sorts above +inf and is never expected).
+__device__ __forceinline__ unsigned int float_key(float f) {
+    unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Block-wide exclusive prefix sum of one int per thread; returns the total.
+// blockDim.x must be a multiple of 32 and at most 1024; `scratch` holds 33 ints.
+__device__ int block_exclusive_scan(int v, int* scratch, int* total) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(FULL_MASK, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) scratch[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        int w = lane < nw ? scratch[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(FULL_MASK, w, o);
+            if (lane >= o) w += y;
+        }
+        if (lane < nw) scratch[lane] = w;  // inclusive sums of warps
+        if (lane == nw - 1) scratch[32] = w;
+    }
+    __syncthreads();
+    int before = (warp > 0 ? scratch[warp - 1] : 0) + x - v;
+    *total = scratch[32];
+    __syncthreads();
+    return before;
+}
+
+// Per-row top-k (k <= cols). One block per row, blockDim 1024 (a multiple of 32).
+// Finds the k-th largest key by 4 passes of 8-bit radix select, then writes the chosen
+// latents in ascending index order; among equal values the lower indices win.
+extern "C" __global__ void topk_rows(const float* x, int cols, int k, int* out_idx,
+                                     float* out_val) {
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int s_prefix, s_need;
+    __shared__ int scratch[33];
+    const float* row = x + (long long)blockIdx.x * cols;
+    unsigned int prefix = 0, mask = 0, need = (unsigned int)k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            unsigned int key = float_key(row[c]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned int seen = 0;
+            int d = 255;
+            for (; d > 0; --d) {
+                if (seen + hist[d] >= need) break;
+                seen += hist[d];
+            }
+            s_prefix = prefix | ((unsigned int)d << shift);
+            s_need = need - seen;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        need = s_need;
+        mask |= 255u << shift;
+    }
+    // prefix is the k-th largest key; `need` of the elements equal to it are taken.
+    int written = 0, ties_taken = 0;
+    for (int base = 0; base < cols; base += blockDim.x) {
+        int c = base + threadIdx.x;
+        unsigned int key = c < cols ? float_key(row[c]) : 0u;
+        int tie = (c < cols && key == prefix) ? 1 : 0;
+        int tie_total;
+        int tie_before = block_exclusive_scan(tie, scratch, &tie_total);
+        int take = (c < cols && key > prefix) ||
+                   (tie && ties_taken + tie_before < (int)need);
+        int take_total;
+        int pos = block_exclusive_scan(take, scratch, &take_total);
+        if (take) {
+            long long o = (long long)blockIdx.x * k + written + pos;
+            out_idx[o] = c;
+            out_val[o] = row[c];
+        }
+        written += take_total;
+        ties_taken += tie_total;
+    }
+}
+
+// Histogram pass of a radix select over a whole array (batch top-k): counts the digit
+// at `shift` of every key whose bits under `mask` equal `prefix`. Grid-stride; `hist`
+// has 256 zeroed counters; the host picks the bucket and runs the next pass.
+extern "C" __global__ void radix_hist(const float* x, long long n, unsigned int prefix,
+                                      unsigned int mask, int shift,
+                                      unsigned long long* hist) {
+    __shared__ unsigned int local[256];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) local[i] = 0;
+    __syncthreads();
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        unsigned int key = float_key(x[i]);
+        if ((key & mask) == prefix) atomicAdd(&local[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+        if (local[i]) atomicAdd(&hist[i], (unsigned long long)local[i]);
+}
+
+// Keeps x where its key is above `key` (BatchTopK with a known threshold key);
+// zero elsewhere. Grid-stride.
+extern "C" __global__ void keep_above_key(const float* x, float* out, long long n,
+                                          unsigned int key) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float v = x[i];
+        out[i] = float_key(v) > key ? v : 0.f;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Sparse decode and its backward over the active latents only.
+
+// out[r, :] = b_dec + sum_j val[r, j] * W_dec[idx[r, j], :]. One block per row,
+// threads over the d_in columns.
+extern "C" __global__ void sparse_decode(const int* idx, const float* val, int k,
+                                         const float* w_dec, const float* b_dec,
+                                         int d_in, float* out) {
+    const int* ri = idx + (long long)blockIdx.x * k;
+    const float* rv = val + (long long)blockIdx.x * k;
+    float* o = out + (long long)blockIdx.x * d_in;
+    for (int c = threadIdx.x; c < d_in; c += blockDim.x) {
+        float acc = b_dec ? b_dec[c] : 0.f;
+        for (int j = 0; j < k; ++j) acc += rv[j] * w_dec[(long long)ri[j] * d_in + c];
+        o[c] = acc;
+    }
+}
+
+// g_val[r, j] = dot(g_out[r, :], W_dec[idx[r, j], :]): one warp per (r, j).
+extern "C" __global__ void sparse_decode_grad_val(const int* idx, const float* g_out,
+                                                  const float* w_dec, long long nnz,
+                                                  int k, int d_in, float* g_val) {
+    long long w = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (w >= nnz) return;
+    long long r = w / k;
+    const float* go = g_out + r * d_in;
+    const float* wd = w_dec + (long long)idx[w] * d_in;
+    float acc = 0.f;
+    for (int c = lane; c < d_in; c += 32) acc += go[c] * wd[c];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(FULL_MASK, acc, o);
+    if (lane == 0) g_val[w] = acc;
+}
+
+// g_W_dec[idx[r, j], :] += val[r, j] * g_out[r, :]: one block per row (atomics, since
+// rows share latents).
+extern "C" __global__ void sparse_decode_grad_w(const int* idx, const float* val,
+                                                const float* g_out, int k, int d_in,
+                                                float* g_w_dec) {
+    const int* ri = idx + (long long)blockIdx.x * k;
+    const float* rv = val + (long long)blockIdx.x * k;
+    const float* go = g_out + (long long)blockIdx.x * d_in;
+    for (int j = 0; j < k; ++j) {
+        float v = rv[j];
+        if (v == 0.f) continue;
+        float* gw = g_w_dec + (long long)ri[j] * d_in;
+        for (int c = threadIdx.x; c < d_in; c += blockDim.x) atomicAdd(&gw[c], v * go[c]);
+    }
+}
+
+// Encoder backward over the active latents: g_W_enc[:, idx[r, j]] += x[r, :] * g_pre[r, j]
+// and g_b_enc[idx[r, j]] += g_pre[r, j]. One block per row.
+extern "C" __global__ void sparse_encode_grad(const int* idx, const float* g_pre,
+                                              const float* x, int k, int d_in, int d_sae,
+                                              float* g_w_enc, float* g_b_enc) {
+    const int* ri = idx + (long long)blockIdx.x * k;
+    const float* rg = g_pre + (long long)blockIdx.x * k;
+    const float* xr = x + (long long)blockIdx.x * d_in;
+    for (int j = 0; j < k; ++j) {
+        float g = rg[j];
+        if (g == 0.f) continue;
+        int l = ri[j];
+        if (threadIdx.x == 0 && g_b_enc) atomicAdd(&g_b_enc[l], g);
+        for (int c = threadIdx.x; c < d_in; c += blockDim.x)
+            atomicAdd(&g_w_enc[(long long)c * d_sae + l], xr[c] * g);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Reductions: losses and norms.
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = threadIdx.x < nw ? scratch[threadIdx.x] : 0.f;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
+    __syncthreads();
+    return v;  // valid in thread 0
+}
+
+// Per row: sq[r] = sum_c (a - b)^2 (MSE), l1[r] = sum_c |s| * w[c] over the latents
+// row s (weighted by decoder norms when given), l0[r] = count of s != 0.
+// One block per row; the host sums rows (SAELens's mean over the batch).
+extern "C" __global__ void row_losses(const float* a, const float* b, int d_in,
+                                      const float* s, const float* w, int d_sae,
+                                      float* sq, float* l1, float* l0) {
+    __shared__ float scratch[32];
+    long long r = blockIdx.x;
+    float acc = 0.f;
+    for (int c = threadIdx.x; c < d_in; c += blockDim.x) {
+        float d = a[r * d_in + c] - b[r * d_in + c];
+        acc += d * d;
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) sq[r] = acc;
+    if (!s) return;
+    float a1 = 0.f, a0 = 0.f;
+    for (int c = threadIdx.x; c < d_sae; c += blockDim.x) {
+        float v = s[r * d_sae + c];
+        a1 += fabsf(v) * (w ? w[c] : 1.f);
+        a0 += v != 0.f ? 1.f : 0.f;
+    }
+    a1 = block_sum(a1, scratch);
+    a0 = block_sum(a0, scratch);
+    if (threadIdx.x == 0) {
+        l1[r] = a1;
+        l0[r] = a0;
+    }
+}
+
+// norms[r] = ||W[r, :]||_2: one block per row.
+extern "C" __global__ void row_norms(const float* w, int cols, float* norms) {
+    __shared__ float scratch[32];
+    const float* row = w + (long long)blockIdx.x * cols;
+    float acc = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) acc += row[c] * row[c];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) norms[blockIdx.x] = sqrtf(acc);
+}
+
+// Removes from each decoder row's gradient its component along the row (SAELens 5's
+// remove_gradient_parallel_to_decoder_directions): g -= (g.w / w.w) w. One block per row.
+extern "C" __global__ void remove_parallel_grad(const float* w, float* g, int cols) {
+    __shared__ float scratch[32];
+    __shared__ float s_coef;
+    const float* wr = w + (long long)blockIdx.x * cols;
+    float* gr = g + (long long)blockIdx.x * cols;
+    float dot = 0.f, nn = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        dot += gr[c] * wr[c];
+        nn += wr[c] * wr[c];
+    }
+    dot = block_sum(dot, scratch);
+    nn = block_sum(nn, scratch);
+    if (threadIdx.x == 0) s_coef = nn > 0.f ? dot / nn : 0.f;
+    __syncthreads();
+    float coef = s_coef;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) gr[c] -= coef * wr[c];
+}
+
+// out += sum of squares of g (for the global gradient norm). Grid-stride; `out` is one
+// zeroed double so that many parameters accumulate without f32 round-off.
+extern "C" __global__ void sum_squares(const float* g, long long n, double* out) {
+    __shared__ float scratch[32];
+    float acc = 0.f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        acc += g[i] * g[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) atomicAdd(out, (double)acc);
+}
+
+// ---------------------------------------------------------------------------------
+// Optimizer.
+
+// torch.optim.Adam (no weight decay, no amsgrad) on one parameter, with the gradient
+// first scaled by `clip` (torch clip_grad_norm_'s factor, 1 when not clipping):
+// m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+// p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), bc_i = 1 - b_i^step.
+extern "C" __global__ void adam_step(float* p, const float* g, float* m, float* v,
+                                     long long n, float lr, float b1, float b2, float eps,
+                                     float bc1, float bc2_sqrt, float clip) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float gi = g[i] * clip;
+        float mi = b1 * m[i] + (1.f - b1) * gi;
+        float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= (lr / bc1) * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}

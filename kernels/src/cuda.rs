@@ -1,0 +1,447 @@
+//! The CUDA backend's kernels (feature `cuda`): `kernels/cuda/sae.cu`, compiled by NVRTC
+//! at run time and launched through cudarc on one device's default stream.
+//!
+//! cudarc loads the driver, NVRTC and cuBLAS when first used, so this builds on a
+//! machine without CUDA; [`Cuda::new`] checks that they can be loaded and says which is
+//! missing instead of letting cudarc panic. Buffers are plain `CudaSlice`s here; wiring
+//! them into [`crate::Tensor`] and the op dispatch is the next step.
+
+use crate::KernelError;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The kernel source, as NVRTC compiles it.
+pub const SOURCE: &str = include_str!("../cuda/sae.cu");
+
+/// Every kernel in [`SOURCE`].
+pub const KERNELS: &[&str] = &[
+    "bias_relu",
+    "bias_jumprelu",
+    "mask_cols",
+    "topk_rows",
+    "radix_hist",
+    "keep_above_key",
+    "sparse_decode",
+    "sparse_decode_grad_val",
+    "sparse_decode_grad_w",
+    "sparse_encode_grad",
+    "row_losses",
+    "row_norms",
+    "remove_parallel_grad",
+    "sum_squares",
+    "adam_step",
+];
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the shared library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether NVRTC can be loaded (PyPI's `nvidia-cuda-nvrtc-cu12` carries it).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to open the shared library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+fn cuda_err(e: impl std::fmt::Display) -> KernelError {
+    KernelError::Cuda(e.to_string())
+}
+
+/// Compiles [`SOURCE`] to PTX (needs NVRTC, not a GPU).
+pub fn compile() -> Result<Ptx, KernelError> {
+    if !nvrtc_present() {
+        return Err(KernelError::Cuda(
+            "NVRTC (libnvrtc) cannot be loaded: install the CUDA runtime or PyPI's nvidia-cuda-nvrtc-cu12 and put its lib folder on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    let opts = CompileOptions {
+        name: Some("sae.cu".into()),
+        // Exact IEEE division and square root: the CPU backend's results are the reference.
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        // PTX for compute 8.0 (A100 and later; the driver JITs it for H100/H200): f64
+        // atomicAdd needs 6.0, NVRTC's default target is older.
+        arch: Some("compute_80"),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(SOURCE, opts).map_err(cuda_err)
+}
+
+/// Threads per block of the row kernels and of the grid-stride kernels.
+const THREADS: u32 = 256;
+/// Threads per block of `topk_rows` (its scans assume a multiple of 32, at most 1024).
+const TOPK_THREADS: u32 = 1024;
+
+fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(THREADS).clamp(1, 65_535), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One device: its stream and the compiled kernels.
+pub struct Cuda {
+    pub stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+}
+
+impl Cuda {
+    /// Opens device `ordinal` and compiles the kernels for it.
+    pub fn new(ordinal: usize) -> Result<Cuda, KernelError> {
+        if !driver_present() {
+            return Err(KernelError::Cuda(
+                "the CUDA driver (libcuda) cannot be loaded: is there an NVIDIA GPU and driver?"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(cuda_err)?;
+        if ordinal >= count.max(0) as usize {
+            return Err(KernelError::Cuda(format!(
+                "cuda:{ordinal} asked for, but {count} CUDA device(s) are present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err)?;
+        let module = ctx.load_module(compile()?).map_err(cuda_err)?;
+        let mut funcs = HashMap::new();
+        for &name in KERNELS {
+            funcs.insert(name, module.load_function(name).map_err(cuda_err)?);
+        }
+        Ok(Cuda {
+            stream: ctx.default_stream(),
+            funcs,
+        })
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        &self.funcs[name]
+    }
+
+    pub fn upload<T: cudarc::driver::DeviceRepr>(
+        &self,
+        v: &[T],
+    ) -> Result<CudaSlice<T>, KernelError> {
+        self.stream.clone_htod(v).map_err(cuda_err)
+    }
+
+    pub fn download<T: cudarc::driver::DeviceRepr>(
+        &self,
+        v: &CudaSlice<T>,
+    ) -> Result<Vec<T>, KernelError> {
+        self.stream.clone_dtoh(v).map_err(cuda_err)
+    }
+
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>, KernelError> {
+        self.stream.alloc_zeros(n).map_err(cuda_err)
+    }
+
+    /// `pre += b` (per column), `act = relu(pre)`; `pre` is `[n / cols, cols]`.
+    pub fn bias_relu(
+        &self,
+        pre: &mut CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        act: &mut CudaSlice<f32>,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        let n = pre.len() as i64;
+        let c = cols as i32;
+        let mut l = self.stream.launch_builder(self.f("bias_relu"));
+        l.arg(pre).arg(b).arg(act).arg(&n).arg(&c);
+        // SAFETY: argument types and order match the kernel; n bounds every index.
+        unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// `pre += b`, `act = pre where pre > thr[col] else 0`.
+    pub fn bias_jumprelu(
+        &self,
+        pre: &mut CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        thr: &CudaSlice<f32>,
+        act: &mut CudaSlice<f32>,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        let n = pre.len() as i64;
+        let c = cols as i32;
+        let mut l = self.stream.launch_builder(self.f("bias_jumprelu"));
+        l.arg(pre).arg(b).arg(thr).arg(act).arg(&n).arg(&c);
+        // SAFETY: as above.
+        unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// Top-`k` of each row of `x` `[rows, cols]`: indices (ascending) and values, `[rows, k]`.
+    pub fn topk_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+    ) -> Result<(CudaSlice<i32>, CudaSlice<f32>), KernelError> {
+        assert!(k <= cols && x.len() == rows * cols, "topk_rows shapes");
+        let mut idx = self.zeros::<i32>(rows * k)?;
+        let mut val = self.zeros::<f32>(rows * k)?;
+        let (c, kk) = (cols as i32, k as i32);
+        let mut l = self.stream.launch_builder(self.f("topk_rows"));
+        l.arg(x).arg(&c).arg(&kk).arg(&mut idx).arg(&mut val);
+        // SAFETY: one block per row; outputs hold rows * k.
+        unsafe { l.launch(per_row(rows, TOPK_THREADS)) }.map_err(cuda_err)?;
+        Ok((idx, val))
+    }
+
+    /// The order key of the `total`-th largest value of `x` (batch top-k's threshold),
+    /// by four histogram passes; `None` when `total` is 0 or exceeds the length.
+    pub fn kth_largest_key(
+        &self,
+        x: &CudaSlice<f32>,
+        total: usize,
+    ) -> Result<Option<u32>, KernelError> {
+        if total == 0 || total > x.len() {
+            return Ok(None);
+        }
+        let n = x.len() as i64;
+        let (mut prefix, mut mask, mut need) = (0u32, 0u32, total as u64);
+        for shift in [24i32, 16, 8, 0] {
+            let mut hist = self.zeros::<u64>(256)?;
+            let mut l = self.stream.launch_builder(self.f("radix_hist"));
+            l.arg(x)
+                .arg(&n)
+                .arg(&prefix)
+                .arg(&mask)
+                .arg(&shift)
+                .arg(&mut hist);
+            // SAFETY: hist holds 256 counters; n bounds the reads.
+            unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
+            let h = self.download(&hist)?;
+            let mut seen = 0u64;
+            let mut d = 255usize;
+            while d > 0 && seen + h[d] < need {
+                seen += h[d];
+                d -= 1;
+            }
+            prefix |= (d as u32) << shift;
+            mask |= 255u32 << shift;
+            need -= seen;
+        }
+        Ok(Some(prefix))
+    }
+
+    /// `out = b_dec + sum_j val[r, j] * W_dec[idx[r, j], :]`, `[rows, d_in]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_decode(
+        &self,
+        idx: &CudaSlice<i32>,
+        val: &CudaSlice<f32>,
+        k: usize,
+        w_dec: &CudaSlice<f32>,
+        b_dec: &CudaSlice<f32>,
+        d_in: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let rows = idx.len() / k.max(1);
+        let (kk, d) = (k as i32, d_in as i32);
+        let mut l = self.stream.launch_builder(self.f("sparse_decode"));
+        l.arg(idx)
+            .arg(val)
+            .arg(&kk)
+            .arg(w_dec)
+            .arg(b_dec)
+            .arg(&d)
+            .arg(out);
+        // SAFETY: one block per row; out holds rows * d_in.
+        unsafe { l.launch(per_row(rows, THREADS)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// Decoder backward over the active latents: `g_val[r, j] = g_out[r] . W_dec[idx]`
+    /// and `g_W_dec[idx[r, j]] += val[r, j] * g_out[r]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_decode_backward(
+        &self,
+        idx: &CudaSlice<i32>,
+        val: &CudaSlice<f32>,
+        k: usize,
+        g_out: &CudaSlice<f32>,
+        w_dec: &CudaSlice<f32>,
+        d_in: usize,
+        g_val: &mut CudaSlice<f32>,
+        g_w_dec: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let nnz = idx.len() as i64;
+        let (kk, d) = (k as i32, d_in as i32);
+        let mut l = self.stream.launch_builder(self.f("sparse_decode_grad_val"));
+        l.arg(idx)
+            .arg(g_out)
+            .arg(w_dec)
+            .arg(&nnz)
+            .arg(&kk)
+            .arg(&d)
+            .arg(g_val);
+        // SAFETY: one warp per stored latent.
+        unsafe { l.launch(grid_stride(nnz as usize * 32)) }.map_err(cuda_err)?;
+        let rows = idx.len() / k.max(1);
+        let mut l = self.stream.launch_builder(self.f("sparse_decode_grad_w"));
+        l.arg(idx).arg(val).arg(g_out).arg(&kk).arg(&d).arg(g_w_dec);
+        // SAFETY: one block per row.
+        unsafe { l.launch(per_row(rows, THREADS)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// Encoder backward over the active latents: `g_W_enc[:, idx] += x[r] * g_pre[r, j]`,
+    /// `g_b_enc[idx] += g_pre[r, j]`; `W_enc` is `[d_in, d_sae]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_encode_backward(
+        &self,
+        idx: &CudaSlice<i32>,
+        g_pre: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        k: usize,
+        d_in: usize,
+        d_sae: usize,
+        g_w_enc: &mut CudaSlice<f32>,
+        g_b_enc: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        let rows = idx.len() / k.max(1);
+        let (kk, d, m) = (k as i32, d_in as i32, d_sae as i32);
+        let mut l = self.stream.launch_builder(self.f("sparse_encode_grad"));
+        l.arg(idx)
+            .arg(g_pre)
+            .arg(x)
+            .arg(&kk)
+            .arg(&d)
+            .arg(&m)
+            .arg(g_w_enc)
+            .arg(g_b_enc);
+        // SAFETY: one block per row.
+        unsafe { l.launch(per_row(rows, THREADS)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// Per-row squared error of `a - b` (`[rows, d_in]`), and of the dense latents `s`
+    /// `[rows, d_sae]` the L1 (weighted by `w` per latent) and L0: three `[rows]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn row_losses(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        d_in: usize,
+        s: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        d_sae: usize,
+    ) -> Result<[Vec<f32>; 3], KernelError> {
+        let rows = a.len() / d_in;
+        let mut out: Vec<CudaSlice<f32>> = (0..3)
+            .map(|_| self.zeros::<f32>(rows))
+            .collect::<Result<_, _>>()?;
+        let (d, m) = (d_in as i32, d_sae as i32);
+        let [sq, l1, l0] = &mut out[..] else {
+            unreachable!()
+        };
+        let mut l = self.stream.launch_builder(self.f("row_losses"));
+        l.arg(a)
+            .arg(b)
+            .arg(&d)
+            .arg(s)
+            .arg(w)
+            .arg(&m)
+            .arg(sq)
+            .arg(l1)
+            .arg(l0);
+        // SAFETY: one block per row; outputs hold rows.
+        unsafe { l.launch(per_row(rows, THREADS)) }.map_err(cuda_err)?;
+        Ok([
+            self.download(&out[0])?,
+            self.download(&out[1])?,
+            self.download(&out[2])?,
+        ])
+    }
+
+    /// L2 norm of each row of `w` `[rows, cols]`.
+    pub fn row_norms(&self, w: &CudaSlice<f32>, cols: usize) -> Result<Vec<f32>, KernelError> {
+        let rows = w.len() / cols;
+        let mut norms = self.zeros::<f32>(rows)?;
+        let c = cols as i32;
+        let mut l = self.stream.launch_builder(self.f("row_norms"));
+        l.arg(w).arg(&c).arg(&mut norms);
+        // SAFETY: one block per row.
+        unsafe { l.launch(per_row(rows, THREADS)) }.map_err(cuda_err)?;
+        self.download(&norms)
+    }
+
+    /// Removes from each row of `g` its component along the same row of `w`.
+    pub fn remove_parallel_grad(
+        &self,
+        w: &CudaSlice<f32>,
+        g: &mut CudaSlice<f32>,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        let rows = w.len() / cols;
+        let c = cols as i32;
+        let mut l = self.stream.launch_builder(self.f("remove_parallel_grad"));
+        l.arg(w).arg(g).arg(&c);
+        // SAFETY: one block per row.
+        unsafe { l.launch(per_row(rows, THREADS)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// Sum of squares of `g` (accumulated in f64).
+    pub fn sum_squares(&self, g: &CudaSlice<f32>) -> Result<f64, KernelError> {
+        let mut out = self.zeros::<f64>(1)?;
+        let n = g.len() as i64;
+        let mut l = self.stream.launch_builder(self.f("sum_squares"));
+        l.arg(g).arg(&n).arg(&mut out);
+        // SAFETY: grid-stride over n; out is one value.
+        unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
+        Ok(self.download(&out)?[0])
+    }
+
+    /// One torch Adam step (`step` from 1) with the gradient scaled by `clip`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adam(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        lr: f64,
+        betas: (f64, f64),
+        eps: f64,
+        step: u64,
+        clip: f32,
+    ) -> Result<(), KernelError> {
+        let n = p.len() as i64;
+        let bc1 = (1.0 - betas.0.powi(step as i32)) as f32;
+        let bc2_sqrt = (1.0 - betas.1.powi(step as i32)).sqrt() as f32;
+        let (lr, b1, b2, eps) = (lr as f32, betas.0 as f32, betas.1 as f32, eps as f32);
+        let mut l = self.stream.launch_builder(self.f("adam_step"));
+        l.arg(p)
+            .arg(g)
+            .arg(m)
+            .arg(v)
+            .arg(&n)
+            .arg(&lr)
+            .arg(&b1)
+            .arg(&b2)
+            .arg(&eps);
+        l.arg(&bc1).arg(&bc2_sqrt).arg(&clip);
+        // SAFETY: grid-stride over n; all four buffers hold n.
+        unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+}

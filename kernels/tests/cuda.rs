@@ -1,0 +1,328 @@
+//! The CUDA kernels against the CPU ops (feature `cuda`).
+//!
+//! `nvrtc_compiles_every_kernel` needs only NVRTC (no GPU): it runs wherever libnvrtc
+//! loads, and fails instead of skipping when `SAESTREAM_REQUIRE_NVRTC=1` (CI sets it
+//! after installing NVRTC). The `cuda_*` tests need a device; without one they print
+//! that they were skipped and pass, and the device machine runs them for real
+//! (`SAESTREAM_REQUIRE_CUDA=1` makes a missing device a failure there).
+#![cfg(feature = "cuda")]
+
+use kernels::cuda::{self, Cuda};
+use kernels::ops;
+use kernels::{Csr, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+fn required(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+fn device() -> Option<Cuda> {
+    match Cuda::new(0) {
+        Ok(c) => Some(c),
+        Err(e) if !required("SAESTREAM_REQUIRE_CUDA") => {
+            eprintln!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("SAESTREAM_REQUIRE_CUDA=1 but {e}"),
+    }
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn tensor(v: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(&Device::Cpu, shape, v).unwrap()
+}
+
+/// |a - b| <= tol * max(1, max |b|), elementwise; names the first failure.
+fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = b.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * scale,
+            "{what}[{i}]: cuda {x} vs cpu {y}"
+        );
+    }
+}
+
+#[test]
+fn nvrtc_compiles_every_kernel() {
+    if !cuda::nvrtc_present() {
+        assert!(
+            !required("SAESTREAM_REQUIRE_NVRTC"),
+            "SAESTREAM_REQUIRE_NVRTC=1 but libnvrtc cannot be loaded"
+        );
+        eprintln!("skipped: libnvrtc cannot be loaded here");
+        return;
+    }
+    let ptx = cuda::compile().unwrap().to_src();
+    for k in cuda::KERNELS {
+        assert!(
+            ptx.contains(&format!(".entry {k}(")),
+            "no entry for {k} in the PTX"
+        );
+    }
+}
+
+#[test]
+fn cuda_topk_rows_matches_cpu() {
+    let Some(gpu) = device() else { return };
+    for (rows, cols, k) in [(7, 100, 1), (33, 4096, 32), (5, 24576, 512), (3, 50, 50)] {
+        let x = random(rows * cols, 1);
+        let mut cpu = Csr::empty(&Device::Cpu);
+        ops::topk_rows(&tensor(x.clone(), &[rows, cols]), k, None, &mut cpu);
+        let (idx, val) = gpu
+            .topk_rows(&gpu.upload(&x).unwrap(), rows, cols, k)
+            .unwrap();
+        let idx: Vec<u32> = gpu
+            .download(&idx)
+            .unwrap()
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        assert_eq!(idx, cpu.indices_to_vec(), "indices {rows}x{cols} k={k}");
+        // Exact: the kernel copies the selected values.
+        assert_eq!(gpu.download(&val).unwrap(), cpu.values().to_vec());
+    }
+}
+
+#[test]
+fn cuda_batch_topk_threshold_matches_cpu() {
+    let Some(gpu) = device() else { return };
+    let (rows, cols, total) = (64, 2048, 64 * 32);
+    let x: Vec<f32> = random(rows * cols, 2)
+        .into_iter()
+        .map(|v| v.max(0.0))
+        .collect();
+    let key = gpu
+        .kth_largest_key(&gpu.upload(&x).unwrap(), total)
+        .unwrap()
+        .unwrap();
+    let mut sorted = x.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let u = sorted[total - 1].to_bits();
+    let want = if u & 0x8000_0000 != 0 {
+        !u
+    } else {
+        u | 0x8000_0000
+    };
+    assert_eq!(key, want, "the {total}-th largest value's key");
+}
+
+#[test]
+fn cuda_bias_activations_match_cpu() {
+    let Some(gpu) = device() else { return };
+    let (rows, cols) = (37, 300);
+    let x = random(rows * cols, 3);
+    let b = random(cols, 4);
+    let thr: Vec<f32> = random(cols, 5).iter().map(|t| t.abs() * 0.5).collect();
+    let mut pre_cpu = tensor(x.clone(), &[rows, cols]);
+    ops::add_row_vec(&mut pre_cpu, &tensor(b.clone(), &[cols]), 1.0);
+    let mut relu = Tensor::zeros(&Device::Cpu, &[rows, cols]);
+    ops::relu(&pre_cpu, &mut relu);
+    let mut jump = Tensor::zeros(&Device::Cpu, &[rows, cols]);
+    ops::jumprelu(&pre_cpu, &tensor(thr.clone(), &[cols]), &mut jump);
+
+    let (db, dthr) = (gpu.upload(&b).unwrap(), gpu.upload(&thr).unwrap());
+    let mut pre = gpu.upload(&x).unwrap();
+    let mut act = gpu.zeros::<f32>(rows * cols).unwrap();
+    gpu.bias_relu(&mut pre, &db, &mut act, cols).unwrap();
+    // The same f32 addition on both sides: exact.
+    assert_eq!(gpu.download(&pre).unwrap(), pre_cpu.to_vec());
+    assert_eq!(gpu.download(&act).unwrap(), relu.to_vec());
+    let mut pre = gpu.upload(&x).unwrap();
+    gpu.bias_jumprelu(&mut pre, &db, &dthr, &mut act, cols)
+        .unwrap();
+    assert_eq!(gpu.download(&act).unwrap(), jump.to_vec());
+}
+
+#[test]
+fn cuda_sparse_decode_and_backward_match_cpu() {
+    let Some(gpu) = device() else { return };
+    let (rows, d_in, d_sae, k) = (48, 96, 1024, 16);
+    let pre = random(rows * d_sae, 6);
+    let w_dec = random(d_sae * d_in, 7);
+    let b_dec = random(d_in, 9);
+    let x = random(rows * d_in, 10);
+    let g_out = random(rows * d_in, 11);
+    let mut acts = Csr::empty(&Device::Cpu);
+    ops::topk_rows(&tensor(pre.clone(), &[rows, d_sae]), k, None, &mut acts);
+    let w_dec_t = tensor(w_dec.clone(), &[d_sae, d_in]);
+
+    // Forward: b_dec + acts @ W_dec.
+    let mut out_cpu = Tensor::zeros(&Device::Cpu, &[rows, d_in]);
+    ops::csr_matmul(&mut out_cpu, &acts, &w_dec_t, 1.0, 0.0);
+    ops::add_row_vec(&mut out_cpu, &tensor(b_dec.clone(), &[d_in]), 1.0);
+    let (idx, val) = gpu
+        .topk_rows(&gpu.upload(&pre).unwrap(), rows, d_sae, k)
+        .unwrap();
+    let dw = gpu.upload(&w_dec).unwrap();
+    let mut out = gpu.zeros::<f32>(rows * d_in).unwrap();
+    let db = gpu.upload(&b_dec).unwrap();
+    gpu.sparse_decode(&idx, &val, k, &dw, &db, d_in, &mut out)
+        .unwrap();
+    // Sums of k products in another order: f32 round-off only.
+    close(
+        &gpu.download(&out).unwrap(),
+        &out_cpu.to_vec(),
+        1e-5,
+        "decode",
+    );
+
+    // Backward: g_val = (g_out @ W_dec^T) at the active latents; g_W_dec = acts^T @ g_out.
+    let g_out_t = tensor(g_out.clone(), &[rows, d_in]);
+    let mut g_val_cpu = Tensor::zeros(&Device::Cpu, &[acts.nnz()]);
+    ops::csr_sampled_dot(&acts, &g_out_t, &w_dec_t, &mut g_val_cpu);
+    let mut g_w_cpu = Tensor::zeros(&Device::Cpu, &[d_sae, d_in]);
+    ops::csr_t_matmul(&mut g_w_cpu, &acts, &g_out_t, false, 1.0, 0.0);
+    let mut g_val = gpu.zeros::<f32>(rows * k).unwrap();
+    let mut g_w = gpu.zeros::<f32>(d_sae * d_in).unwrap();
+    let dg = gpu.upload(&g_out).unwrap();
+    gpu.sparse_decode_backward(&idx, &val, k, &dg, &dw, d_in, &mut g_val, &mut g_w)
+        .unwrap();
+    close(
+        &gpu.download(&g_val).unwrap(),
+        &g_val_cpu.to_vec(),
+        1e-5,
+        "g_val",
+    );
+    close(
+        &gpu.download(&g_w).unwrap(),
+        &g_w_cpu.to_vec(),
+        1e-5,
+        "g_W_dec",
+    );
+
+    // Encoder: g_W_enc = x^T @ g_pre at the active latents, g_b_enc = its column sums.
+    let g_pre = g_val_cpu.to_vec();
+    let g_pre_csr = Csr::from_parts(
+        &Device::Cpu,
+        rows,
+        d_sae,
+        acts.offsets_to_vec(),
+        acts.indices_to_vec(),
+        g_pre.clone(),
+    );
+    let mut g_we_cpu = Tensor::zeros(&Device::Cpu, &[d_in, d_sae]);
+    let x_t = tensor(x.clone(), &[rows, d_in]);
+    ops::csr_t_matmul(&mut g_we_cpu, &g_pre_csr, &x_t, true, 1.0, 0.0);
+    let mut g_be_cpu = Tensor::zeros(&Device::Cpu, &[d_sae]);
+    ops::csr_col_dot(&g_pre_csr, None, &mut g_be_cpu, 1.0, 0.0);
+    let mut g_we = gpu.zeros::<f32>(d_in * d_sae).unwrap();
+    let mut g_be = gpu.zeros::<f32>(d_sae).unwrap();
+    let (dgp, dx) = (gpu.upload(&g_pre).unwrap(), gpu.upload(&x).unwrap());
+    gpu.sparse_encode_backward(&idx, &dgp, &dx, k, d_in, d_sae, &mut g_we, &mut g_be)
+        .unwrap();
+    close(
+        &gpu.download(&g_we).unwrap(),
+        &g_we_cpu.to_vec(),
+        1e-5,
+        "g_W_enc",
+    );
+    close(
+        &gpu.download(&g_be).unwrap(),
+        &g_be_cpu.to_vec(),
+        1e-5,
+        "g_b_enc",
+    );
+}
+
+#[test]
+fn cuda_losses_norms_and_parallel_grad_match_cpu() {
+    let Some(gpu) = device() else { return };
+    let (rows, d_in, d_sae) = (20, 64, 512);
+    let a = random(rows * d_in, 12);
+    let b = random(rows * d_in, 13);
+    let s: Vec<f32> = random(rows * d_sae, 14)
+        .iter()
+        .map(|v| v.max(0.0))
+        .collect();
+    let w = random(d_sae, 15);
+    let up = |v: &[f32]| gpu.upload(v).unwrap();
+    let [sq, l1, l0] = gpu
+        .row_losses(&up(&a), &up(&b), d_in, &up(&s), &up(&w), d_sae)
+        .unwrap();
+    let mut err = Tensor::zeros(&Device::Cpu, &[rows, d_in]);
+    ops::sq_err(
+        &tensor(a.clone(), &[rows, d_in]),
+        &tensor(b.clone(), &[rows, d_in]),
+        None,
+        &mut err,
+    );
+    let sq_cpu: Vec<f32> = err.to_vec().chunks(d_in).map(|r| r.iter().sum()).collect();
+    close(&sq, &sq_cpu, 1e-5, "squared error");
+    let l1_cpu: Vec<f32> = s
+        .chunks(d_sae)
+        .map(|r| r.iter().zip(&w).map(|(v, w)| v.abs() * w).sum())
+        .collect();
+    close(&l1, &l1_cpu, 1e-5, "weighted L1");
+    let l0_cpu: Vec<f32> = s
+        .chunks(d_sae)
+        .map(|r| r.iter().filter(|v| **v != 0.0).count() as f32)
+        .collect();
+    assert_eq!(l0, l0_cpu);
+
+    let wd = random(d_sae * d_in, 16);
+    let mut norms_cpu = Tensor::zeros(&Device::Cpu, &[d_sae]);
+    ops::row_norms(&tensor(wd.clone(), &[d_sae, d_in]), &mut norms_cpu);
+    let dwd = up(&wd);
+    close(
+        &gpu.row_norms(&dwd, d_in).unwrap(),
+        &norms_cpu.to_vec(),
+        1e-6,
+        "row norms",
+    );
+
+    let g = random(d_sae * d_in, 17);
+    let mut dg = up(&g);
+    gpu.remove_parallel_grad(&dwd, &mut dg, d_in).unwrap();
+    let g2 = gpu.download(&dg).unwrap();
+    // Independent check: what is left is orthogonal to its decoder row.
+    for (r, (gr, wr)) in g2.chunks(d_in).zip(wd.chunks(d_in)).enumerate() {
+        let dot: f32 = gr.iter().zip(wr).map(|(a, b)| a * b).sum();
+        let norm: f32 = wr.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!(dot.abs() <= 1e-4 * norm, "row {r}: g.w = {dot}");
+    }
+    let total = gpu.sum_squares(&up(&g)).unwrap();
+    let want = ops::sum_squares(&tensor(g.clone(), &[g.len()]));
+    assert!((total - want).abs() <= 1e-5 * want, "{total} vs {want}");
+}
+
+#[test]
+fn cuda_adam_matches_cpu() {
+    let Some(gpu) = device() else { return };
+    let n = 10_000;
+    let mut p_cpu = tensor(random(n, 18), &[n]);
+    let mut m_cpu = Tensor::zeros(&Device::Cpu, &[n]);
+    let mut v_cpu = Tensor::zeros(&Device::Cpu, &[n]);
+    let mut p = gpu.upload(&p_cpu.to_vec()).unwrap();
+    let mut m = gpu.zeros::<f32>(n).unwrap();
+    let mut v = gpu.zeros::<f32>(n).unwrap();
+    for step in 1..=5u64 {
+        let g = random(n, 100 + step);
+        let g_cpu = tensor(g.clone(), &[n]);
+        ops::adam(
+            &mut p_cpu, &g_cpu, &mut m_cpu, &mut v_cpu, 3e-4, 0.9, 0.999, 1e-8, step,
+        );
+        let dg = gpu.upload(&g).unwrap();
+        gpu.adam(
+            &mut p,
+            &dg,
+            &mut m,
+            &mut v,
+            3e-4,
+            (0.9, 0.999),
+            1e-8,
+            step,
+            1.0,
+        )
+        .unwrap();
+    }
+    // f32 on both sides; sqrt and division may round differently in the last bit.
+    close(&gpu.download(&p).unwrap(), &p_cpu.to_vec(), 1e-6, "param");
+    close(&gpu.download(&m).unwrap(), &m_cpu.to_vec(), 1e-6, "m");
+    close(&gpu.download(&v).unwrap(), &v_cpu.to_vec(), 1e-6, "v");
+}
