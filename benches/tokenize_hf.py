@@ -1,8 +1,10 @@
 """Python side of `tokenizer bench`: HF `tokenizers` `encode_batch` over the same corpus
 with the same tokenizer.json (tokenize only; SAELens's packing loop in Python is slower
-still), with 1 and 2 threads (RAYON_RS_NUM_THREADS).
+still), with 1 and 2 threads (RAYON_RS_NUM_THREADS). For one thread, pin both sides to one core
+(`taskset -c 0`): unpinned, HF's "1 thread" measured faster than one core can be.
 
-    RAYON_RS_NUM_THREADS=1 python benches/tokenize_hf.py tests/fixtures/pretok/corpus.jsonl tests/fixtures/tiny-gpt2/tokenizer.json
+    RAYON_RS_NUM_THREADS=1 taskset -c 0 python benches/tokenize_hf.py tests/fixtures/pretok/corpus.jsonl tests/fixtures/tiny-gpt2/tokenizer.json
+    taskset -c 0 tokenizer bench --dataset tests/fixtures/pretok/corpus.jsonl --tokenizer tests/fixtures/tiny-gpt2 --threads 1
 """
 
 import json
