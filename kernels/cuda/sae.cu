@@ -153,14 +153,14 @@ extern "C" __global__ void radix_hist(const float* x, long long n, unsigned int 
         if (local[i]) atomicAdd(&hist[i], (unsigned long long)local[i]);
 }
 
-// Keeps x where its key is above `key` (BatchTopK with a known threshold key);
-// zero elsewhere. Grid-stride.
-extern "C" __global__ void keep_above_key(const float* x, float* out, long long n,
+// Keeps x where its key is at least `key` (BatchTopK: `key` is the k-th largest's, so
+// exactly k values stay unless values tie at the threshold); zero elsewhere. Grid-stride.
+extern "C" __global__ void keep_from_key(const float* x, float* out, long long n,
                                           unsigned int key) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         float v = x[i];
-        out[i] = float_key(v) > key ? v : 0.f;
+        out[i] = float_key(v) >= key ? v : 0.f;
     }
 }
 

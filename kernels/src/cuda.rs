@@ -7,6 +7,8 @@
 //! them into [`crate::Tensor`] and the op dispatch is the next step.
 
 use crate::KernelError;
+use cudarc::cublas::sys::{cublasMath_t, cublasOperation_t};
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
@@ -24,7 +26,7 @@ pub const KERNELS: &[&str] = &[
     "mask_cols",
     "topk_rows",
     "radix_hist",
-    "keep_above_key",
+    "keep_from_key",
     "sparse_decode",
     "sparse_decode_grad_val",
     "sparse_decode_grad_w",
@@ -93,9 +95,10 @@ fn per_row(rows: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// One device: its stream and the compiled kernels.
+/// One device: its stream, cuBLAS on that stream, and the compiled kernels.
 pub struct Cuda {
     pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
     funcs: HashMap<&'static str, CudaFunction>,
 }
 
@@ -114,14 +117,23 @@ impl Cuda {
                 "cuda:{ordinal} asked for, but {count} CUDA device(s) are present"
             )));
         }
+        // SAFETY: only tries to open the shared library.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(KernelError::Cuda(
+                "cuBLAS (libcublas) cannot be loaded: install the CUDA runtime libraries".into(),
+            ));
+        }
         let ctx = CudaContext::new(ordinal).map_err(cuda_err)?;
         let module = ctx.load_module(compile()?).map_err(cuda_err)?;
         let mut funcs = HashMap::new();
         for &name in KERNELS {
             funcs.insert(name, module.load_function(name).map_err(cuda_err)?);
         }
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(cuda_err)?;
         Ok(Cuda {
-            stream: ctx.default_stream(),
+            stream,
+            blas,
             funcs,
         })
     }
@@ -149,6 +161,94 @@ impl Cuda {
         n: usize,
     ) -> Result<CudaSlice<T>, KernelError> {
         self.stream.alloc_zeros(n).map_err(cuda_err)
+    }
+
+    /// Lets cuBLAS use TF32 tensor cores for f32 GEMMs (10-bit mantissa products,
+    /// f32 accumulation), or not (exact f32, the default).
+    pub fn set_tf32(&self, on: bool) -> Result<(), KernelError> {
+        let mode = if on {
+            cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is live for as long as `self`.
+        let status = unsafe { cudarc::cublas::sys::cublasSetMathMode(*self.blas.handle(), mode) };
+        status.result().map_err(cuda_err)
+    }
+
+    /// Row-major `out[m, n] = alpha * op(a) @ op(b) + beta * out`, `op(a)` `[m, k]`,
+    /// `op(b)` `[k, n]` (the CPU `ops::matmul` contract), on cuBLAS's column-major GEMM
+    /// as `out^T = op(b)^T @ op(a)^T`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        trans_a: bool,
+        b: &CudaSlice<f32>,
+        trans_b: bool,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), KernelError> {
+        assert!(
+            a.len() == m * k && b.len() == k * n && out.len() == m * n,
+            "matmul shapes"
+        );
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let cfg = GemmConfig {
+            transa: op(trans_b),
+            transb: op(trans_a),
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha,
+            lda: if trans_b { k } else { n } as i32,
+            ldb: if trans_a { m } else { k } as i32,
+            beta,
+            ldc: n as i32,
+        };
+        // SAFETY: the lengths were checked against the shapes above.
+        unsafe { self.blas.gemm(cfg, b, a, out) }.map_err(cuda_err)
+    }
+
+    /// Sets `x` to -inf in every column where `mask` is 0 (AuxK: only dead latents
+    /// compete in the following top-k).
+    pub fn mask_cols(
+        &self,
+        x: &mut CudaSlice<f32>,
+        mask: &CudaSlice<u8>,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        let n = x.len() as i64;
+        let c = cols as i32;
+        let mut l = self.stream.launch_builder(self.f("mask_cols"));
+        l.arg(x).arg(mask).arg(&n).arg(&c);
+        // SAFETY: grid-stride over n; mask holds cols.
+        unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// `out = x` where `x`'s order key is at least `key`, else 0 (batch top-k's
+    /// selection once [`Cuda::kth_largest_key`] has found the threshold).
+    pub fn keep_from_key(
+        &self,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        key: u32,
+    ) -> Result<(), KernelError> {
+        let n = x.len() as i64;
+        let mut l = self.stream.launch_builder(self.f("keep_from_key"));
+        l.arg(x).arg(out).arg(&n).arg(&key);
+        // SAFETY: grid-stride over n; out holds n.
+        unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
+        Ok(())
     }
 
     /// `pre += b` (per column), `act = relu(pre)`; `pre` is `[n / cols, cols]`.

@@ -326,3 +326,80 @@ fn cuda_adam_matches_cpu() {
     close(&gpu.download(&m).unwrap(), &m_cpu.to_vec(), 1e-6, "m");
     close(&gpu.download(&v).unwrap(), &v_cpu.to_vec(), 1e-6, "v");
 }
+
+#[test]
+fn cuda_gemm_matches_cpu_in_every_orientation() {
+    let Some(gpu) = device() else { return };
+    let (m, n, k) = (65, 130, 97);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let a = random(m * k, 20);
+        let b = random(k * n, 21);
+        let c0 = random(m * n, 22);
+        let a_shape: &[usize] = if ta { &[k, m] } else { &[m, k] };
+        let b_shape: &[usize] = if tb { &[n, k] } else { &[k, n] };
+        let mut want = tensor(c0.clone(), &[m, n]);
+        ops::matmul(
+            &mut want,
+            &tensor(a.clone(), a_shape),
+            ta,
+            &tensor(b.clone(), b_shape),
+            tb,
+            0.5,
+            2.0,
+        );
+        for tf32 in [false, true] {
+            gpu.set_tf32(tf32).unwrap();
+            let mut out = gpu.upload(&c0).unwrap();
+            let (da, db) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap());
+            gpu.matmul(&mut out, &da, ta, &db, tb, (m, n, k), 0.5, 2.0)
+                .unwrap();
+            // f32: summation order only. TF32 rounds inputs to 10 mantissa bits
+            // (relative 2^-11 per product, over k = 97 terms of size <= 1).
+            let tol = if tf32 { 2e-2 } else { 1e-5 };
+            let what = format!("matmul ta={ta} tb={tb} tf32={tf32}");
+            close(&gpu.download(&out).unwrap(), &want.to_vec(), tol, &what);
+        }
+    }
+}
+
+#[test]
+fn cuda_auxk_and_batch_topk_selection_match_cpu() {
+    let Some(gpu) = device() else { return };
+    let (rows, cols, k) = (16, 700, 8);
+    let x = random(rows * cols, 23);
+    // AuxK: only the columns marked dead compete.
+    let dead: Vec<u8> = (0..cols).map(|c| (c % 3 == 0) as u8).collect();
+    let mask_t = tensor(dead.iter().map(|&d| d as f32).collect(), &[cols]);
+    let mut cpu = Csr::empty(&Device::Cpu);
+    ops::topk_rows(
+        &tensor(x.clone(), &[rows, cols]),
+        k,
+        Some(&mask_t),
+        &mut cpu,
+    );
+    let mut dx = gpu.upload(&x).unwrap();
+    gpu.mask_cols(&mut dx, &gpu.upload(&dead).unwrap(), cols)
+        .unwrap();
+    let (idx, val) = gpu.topk_rows(&dx, rows, cols, k).unwrap();
+    let idx: Vec<u32> = gpu
+        .download(&idx)
+        .unwrap()
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    assert_eq!(idx, cpu.indices_to_vec());
+    assert_eq!(gpu.download(&val).unwrap(), cpu.values().to_vec());
+
+    // Batch top-k on ReLU outputs: the same entries as the CPU op.
+    let relu: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+    let total = rows * k;
+    let mut cpu = Csr::empty(&Device::Cpu);
+    ops::batch_topk(&tensor(relu.clone(), &[rows, cols]), total, &mut cpu);
+    let mut dense = Tensor::zeros(&Device::Cpu, &[rows, cols]);
+    ops::csr_to_dense(&cpu, &mut dense);
+    let dr = gpu.upload(&relu).unwrap();
+    let key = gpu.kth_largest_key(&dr, total).unwrap().unwrap();
+    let mut out = gpu.zeros::<f32>(rows * cols).unwrap();
+    gpu.keep_from_key(&dr, &mut out, key).unwrap();
+    assert_eq!(gpu.download(&out).unwrap(), dense.to_vec());
+}
