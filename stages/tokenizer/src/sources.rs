@@ -10,10 +10,11 @@ use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch, RecordBatchReader, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Rows per record batch read from a file.
 pub const BATCH_ROWS: usize = 1024;
@@ -64,6 +65,8 @@ pub struct Dataset {
     /// As the user named it (a file, directory or glob).
     pub spec: PathBuf,
     pub files: Vec<PathBuf>,
+    /// JSON-lines schemas already inferred (inference reads the whole file).
+    inferred: Arc<Mutex<HashMap<PathBuf, SchemaRef>>>,
 }
 
 /// A stream of record batches, each with the file it came from.
@@ -97,6 +100,7 @@ impl Dataset {
         Ok(Dataset {
             spec: spec.to_path_buf(),
             files,
+            inferred: Default::default(),
         })
     }
 
@@ -114,14 +118,14 @@ impl Dataset {
 
     /// The first file's schema (every file is expected to hold the chosen column).
     pub fn schema(&self) -> Result<SchemaRef, SourceError> {
-        Ok(open_file(&self.files[0])?.0)
+        Ok(open_file(&self.files[0], &self.inferred)?.0)
     }
 
     /// Every record batch of every file, in order, one file open at a time.
     pub fn batches(&self) -> Batches {
-        let files = self.files.clone();
-        Box::new(files.into_iter().flat_map(|f| {
-            let it: Box<dyn Iterator<Item = _> + Send> = match open_file(&f) {
+        let (files, inferred) = (self.files.clone(), self.inferred.clone());
+        Box::new(files.into_iter().flat_map(move |f| {
+            let it: Box<dyn Iterator<Item = _> + Send> = match open_file(&f, &inferred) {
                 Ok((_, batches)) => Box::new(batches.map(move |b| b.map(|b| (f.clone(), b)))),
                 Err(e) => Box::new(std::iter::once(Err(e))),
             };
@@ -210,12 +214,26 @@ fn open(path: &Path) -> Result<File, SourceError> {
 }
 
 /// Opens one file: its schema and a reader of its record batches.
-fn open_file(path: &Path) -> Result<(SchemaRef, FileBatches), SourceError> {
+fn open_file(
+    path: &Path,
+    inferred: &Mutex<HashMap<PathBuf, SchemaRef>>,
+) -> Result<(SchemaRef, FileBatches), SourceError> {
     let p = path.to_path_buf();
     let wrap = move |e: arrow_schema::ArrowError| err(&p, e);
     match kind(path) {
         Some(Kind::Jsonl) => {
-            let schema = Arc::new(jsonl_schema(path)?);
+            let known = inferred.lock().unwrap().get(path).cloned();
+            let schema = match known {
+                Some(s) => s,
+                None => {
+                    let s = Arc::new(jsonl_schema(path)?);
+                    inferred
+                        .lock()
+                        .unwrap()
+                        .insert(path.to_path_buf(), s.clone());
+                    s
+                }
+            };
             let reader = arrow_json::ReaderBuilder::new(schema.clone())
                 .with_batch_size(BATCH_ROWS)
                 .build(BufReader::new(open(path)?))
