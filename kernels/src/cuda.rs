@@ -295,8 +295,9 @@ impl Cuda {
         k: usize,
     ) -> Result<(CudaSlice<i32>, CudaSlice<f32>), KernelError> {
         assert!(k <= cols && x.len() == rows * cols, "topk_rows shapes");
-        let mut idx = self.zeros::<i32>(rows * k)?;
-        let mut val = self.zeros::<f32>(rows * k)?;
+        // Poisoned, so that an unwritten slot cannot pass for a chosen latent.
+        let mut idx = self.upload(&vec![-1i32; rows * k])?;
+        let mut val = self.upload(&vec![f32::NAN; rows * k])?;
         let (c, kk) = (cols as i32, k as i32);
         let mut l = self.stream.launch_builder(self.f("topk_rows"));
         l.arg(x).arg(&c).arg(&kk).arg(&mut idx).arg(&mut val);

@@ -128,12 +128,14 @@ fn cuda_bias_activations_match_cpu() {
 
     let (db, dthr) = (gpu.upload(&b).unwrap(), gpu.upload(&thr).unwrap());
     let mut pre = gpu.upload(&x).unwrap();
-    let mut act = gpu.zeros::<f32>(rows * cols).unwrap();
+    // Outputs start as NaN: an element the kernel does not write cannot pass.
+    let mut act = gpu.upload(&vec![f32::NAN; rows * cols]).unwrap();
     gpu.bias_relu(&mut pre, &db, &mut act, cols).unwrap();
     // The same f32 addition on both sides: exact.
     assert_eq!(gpu.download(&pre).unwrap(), pre_cpu.to_vec());
     assert_eq!(gpu.download(&act).unwrap(), relu.to_vec());
     let mut pre = gpu.upload(&x).unwrap();
+    let mut act = gpu.upload(&vec![f32::NAN; rows * cols]).unwrap();
     gpu.bias_jumprelu(&mut pre, &db, &dthr, &mut act, cols)
         .unwrap();
     assert_eq!(gpu.download(&act).unwrap(), jump.to_vec());
@@ -160,7 +162,7 @@ fn cuda_sparse_decode_and_backward_match_cpu() {
         .topk_rows(&gpu.upload(&pre).unwrap(), rows, d_sae, k)
         .unwrap();
     let dw = gpu.upload(&w_dec).unwrap();
-    let mut out = gpu.zeros::<f32>(rows * d_in).unwrap();
+    let mut out = gpu.upload(&vec![f32::NAN; rows * d_in]).unwrap();
     let db = gpu.upload(&b_dec).unwrap();
     gpu.sparse_decode(&idx, &val, k, &dw, &db, d_in, &mut out)
         .unwrap();
@@ -178,7 +180,7 @@ fn cuda_sparse_decode_and_backward_match_cpu() {
     ops::csr_sampled_dot(&acts, &g_out_t, &w_dec_t, &mut g_val_cpu);
     let mut g_w_cpu = Tensor::zeros(&Device::Cpu, &[d_sae, d_in]);
     ops::csr_t_matmul(&mut g_w_cpu, &acts, &g_out_t, false, 1.0, 0.0);
-    let mut g_val = gpu.zeros::<f32>(rows * k).unwrap();
+    let mut g_val = gpu.upload(&vec![f32::NAN; rows * k]).unwrap();
     let mut g_w = gpu.zeros::<f32>(d_sae * d_in).unwrap();
     let dg = gpu.upload(&g_out).unwrap();
     gpu.sparse_decode_backward(&idx, &val, k, &dg, &dw, d_in, &mut g_val, &mut g_w)
@@ -399,7 +401,7 @@ fn cuda_auxk_and_batch_topk_selection_match_cpu() {
     ops::csr_to_dense(&cpu, &mut dense);
     let dr = gpu.upload(&relu).unwrap();
     let key = gpu.kth_largest_key(&dr, total).unwrap().unwrap();
-    let mut out = gpu.zeros::<f32>(rows * cols).unwrap();
+    let mut out = gpu.upload(&vec![f32::NAN; rows * cols]).unwrap();
     gpu.keep_from_key(&dr, &mut out, key).unwrap();
     assert_eq!(gpu.download(&out).unwrap(), dense.to_vec());
 }

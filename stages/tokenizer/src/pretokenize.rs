@@ -87,12 +87,14 @@ pub fn run(a: &PretokenizeArgs) -> Result<Value> {
         w.write(&batch)?;
         Ok(())
     };
+    let bar = windows.progress("pretokenize");
     if a.shuffle {
         // As SAELens, the packed rows are shuffled (not the documents): all of them
         // are held, as token ids only.
         let mut all: Vec<Vec<u32>> = Vec::new();
-        for chunk in windows.by_ref() {
+        while let Some(chunk) = windows.next() {
             all.extend(chunk?);
+            windows.show(&bar);
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.tokens.seed.unwrap_or(0));
         all.shuffle(&mut rng);
@@ -100,10 +102,12 @@ pub fn run(a: &PretokenizeArgs) -> Result<Value> {
             write(rows)?;
         }
     } else {
-        for chunk in windows.by_ref() {
+        while let Some(chunk) = windows.next() {
             write(&chunk?)?;
+            windows.show(&bar);
         }
     }
+    bar.finish_and_clear();
     let c = windows.finish()?;
     writer.expect("rows were written").close()?;
     std::fs::write(

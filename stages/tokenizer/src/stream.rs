@@ -29,12 +29,15 @@ pub fn run(a: &StreamArgs) -> Result<Value> {
     let staged = pipeline::staging::Staged::file(&a.output)?;
     let mut w =
         arrow_ipc::writer::FileWriter::try_new(std::fs::File::create(&staged.tmp)?, &schema)?;
-    for chunk in windows.by_ref() {
+    let bar = windows.progress("stream");
+    while let Some(chunk) = windows.next() {
         let chunk = chunk?;
         if !chunk.is_empty() {
             w.write(&tokens_batch(&schema, &chunk)?)?;
         }
+        windows.show(&bar);
     }
+    bar.finish_and_clear();
     let c = windows.finish()?;
     w.finish()?;
     staged.commit()?;

@@ -327,6 +327,28 @@ impl TokenWindows {
         group_end.min(shard_end)
     }
 
+    /// A progress line on stderr (hidden when stderr is not a terminal); call
+    /// [`TokenWindows::show`] after each chunk.
+    pub fn progress(&self, what: &str) -> indicatif::ProgressBar {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{what} {{spinner}} {{pos}} documents {{msg}} {{elapsed}}"
+            ))
+            .expect("valid template"),
+        );
+        bar
+    }
+
+    /// Updates a bar from [`TokenWindows::progress`].
+    pub fn show(&self, bar: &indicatif::ProgressBar) {
+        bar.set_position(self.counts.documents as u64);
+        bar.set_message(format!(
+            "{} tokens, {} windows",
+            self.counts.document_tokens, self.counts.windows
+        ));
+    }
+
     /// The totals once the stream is drained; an error if no window came out.
     pub fn finish(&self) -> Result<Counts> {
         let c = self.counts.clone();

@@ -223,6 +223,25 @@ fn a_trained_tokenizer_round_trips_and_mismatches_are_caught() {
     assert!(ids.iter().all(|&i| i < 600));
     assert_eq!(t.tokenizer.decode(&ids, false).unwrap(), text);
     assert_eq!(t.max_context().unwrap().0, 512);
+    // Trained on a query's documents only.
+    #[cfg(feature = "sql")]
+    {
+        let q = ok(&[
+            "train",
+            "--dataset",
+            s(&corpus),
+            "--query",
+            "SELECT text FROM data WHERE length(text) > 500",
+            "--vocab-size",
+            "300",
+            "--output",
+            s(&p("tok_q")),
+        ]);
+        assert_eq!(
+            q["documents"], 208,
+            "the documents longer than 500 characters"
+        );
+    }
     let e = fails(&["train", "--dataset", s(&corpus), "--output", s(&p("tok"))]);
     assert!(e.contains("already exists"), "{e}");
     let e = fails(&[
