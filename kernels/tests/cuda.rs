@@ -48,6 +48,11 @@ fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     }
 }
 
+/// [`close`] for a device buffer against a CPU tensor.
+fn close_dev(gpu: &Cuda, dev: &cudarc::driver::CudaSlice<f32>, cpu: &Tensor, tol: f32, what: &str) {
+    close(&gpu.download(dev).unwrap(), &cpu.to_vec(), tol, what);
+}
+
 #[test]
 fn nvrtc_compiles_every_kernel() {
     if !cuda::nvrtc_present() {
@@ -167,12 +172,7 @@ fn cuda_sparse_decode_and_backward_match_cpu() {
     gpu.sparse_decode(&idx, &val, k, &dw, &db, d_in, &mut out)
         .unwrap();
     // Sums of k products in another order: f32 round-off only.
-    close(
-        &gpu.download(&out).unwrap(),
-        &out_cpu.to_vec(),
-        1e-5,
-        "decode",
-    );
+    close_dev(&gpu, &out, &out_cpu, 1e-5, "decode");
 
     // Backward: g_val = (g_out @ W_dec^T) at the active latents; g_W_dec = acts^T @ g_out.
     let g_out_t = tensor(g_out.clone(), &[rows, d_in]);
@@ -185,18 +185,8 @@ fn cuda_sparse_decode_and_backward_match_cpu() {
     let dg = gpu.upload(&g_out).unwrap();
     gpu.sparse_decode_backward(&idx, &val, k, &dg, &dw, d_in, &mut g_val, &mut g_w)
         .unwrap();
-    close(
-        &gpu.download(&g_val).unwrap(),
-        &g_val_cpu.to_vec(),
-        1e-5,
-        "g_val",
-    );
-    close(
-        &gpu.download(&g_w).unwrap(),
-        &g_w_cpu.to_vec(),
-        1e-5,
-        "g_W_dec",
-    );
+    close_dev(&gpu, &g_val, &g_val_cpu, 1e-5, "g_val");
+    close_dev(&gpu, &g_w, &g_w_cpu, 1e-5, "g_W_dec");
 
     // Encoder: g_W_enc = x^T @ g_pre at the active latents, g_b_enc = its column sums.
     let g_pre = g_val_cpu.to_vec();
@@ -218,18 +208,8 @@ fn cuda_sparse_decode_and_backward_match_cpu() {
     let (dgp, dx) = (gpu.upload(&g_pre).unwrap(), gpu.upload(&x).unwrap());
     gpu.sparse_encode_backward(&idx, &dgp, &dx, k, d_in, d_sae, &mut g_we, &mut g_be)
         .unwrap();
-    close(
-        &gpu.download(&g_we).unwrap(),
-        &g_we_cpu.to_vec(),
-        1e-5,
-        "g_W_enc",
-    );
-    close(
-        &gpu.download(&g_be).unwrap(),
-        &g_be_cpu.to_vec(),
-        1e-5,
-        "g_b_enc",
-    );
+    close_dev(&gpu, &g_we, &g_we_cpu, 1e-5, "g_W_enc");
+    close_dev(&gpu, &g_be, &g_be_cpu, 1e-5, "g_b_enc");
 }
 
 #[test]
