@@ -186,16 +186,19 @@ extern "C" __global__ void sparse_decode(const int* idx, const float* val, int k
 extern "C" __global__ void sparse_decode_grad_val(const int* idx, const float* g_out,
                                                   const float* w_dec, long long nnz,
                                                   int k, int d_in, float* g_val) {
-    long long w = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    if (w >= nnz) return;
-    long long r = w / k;
-    const float* go = g_out + r * d_in;
-    const float* wd = w_dec + (long long)idx[w] * d_in;
-    float acc = 0.f;
-    for (int c = lane; c < d_in; c += 32) acc += go[c] * wd[c];
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(FULL_MASK, acc, o);
-    if (lane == 0) g_val[w] = acc;
+    long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    // Warp-stride, so that a grid capped by the host still covers every entry.
+    for (long long w = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5; w < nnz;
+         w += warps) {
+        long long r = w / k;
+        const float* go = g_out + r * d_in;
+        const float* wd = w_dec + (long long)idx[w] * d_in;
+        float acc = 0.f;
+        for (int c = lane; c < d_in; c += 32) acc += go[c] * wd[c];
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(FULL_MASK, acc, o);
+        if (lane == 0) g_val[w] = acc;
+    }
 }
 
 // g_W_dec[idx[r, j], :] += val[r, j] * g_out[r, :]: one block per row (atomics, since
@@ -323,20 +326,27 @@ extern "C" __global__ void sum_squares(const float* g, long long n, double* out)
 // ---------------------------------------------------------------------------------
 // Optimizer.
 
-// torch.optim.Adam (no weight decay, no amsgrad) on one parameter, with the gradient
-// first scaled by `clip` (torch clip_grad_norm_'s factor, 1 when not clipping):
-// m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
-// p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps), bc_i = 1 - b_i^step.
+// torch.optim.Adam (no weight decay, no amsgrad) on one parameter, operation for
+// operation as the CPU backend does it (m by torch's lerp, which switches formula at
+// |w| = 0.5), with explicit round-to-nearest intrinsics so that no multiply-add is
+// fused: the result is bit-identical to the CPU's. The gradient is first scaled by
+// `clip` (torch clip_grad_norm_'s factor; 1 when not clipping).
+// step_size = lr / (1 - b1^t), w = 1 - b1, bc2_sqrt = sqrt(1 - b2^t), all from f64.
 extern "C" __global__ void adam_step(float* p, const float* g, float* m, float* v,
-                                     long long n, float lr, float b1, float b2, float eps,
-                                     float bc1, float bc2_sqrt, float clip) {
+                                     long long n, float step_size, float w, float b2,
+                                     float one_minus_b2, float eps, float bc2_sqrt,
+                                     float clip) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        float gi = g[i] * clip;
-        float mi = b1 * m[i] + (1.f - b1) * gi;
-        float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+        float gi = clip == 1.f ? g[i] : __fmul_rn(g[i], clip);
+        float mi = m[i];
+        mi = fabsf(w) < 0.5f
+                 ? __fadd_rn(mi, __fmul_rn(w, __fsub_rn(gi, mi)))
+                 : __fsub_rn(gi, __fmul_rn(__fsub_rn(gi, mi), __fsub_rn(1.f, w)));
+        float vi = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fmul_rn(one_minus_b2, gi), gi));
         m[i] = mi;
         v[i] = vi;
-        p[i] -= (lr / bc1) * mi / (sqrtf(vi) / bc2_sqrt + eps);
+        float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+        p[i] = __fadd_rn(p[i], __fdiv_rn(__fmul_rn(-step_size, mi), denom));
     }
 }

@@ -512,7 +512,8 @@ impl Cuda {
         Ok(self.download(&out)?[0])
     }
 
-    /// One torch Adam step (`step` from 1) with the gradient scaled by `clip`.
+    /// One torch Adam step (`step` from 1) with the gradient scaled by `clip`,
+    /// bit-identical to the CPU backend's `ops::adam`.
     #[allow(clippy::too_many_arguments)]
     pub fn adam(
         &self,
@@ -527,20 +528,22 @@ impl Cuda {
         clip: f32,
     ) -> Result<(), KernelError> {
         let n = p.len() as i64;
-        let bc1 = (1.0 - betas.0.powi(step as i32)) as f32;
-        let bc2_sqrt = (1.0 - betas.1.powi(step as i32)).sqrt() as f32;
-        let (lr, b1, b2, eps) = (lr as f32, betas.0 as f32, betas.1 as f32, eps as f32);
+        // The scalars exactly as the CPU backend derives them (f64, then f32).
+        let t = step as i32;
+        let step_size = (lr / (1.0 - betas.0.powi(t))) as f32;
+        let bc2_sqrt = (1.0 - betas.1.powi(t)).sqrt() as f32;
+        let (w, b2) = ((1.0 - betas.0) as f32, betas.1 as f32);
+        let (omb2, eps) = ((1.0 - betas.1) as f32, eps as f32);
         let mut l = self.stream.launch_builder(self.f("adam_step"));
         l.arg(p)
             .arg(g)
             .arg(m)
             .arg(v)
             .arg(&n)
-            .arg(&lr)
-            .arg(&b1)
-            .arg(&b2)
-            .arg(&eps);
-        l.arg(&bc1).arg(&bc2_sqrt).arg(&clip);
+            .arg(&step_size)
+            .arg(&w)
+            .arg(&b2);
+        l.arg(&omb2).arg(&eps).arg(&bc2_sqrt).arg(&clip);
         // SAFETY: grid-stride over n; all four buffers hold n.
         unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
         Ok(())
