@@ -82,7 +82,7 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
 // Per-row top-k (k <= cols). One block per row, blockDim 1024 (a multiple of 32).
 // Finds the k-th largest key by 4 passes of 8-bit radix select, then writes the chosen
 // latents in ascending index order; among equal values the lower indices win.
-extern "C" __global__ void topk_rows(const float* x, int cols, int k, int* out_idx,
+extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int cols, int k, int* out_idx,
                                      float* out_val) {
     __shared__ unsigned int hist[256];
     __shared__ unsigned int s_prefix, s_need;
