@@ -74,6 +74,29 @@ pub fn compile() -> Result<Ptx, KernelError> {
     compile_ptx_with_opts(SOURCE, opts).map_err(cuda_err)
 }
 
+/// Checks that device `ordinal` can be used: the driver and cuBLAS load and the
+/// device exists. Names what is missing.
+pub fn probe(ordinal: usize) -> Result<(), KernelError> {
+    if !driver_present() {
+        return Err(KernelError::Cuda(
+            "the CUDA driver (libcuda) cannot be loaded: is there an NVIDIA GPU and driver?".into(),
+        ));
+    }
+    let count = CudaContext::device_count().map_err(cuda_err)?;
+    if ordinal >= count.max(0) as usize {
+        return Err(KernelError::Cuda(format!(
+            "cuda:{ordinal} asked for, but {count} CUDA device(s) are present"
+        )));
+    }
+    // SAFETY: only tries to open the shared library.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(KernelError::Cuda(
+            "cuBLAS (libcublas) cannot be loaded: install the CUDA runtime libraries".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Threads per block of the row kernels and of the grid-stride kernels.
 const THREADS: u32 = 256;
 /// Threads per block of `topk_rows` (its scans assume a multiple of 32, at most 1024).
@@ -105,24 +128,7 @@ pub struct Cuda {
 impl Cuda {
     /// Opens device `ordinal` and compiles the kernels for it.
     pub fn new(ordinal: usize) -> Result<Cuda, KernelError> {
-        if !driver_present() {
-            return Err(KernelError::Cuda(
-                "the CUDA driver (libcuda) cannot be loaded: is there an NVIDIA GPU and driver?"
-                    .into(),
-            ));
-        }
-        let count = CudaContext::device_count().map_err(cuda_err)?;
-        if ordinal >= count.max(0) as usize {
-            return Err(KernelError::Cuda(format!(
-                "cuda:{ordinal} asked for, but {count} CUDA device(s) are present"
-            )));
-        }
-        // SAFETY: only tries to open the shared library.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(KernelError::Cuda(
-                "cuBLAS (libcublas) cannot be loaded: install the CUDA runtime libraries".into(),
-            ));
-        }
+        probe(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(cuda_err)?;
         let module = ctx.load_module(compile()?).map_err(cuda_err)?;
         let mut funcs = HashMap::new();

@@ -57,11 +57,22 @@ impl Device {
         let is_cuda = s == "cuda"
             || s.strip_prefix("cuda:")
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if is_cuda {
-            Err(KernelError::NotBuiltWithCuda(s.to_string()))
-        } else {
-            Err(KernelError::UnknownDevice(s.to_string()))
+        if !is_cuda {
+            return Err(KernelError::UnknownDevice(s.to_string()));
         }
+        #[cfg(feature = "cuda")]
+        {
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map_or(0, |n| n.parse().unwrap_or(0));
+            cuda::probe(ordinal)?;
+            // The kernels exist (kernels::cuda); tensors cannot live on the device yet.
+            Err(KernelError::Cuda(format!(
+                "{s}: this build has the CUDA kernels, but tensors cannot be placed on CUDA yet; use device: cpu"
+            )))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(KernelError::NotBuiltWithCuda(s.to_string()))
     }
 }
 
@@ -94,14 +105,14 @@ mod tests {
     #[test]
     fn device_strings() {
         assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
-        assert!(matches!(
-            Device::parse("cuda:0"),
-            Err(KernelError::NotBuiltWithCuda(_))
-        ));
-        assert!(matches!(
-            Device::parse("cuda"),
-            Err(KernelError::NotBuiltWithCuda(_))
-        ));
+        // Without the feature, CUDA names the feature (with it, tests/cuda.rs checks).
+        #[cfg(not(feature = "cuda"))]
+        for d in ["cuda:0", "cuda"] {
+            assert!(matches!(
+                Device::parse(d),
+                Err(KernelError::NotBuiltWithCuda(_))
+            ));
+        }
         assert!(matches!(
             Device::parse("tpu"),
             Err(KernelError::UnknownDevice(_))

@@ -54,6 +54,23 @@ fn close_dev(gpu: &Cuda, dev: &cudarc::driver::CudaSlice<f32>, cpu: &Tensor, tol
 }
 
 #[test]
+fn cuda_device_strings_say_what_is_missing() {
+    let e = Device::parse("cuda:0").unwrap_err().to_string();
+    if !cuda::driver_present() {
+        assert!(
+            e.contains("the CUDA driver (libcuda) cannot be loaded"),
+            "{e}"
+        );
+    } else {
+        assert!(e.contains("tensors cannot be placed on CUDA yet"), "{e}");
+        let e = Device::parse("cuda:4096").unwrap_err().to_string();
+        assert!(e.contains("cuda:4096 asked for, but"), "{e}");
+    }
+    let e = Device::parse("gpu").unwrap_err().to_string();
+    assert!(e.contains("expected 'cpu', 'cuda' or 'cuda:N'"), "{e}");
+}
+
+#[test]
 fn nvrtc_compiles_every_kernel() {
     if !cuda::nvrtc_present() {
         assert!(
