@@ -82,8 +82,8 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
 // Per-row top-k (k <= cols). One block per row, blockDim 1024 (a multiple of 32).
 // Finds the k-th largest key by 4 passes of 8-bit radix select, then writes the chosen
 // latents in ascending index order; among equal values the lower indices win.
-extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int cols, int k, int* out_idx,
-                                     float* out_val) {
+extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int cols, int k,
+                                                          unsigned* out_idx, float* out_val) {
     __shared__ unsigned int hist[256];
     __shared__ unsigned int s_prefix, s_need;
     __shared__ int scratch[33];
@@ -126,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int
         int pos = block_exclusive_scan(take, scratch, &take_total);
         if (take) {
             long long o = (long long)blockIdx.x * k + written + pos;
-            out_idx[o] = c;
+            out_idx[o] = (unsigned)c;
             out_val[o] = row[c];
         }
         written += take_total;
@@ -165,74 +165,83 @@ extern "C" __global__ void keep_from_key(const float* x, float* out, long long n
 }
 
 // ---------------------------------------------------------------------------------
-// Sparse decode and its backward over the active latents only.
+// Sparse products over CSR latents (offsets[rows + 1], column indices, values), the
+// device forms of the CPU ops csr_matmul, csr_sampled_dot, csr_t_matmul, csr_col_dot:
+// the decode and the backward touch the active latents only.
 
-// out[r, :] = b_dec + sum_j val[r, j] * W_dec[idx[r, j], :]. One block per row,
-// threads over the d_in columns.
-extern "C" __global__ void sparse_decode(const int* idx, const float* val, int k,
-                                         const float* w_dec, const float* b_dec,
-                                         int d_in, float* out) {
-    const int* ri = idx + (long long)blockIdx.x * k;
-    const float* rv = val + (long long)blockIdx.x * k;
-    float* o = out + (long long)blockIdx.x * d_in;
-    for (int c = threadIdx.x; c < d_in; c += blockDim.x) {
-        float acc = b_dec ? b_dec[c] : 0.f;
-        for (int j = 0; j < k; ++j) acc += rv[j] * w_dec[(long long)ri[j] * d_in + c];
-        o[c] = acc;
-    }
+// x *= s (grid-stride): the `beta` of the accumulating products below.
+extern "C" __global__ void scale_inplace(float* x, long long n, float s) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] = s == 0.f ? 0.f : x[i] * s;
 }
 
-// g_val[r, j] = dot(g_out[r, :], W_dec[idx[r, j], :]): one warp per (r, j).
-extern "C" __global__ void sparse_decode_grad_val(const int* idx, const float* g_out,
-                                                  const float* w_dec, long long nnz,
-                                                  int k, int d_in, float* g_val) {
-    int lane = threadIdx.x & 31;
-    long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
-    // Warp-stride, so that a grid capped by the host still covers every entry.
-    for (long long w = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5; w < nnz;
-         w += warps) {
-        long long r = w / k;
-        const float* go = g_out + r * d_in;
-        const float* wd = w_dec + (long long)idx[w] * d_in;
+// x[r, c] += alpha * v[c] (grid-stride): the decoder bias.
+extern "C" __global__ void add_row_vec(float* x, const float* v, long long n, int cols,
+                                       float alpha) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] += alpha * v[i % cols];
+}
+
+// out[r, :] = beta * out[r, :] + alpha * sum_e val[e] * w[idx[e], :] over row r's
+// entries (csr_matmul; the sparse decode). One block per row, threads over d.
+extern "C" __global__ void csr_matmul(const unsigned* off, const unsigned* idx,
+                                      const float* val, const float* w, int d,
+                                      float alpha, float beta, float* out) {
+    unsigned e0 = off[blockIdx.x], e1 = off[blockIdx.x + 1];
+    float* o = out + (long long)blockIdx.x * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = 0.f;
-        for (int c = lane; c < d_in; c += 32) acc += go[c] * wd[c];
+        for (unsigned e = e0; e < e1; ++e) acc += val[e] * w[(long long)idx[e] * d + c];
+        o[c] = (beta == 0.f ? 0.f : beta * o[c]) + alpha * acc;
+    }
+}
+
+// out[e] = x[r, :] . w[idx[e], :] for each entry e of row r (csr_sampled_dot; the
+// gradient at the active latents). One block per row, one warp per entry.
+extern "C" __global__ void csr_sampled_dot(const unsigned* off, const unsigned* idx,
+                                           const float* x, const float* w, int d,
+                                           float* out) {
+    unsigned e0 = off[blockIdx.x], e1 = off[blockIdx.x + 1];
+    const float* xr = x + (long long)blockIdx.x * d;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (unsigned e = e0 + warp; e < e1; e += nw) {
+        const float* wr = w + (long long)idx[e] * d;
+        float acc = 0.f;
+        for (int c = lane; c < d; c += 32) acc += xr[c] * wr[c];
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(FULL_MASK, acc, o);
-        if (lane == 0) g_val[w] = acc;
+        if (lane == 0) out[e] = acc;
     }
 }
 
-// g_W_dec[idx[r, j], :] += val[r, j] * g_out[r, :]: one block per row (atomics, since
-// rows share latents).
-extern "C" __global__ void sparse_decode_grad_w(const int* idx, const float* val,
-                                                const float* g_out, int k, int d_in,
-                                                float* g_w_dec) {
-    const int* ri = idx + (long long)blockIdx.x * k;
-    const float* rv = val + (long long)blockIdx.x * k;
-    const float* go = g_out + (long long)blockIdx.x * d_in;
-    for (int j = 0; j < k; ++j) {
-        float v = rv[j];
+// out += alpha * A^T @ x, scattered with atomics (csr_t_matmul after scale_inplace by
+// beta; the weight gradients). out is [m, d], or [d, m] when `transposed`. One block
+// per row of A.
+extern "C" __global__ void csr_t_matmul(const unsigned* off, const unsigned* idx,
+                                        const float* val, const float* x, int d, int m,
+                                        int transposed, float alpha, float* out) {
+    unsigned e0 = off[blockIdx.x], e1 = off[blockIdx.x + 1];
+    const float* xr = x + (long long)blockIdx.x * d;
+    for (unsigned e = e0; e < e1; ++e) {
+        float v = alpha * val[e];
         if (v == 0.f) continue;
-        float* gw = g_w_dec + (long long)ri[j] * d_in;
-        for (int c = threadIdx.x; c < d_in; c += blockDim.x) atomicAdd(&gw[c], v * go[c]);
+        long long j = idx[e];
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            long long o = transposed ? (long long)c * m + j : j * d + c;
+            atomicAdd(&out[o], v * xr[c]);
+        }
     }
 }
 
-// Encoder backward over the active latents: g_W_enc[:, idx[r, j]] += x[r, :] * g_pre[r, j]
-// and g_b_enc[idx[r, j]] += g_pre[r, j]. One block per row.
-extern "C" __global__ void sparse_encode_grad(const int* idx, const float* g_pre,
-                                              const float* x, int k, int d_in, int d_sae,
-                                              float* g_w_enc, float* g_b_enc) {
-    const int* ri = idx + (long long)blockIdx.x * k;
-    const float* rg = g_pre + (long long)blockIdx.x * k;
-    const float* xr = x + (long long)blockIdx.x * d_in;
-    for (int j = 0; j < k; ++j) {
-        float g = rg[j];
-        if (g == 0.f) continue;
-        int l = ri[j];
-        if (threadIdx.x == 0 && g_b_enc) atomicAdd(&g_b_enc[l], g);
-        for (int c = threadIdx.x; c < d_in; c += blockDim.x)
-            atomicAdd(&g_w_enc[(long long)c * d_sae + l], xr[c] * g);
-    }
+// out[idx[e]] += alpha * val[e] * (other ? other[e] : 1) (csr_col_dot after
+// scale_inplace by beta; the encoder-bias gradient). Grid-stride over the entries.
+extern "C" __global__ void csr_col_dot(const unsigned* idx, const float* val,
+                                       const float* other, long long nnz, float alpha,
+                                       float* out) {
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < nnz;
+         e += (long long)gridDim.x * blockDim.x)
+        atomicAdd(&out[idx[e]], alpha * val[e] * (other ? other[e] : 1.f));
 }
 
 // ---------------------------------------------------------------------------------

@@ -27,10 +27,12 @@ pub const KERNELS: &[&str] = &[
     "topk_rows",
     "radix_hist",
     "keep_from_key",
-    "sparse_decode",
-    "sparse_decode_grad_val",
-    "sparse_decode_grad_w",
-    "sparse_encode_grad",
+    "scale_inplace",
+    "add_row_vec",
+    "csr_matmul",
+    "csr_sampled_dot",
+    "csr_t_matmul",
+    "csr_col_dot",
     "row_losses",
     "row_norms",
     "remove_parallel_grad",
@@ -115,6 +117,22 @@ fn per_row(rows: usize, threads: u32) -> LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// A CSR matrix on the device, laid out as [`crate::Csr`]: row `r` holds entries
+/// `offsets[r]..offsets[r + 1]` of `indices` (columns, ascending) and `values`.
+pub struct DevCsr {
+    pub rows: usize,
+    pub cols: usize,
+    pub offsets: CudaSlice<u32>,
+    pub indices: CudaSlice<u32>,
+    pub values: CudaSlice<f32>,
+}
+
+impl DevCsr {
+    pub fn nnz(&self) -> usize {
+        self.indices.len()
     }
 }
 
@@ -292,24 +310,32 @@ impl Cuda {
         Ok(())
     }
 
-    /// Top-`k` of each row of `x` `[rows, cols]`: indices (ascending) and values, `[rows, k]`.
+    /// Top-`k` of each row of `x` `[rows, cols]` as CSR (k per row, columns ascending),
+    /// as `ops::topk_rows` (without a mask; [`Cuda::mask_cols`] first for AuxK).
     pub fn topk_rows(
         &self,
         x: &CudaSlice<f32>,
         rows: usize,
         cols: usize,
         k: usize,
-    ) -> Result<(CudaSlice<i32>, CudaSlice<f32>), KernelError> {
+    ) -> Result<DevCsr, KernelError> {
         assert!(k <= cols && x.len() == rows * cols, "topk_rows shapes");
         // Poisoned, so that an unwritten slot cannot pass for a chosen latent.
-        let mut idx = self.upload(&vec![-1i32; rows * k])?;
-        let mut val = self.upload(&vec![f32::NAN; rows * k])?;
+        let mut indices = self.upload(&vec![u32::MAX; rows * k])?;
+        let mut values = self.upload(&vec![f32::NAN; rows * k])?;
         let (c, kk) = (cols as i32, k as i32);
         let mut l = self.stream.launch_builder(self.f("topk_rows"));
-        l.arg(x).arg(&c).arg(&kk).arg(&mut idx).arg(&mut val);
+        l.arg(x).arg(&c).arg(&kk).arg(&mut indices).arg(&mut values);
         // SAFETY: one block per row; outputs hold rows * k.
         unsafe { l.launch(per_row(rows, TOPK_THREADS)) }.map_err(cuda_err)?;
-        Ok((idx, val))
+        let offsets: Vec<u32> = (0..=rows).map(|r| (r * k) as u32).collect();
+        Ok(DevCsr {
+            rows,
+            cols,
+            offsets: self.upload(&offsets)?,
+            indices,
+            values,
+        })
     }
 
     /// The order key of the `total`-th largest value of `x` (batch top-k's threshold),
@@ -349,94 +375,150 @@ impl Cuda {
         Ok(Some(prefix))
     }
 
-    /// `out = b_dec + sum_j val[r, j] * W_dec[idx[r, j], :]`, `[rows, d_in]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn sparse_decode(
+    /// A host CSR matrix on the device.
+    pub fn upload_csr(&self, a: &crate::Csr) -> Result<DevCsr, KernelError> {
+        Ok(DevCsr {
+            rows: a.rows(),
+            cols: a.cols(),
+            offsets: self.upload(&a.offsets_to_vec())?,
+            indices: self.upload(&a.indices_to_vec())?,
+            values: self.upload(&a.values().to_vec())?,
+        })
+    }
+
+    /// `x *= s` (`s == 0` writes zeros, as the CPU ops' `beta = 0` ignores old values).
+    fn scale_inplace(&self, x: &mut CudaSlice<f32>, s: f32) -> Result<(), KernelError> {
+        let n = x.len() as i64;
+        let mut l = self.stream.launch_builder(self.f("scale_inplace"));
+        l.arg(x).arg(&n).arg(&s);
+        // SAFETY: grid-stride over n.
+        unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// `x[r, :] += alpha * v` (`ops::add_row_vec`).
+    pub fn add_row_vec(
         &self,
-        idx: &CudaSlice<i32>,
-        val: &CudaSlice<f32>,
-        k: usize,
-        w_dec: &CudaSlice<f32>,
-        b_dec: &CudaSlice<f32>,
-        d_in: usize,
+        x: &mut CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        alpha: f32,
+    ) -> Result<(), KernelError> {
+        let n = x.len() as i64;
+        let c = v.len() as i32;
+        let mut l = self.stream.launch_builder(self.f("add_row_vec"));
+        l.arg(x).arg(v).arg(&n).arg(&c).arg(&alpha);
+        // SAFETY: grid-stride over n; v holds cols.
+        unsafe { l.launch(grid_stride(n as usize)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// `out = beta * out + alpha * a @ w`, `w` `[a.cols, d]` (`ops::csr_matmul`: the
+    /// sparse decode).
+    pub fn csr_matmul(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &DevCsr,
+        w: &CudaSlice<f32>,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), KernelError> {
+        let d = w.len() / a.cols.max(1);
+        assert!(out.len() == a.rows * d, "csr_matmul shapes");
+        let di = d as i32;
+        let mut l = self.stream.launch_builder(self.f("csr_matmul"));
+        l.arg(&a.offsets)
+            .arg(&a.indices)
+            .arg(&a.values)
+            .arg(w)
+            .arg(&di);
+        l.arg(&alpha).arg(&beta).arg(out);
+        // SAFETY: one block per row; out holds rows * d.
+        unsafe { l.launch(per_row(a.rows, THREADS)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// `out[e] = x[r] . w[j]` for each stored `(r, j)` (`ops::csr_sampled_dot`).
+    pub fn csr_sampled_dot(
+        &self,
+        a: &DevCsr,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
-        let rows = idx.len() / k.max(1);
-        let (kk, d) = (k as i32, d_in as i32);
-        let mut l = self.stream.launch_builder(self.f("sparse_decode"));
-        l.arg(idx)
-            .arg(val)
-            .arg(&kk)
-            .arg(w_dec)
-            .arg(b_dec)
-            .arg(&d)
-            .arg(out);
-        // SAFETY: one block per row; out holds rows * d_in.
-        unsafe { l.launch(per_row(rows, THREADS)) }.map_err(cuda_err)?;
-        Ok(())
-    }
-
-    /// Decoder backward over the active latents: `g_val[r, j] = g_out[r] . W_dec[idx]`
-    /// and `g_W_dec[idx[r, j]] += val[r, j] * g_out[r]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn sparse_decode_backward(
-        &self,
-        idx: &CudaSlice<i32>,
-        val: &CudaSlice<f32>,
-        k: usize,
-        g_out: &CudaSlice<f32>,
-        w_dec: &CudaSlice<f32>,
-        d_in: usize,
-        g_val: &mut CudaSlice<f32>,
-        g_w_dec: &mut CudaSlice<f32>,
-    ) -> Result<(), KernelError> {
-        let nnz = idx.len() as i64;
-        let (kk, d) = (k as i32, d_in as i32);
-        let mut l = self.stream.launch_builder(self.f("sparse_decode_grad_val"));
-        l.arg(idx)
-            .arg(g_out)
-            .arg(w_dec)
-            .arg(&nnz)
-            .arg(&kk)
-            .arg(&d)
-            .arg(g_val);
-        // SAFETY: one warp per stored latent.
-        unsafe { l.launch(grid_stride(nnz as usize * 32)) }.map_err(cuda_err)?;
-        let rows = idx.len() / k.max(1);
-        let mut l = self.stream.launch_builder(self.f("sparse_decode_grad_w"));
-        l.arg(idx).arg(val).arg(g_out).arg(&kk).arg(&d).arg(g_w_dec);
-        // SAFETY: one block per row.
-        unsafe { l.launch(per_row(rows, THREADS)) }.map_err(cuda_err)?;
-        Ok(())
-    }
-
-    /// Encoder backward over the active latents: `g_W_enc[:, idx] += x[r] * g_pre[r, j]`,
-    /// `g_b_enc[idx] += g_pre[r, j]`; `W_enc` is `[d_in, d_sae]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn sparse_encode_backward(
-        &self,
-        idx: &CudaSlice<i32>,
-        g_pre: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        k: usize,
-        d_in: usize,
-        d_sae: usize,
-        g_w_enc: &mut CudaSlice<f32>,
-        g_b_enc: &mut CudaSlice<f32>,
-    ) -> Result<(), KernelError> {
-        let rows = idx.len() / k.max(1);
-        let (kk, d, m) = (k as i32, d_in as i32, d_sae as i32);
-        let mut l = self.stream.launch_builder(self.f("sparse_encode_grad"));
-        l.arg(idx)
-            .arg(g_pre)
+        let d = x.len() / a.rows.max(1);
+        assert!(
+            w.len() == a.cols * d && out.len() == a.nnz(),
+            "csr_sampled_dot shapes"
+        );
+        let di = d as i32;
+        let mut l = self.stream.launch_builder(self.f("csr_sampled_dot"));
+        l.arg(&a.offsets)
+            .arg(&a.indices)
             .arg(x)
-            .arg(&kk)
-            .arg(&d)
-            .arg(&m)
-            .arg(g_w_enc)
-            .arg(g_b_enc);
-        // SAFETY: one block per row.
-        unsafe { l.launch(per_row(rows, THREADS)) }.map_err(cuda_err)?;
+            .arg(w)
+            .arg(&di)
+            .arg(out);
+        // SAFETY: one block per row, warps over its entries.
+        unsafe { l.launch(per_row(a.rows, THREADS)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// `out = beta * out + alpha * a^T @ x`, `out` `[a.cols, d]` or `[d, a.cols]` when
+    /// `transposed` (`ops::csr_t_matmul`: the weight gradients).
+    #[allow(clippy::too_many_arguments)]
+    pub fn csr_t_matmul(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &DevCsr,
+        x: &CudaSlice<f32>,
+        transposed: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), KernelError> {
+        let d = x.len() / a.rows.max(1);
+        assert!(out.len() == a.cols * d, "csr_t_matmul shapes");
+        if beta != 1.0 {
+            self.scale_inplace(out, beta)?;
+        }
+        let (di, m, t) = (d as i32, a.cols as i32, transposed as i32);
+        let mut l = self.stream.launch_builder(self.f("csr_t_matmul"));
+        l.arg(&a.offsets)
+            .arg(&a.indices)
+            .arg(&a.values)
+            .arg(x)
+            .arg(&di)
+            .arg(&m);
+        l.arg(&t).arg(&alpha).arg(out);
+        // SAFETY: one block per row of a.
+        unsafe { l.launch(per_row(a.rows, THREADS)) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// `out[j] = beta * out[j] + alpha * sum of column j's values` (times `other`'s
+    /// matching values when given) (`ops::csr_col_dot`).
+    pub fn csr_col_dot(
+        &self,
+        a: &DevCsr,
+        other: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), KernelError> {
+        assert!(out.len() == a.cols, "csr_col_dot shapes");
+        if beta != 1.0 {
+            self.scale_inplace(out, beta)?;
+        }
+        let nnz = a.nnz() as i64;
+        let null: u64 = 0;
+        let mut l = self.stream.launch_builder(self.f("csr_col_dot"));
+        l.arg(&a.indices).arg(&a.values);
+        match other {
+            Some(o) => l.arg(o),
+            None => l.arg(&null),
+        };
+        l.arg(&nnz).arg(&alpha).arg(out);
+        // SAFETY: grid-stride over the entries; a null `other` means "times 1".
+        unsafe { l.launch(grid_stride(nnz as usize)) }.map_err(cuda_err)?;
         Ok(())
     }
 

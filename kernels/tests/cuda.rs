@@ -96,18 +96,18 @@ fn cuda_topk_rows_matches_cpu() {
         let x = random(rows * cols, 1);
         let mut cpu = Csr::empty(&Device::Cpu);
         ops::topk_rows(&tensor(x.clone(), &[rows, cols]), k, None, &mut cpu);
-        let (idx, val) = gpu
+        let got = gpu
             .topk_rows(&gpu.upload(&x).unwrap(), rows, cols, k)
             .unwrap();
-        let idx: Vec<u32> = gpu
-            .download(&idx)
-            .unwrap()
-            .iter()
-            .map(|&i| i as u32)
-            .collect();
-        assert_eq!(idx, cpu.indices_to_vec(), "indices {rows}x{cols} k={k}");
+        assert_eq!(gpu.download(&got.offsets).unwrap(), cpu.offsets_to_vec());
+        let what = format!("indices {rows}x{cols} k={k}");
+        assert_eq!(
+            gpu.download(&got.indices).unwrap(),
+            cpu.indices_to_vec(),
+            "{what}"
+        );
         // Exact: the kernel copies the selected values.
-        assert_eq!(gpu.download(&val).unwrap(), cpu.values().to_vec());
+        assert_eq!(gpu.download(&got.values).unwrap(), cpu.values().to_vec());
     }
 }
 
@@ -163,70 +163,80 @@ fn cuda_bias_activations_match_cpu() {
     assert_eq!(gpu.download(&act).unwrap(), jump.to_vec());
 }
 
+/// The sparse products on TopK latents (k per row) and on BatchTopK latents (a
+/// different count per row), each against the CPU op with the same alpha/beta.
 #[test]
-fn cuda_sparse_decode_and_backward_match_cpu() {
+fn cuda_sparse_products_match_cpu() {
     let Some(gpu) = device() else { return };
     let (rows, d_in, d_sae, k) = (48, 96, 1024, 16);
     let pre = random(rows * d_sae, 6);
+    let relu: Vec<f32> = pre.iter().map(|v| v.max(0.0)).collect();
     let w_dec = random(d_sae * d_in, 7);
-    let b_dec = random(d_in, 9);
     let x = random(rows * d_in, 10);
     let g_out = random(rows * d_in, 11);
-    let mut acts = Csr::empty(&Device::Cpu);
-    ops::topk_rows(&tensor(pre.clone(), &[rows, d_sae]), k, None, &mut acts);
-    let w_dec_t = tensor(w_dec.clone(), &[d_sae, d_in]);
-
-    // Forward: b_dec + acts @ W_dec.
-    let mut out_cpu = Tensor::zeros(&Device::Cpu, &[rows, d_in]);
-    ops::csr_matmul(&mut out_cpu, &acts, &w_dec_t, 1.0, 0.0);
-    ops::add_row_vec(&mut out_cpu, &tensor(b_dec.clone(), &[d_in]), 1.0);
-    let (idx, val) = gpu
-        .topk_rows(&gpu.upload(&pre).unwrap(), rows, d_sae, k)
-        .unwrap();
-    let dw = gpu.upload(&w_dec).unwrap();
-    let mut out = gpu.upload(&vec![f32::NAN; rows * d_in]).unwrap();
-    let db = gpu.upload(&b_dec).unwrap();
-    gpu.sparse_decode(&idx, &val, k, &dw, &db, d_in, &mut out)
-        .unwrap();
-    // Sums of k products in another order: f32 round-off only.
-    close_dev(&gpu, &out, &out_cpu, 1e-5, "decode");
-
-    // Backward: g_val = (g_out @ W_dec^T) at the active latents; g_W_dec = acts^T @ g_out.
-    let g_out_t = tensor(g_out.clone(), &[rows, d_in]);
-    let mut g_val_cpu = Tensor::zeros(&Device::Cpu, &[acts.nnz()]);
-    ops::csr_sampled_dot(&acts, &g_out_t, &w_dec_t, &mut g_val_cpu);
-    let mut g_w_cpu = Tensor::zeros(&Device::Cpu, &[d_sae, d_in]);
-    ops::csr_t_matmul(&mut g_w_cpu, &acts, &g_out_t, false, 1.0, 0.0);
-    let mut g_val = gpu.upload(&vec![f32::NAN; rows * k]).unwrap();
-    let mut g_w = gpu.zeros::<f32>(d_sae * d_in).unwrap();
-    let dg = gpu.upload(&g_out).unwrap();
-    gpu.sparse_decode_backward(&idx, &val, k, &dg, &dw, d_in, &mut g_val, &mut g_w)
-        .unwrap();
-    close_dev(&gpu, &g_val, &g_val_cpu, 1e-5, "g_val");
-    close_dev(&gpu, &g_w, &g_w_cpu, 1e-5, "g_W_dec");
-
-    // Encoder: g_W_enc = x^T @ g_pre at the active latents, g_b_enc = its column sums.
-    let g_pre = g_val_cpu.to_vec();
-    let g_pre_csr = Csr::from_parts(
-        &Device::Cpu,
-        rows,
-        d_sae,
-        acts.offsets_to_vec(),
-        acts.indices_to_vec(),
-        g_pre.clone(),
-    );
-    let mut g_we_cpu = Tensor::zeros(&Device::Cpu, &[d_in, d_sae]);
+    let start_out = random(rows * d_in, 12);
+    let start_w = random(d_sae * d_in, 13);
+    let start_b = random(d_sae, 14);
+    let mut topk = Csr::empty(&Device::Cpu);
+    ops::topk_rows(&tensor(pre.clone(), &[rows, d_sae]), k, None, &mut topk);
+    let mut batch = Csr::empty(&Device::Cpu);
+    ops::batch_topk(&tensor(relu, &[rows, d_sae]), rows * k, &mut batch);
+    let w_t = tensor(w_dec.clone(), &[d_sae, d_in]);
     let x_t = tensor(x.clone(), &[rows, d_in]);
-    ops::csr_t_matmul(&mut g_we_cpu, &g_pre_csr, &x_t, true, 1.0, 0.0);
-    let mut g_be_cpu = Tensor::zeros(&Device::Cpu, &[d_sae]);
-    ops::csr_col_dot(&g_pre_csr, None, &mut g_be_cpu, 1.0, 0.0);
-    let mut g_we = gpu.zeros::<f32>(d_in * d_sae).unwrap();
-    let mut g_be = gpu.zeros::<f32>(d_sae).unwrap();
-    let (dgp, dx) = (gpu.upload(&g_pre).unwrap(), gpu.upload(&x).unwrap());
-    gpu.sparse_encode_backward(&idx, &dgp, &dx, k, d_in, d_sae, &mut g_we, &mut g_be)
+    let g_t = tensor(g_out.clone(), &[rows, d_in]);
+    let (dw, dx, dg) = (
+        gpu.upload(&w_dec).unwrap(),
+        gpu.upload(&x).unwrap(),
+        gpu.upload(&g_out).unwrap(),
+    );
+    for (name, a) in [("topk", &topk), ("batch_topk", &batch)] {
+        let da = gpu.upload_csr(a).unwrap();
+        // Decode: out = 0.5 out + 2 a @ W_dec. Sums in another order: 1e-5.
+        let mut want = tensor(start_out.clone(), &[rows, d_in]);
+        ops::csr_matmul(&mut want, a, &w_t, 2.0, 0.5);
+        let mut out = gpu.upload(&start_out).unwrap();
+        gpu.csr_matmul(&mut out, &da, &dw, 2.0, 0.5).unwrap();
+        close_dev(&gpu, &out, &want, 1e-5, &format!("{name} csr_matmul"));
+        // Gradient at the active latents.
+        let mut want = Tensor::zeros(&Device::Cpu, &[a.nnz()]);
+        ops::csr_sampled_dot(a, &g_t, &w_t, &mut want);
+        let mut out = gpu.upload(&vec![f32::NAN; a.nnz()]).unwrap();
+        gpu.csr_sampled_dot(&da, &dg, &dw, &mut out).unwrap();
+        close_dev(&gpu, &out, &want, 1e-5, &format!("{name} csr_sampled_dot"));
+        // Weight gradients, both layouts, accumulating into a start value.
+        for (transposed, shape) in [(false, [d_sae, d_in]), (true, [d_in, d_sae])] {
+            let mut want = tensor(start_w.clone(), &shape);
+            ops::csr_t_matmul(&mut want, a, &x_t, transposed, 1.5, 1.0);
+            let mut out = gpu.upload(&start_w).unwrap();
+            gpu.csr_t_matmul(&mut out, &da, &dx, transposed, 1.5, 1.0)
+                .unwrap();
+            let what = format!("{name} csr_t_matmul transposed={transposed}");
+            close_dev(&gpu, &out, &want, 1e-5, &what);
+        }
+        // Bias gradient: column sums, alone and times another same-pattern matrix.
+        let other = random(a.nnz(), 15);
+        let other_t = tensor(other.clone(), &[a.nnz()]);
+        for with_other in [false, true] {
+            let mut want = tensor(start_b.clone(), &[d_sae]);
+            let o = with_other.then_some(&other_t);
+            ops::csr_col_dot(a, o, &mut want, -1.0, 0.0);
+            let mut out = gpu.upload(&start_b).unwrap();
+            let dother = gpu.upload(&other).unwrap();
+            let od = with_other.then_some(&dother);
+            gpu.csr_col_dot(&da, od, &mut out, -1.0, 0.0).unwrap();
+            let what = format!("{name} csr_col_dot other={with_other}");
+            close_dev(&gpu, &out, &want, 1e-5, &what);
+        }
+    }
+    // The decoder bias.
+    let b_dec = random(d_in, 16);
+    let mut want = tensor(x.clone(), &[rows, d_in]);
+    ops::add_row_vec(&mut want, &tensor(b_dec.clone(), &[d_in]), 1.0);
+    let mut out = gpu.upload(&x).unwrap();
+    gpu.add_row_vec(&mut out, &gpu.upload(&b_dec).unwrap(), 1.0)
         .unwrap();
-    close_dev(&gpu, &g_we, &g_we_cpu, 1e-5, "g_W_enc");
-    close_dev(&gpu, &g_be, &g_be_cpu, 1e-5, "g_b_enc");
+    // One f32 addition per element on both sides: exact.
+    assert_eq!(gpu.download(&out).unwrap(), want.to_vec());
 }
 
 #[test]
@@ -384,15 +394,9 @@ fn cuda_auxk_and_batch_topk_selection_match_cpu() {
     let mut dx = gpu.upload(&x).unwrap();
     gpu.mask_cols(&mut dx, &gpu.upload(&dead).unwrap(), cols)
         .unwrap();
-    let (idx, val) = gpu.topk_rows(&dx, rows, cols, k).unwrap();
-    let idx: Vec<u32> = gpu
-        .download(&idx)
-        .unwrap()
-        .iter()
-        .map(|&i| i as u32)
-        .collect();
-    assert_eq!(idx, cpu.indices_to_vec());
-    assert_eq!(gpu.download(&val).unwrap(), cpu.values().to_vec());
+    let got = gpu.topk_rows(&dx, rows, cols, k).unwrap();
+    assert_eq!(gpu.download(&got.indices).unwrap(), cpu.indices_to_vec());
+    assert_eq!(gpu.download(&got.values).unwrap(), cpu.values().to_vec());
 
     // Batch top-k on ReLU outputs: the same entries as the CPU op.
     let relu: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
