@@ -183,6 +183,19 @@ fn errors_name_the_problem() {
     assert!(e.contains("the tokenizer has no sep_token"), "{e}");
     let e = err(&["--dataset", s(&dir.path().join("missing.jsonl"))]);
     assert!(e.contains("no such file"), "{e}");
+    // A model directory: its config.json bounds the context where no tokenizer_config does.
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::copy(tok.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    std::fs::write(model.join("config.json"), r#"{"n_positions": 64}"#).unwrap();
+    let mut a = vec!["--tokenizer", s(&model), "--output", s(&out)];
+    a.extend(["--dataset", s(&corpus), "--context-size", "100"]);
+    let o = run(&a);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("--context-size 100 is larger than the model's n_positions (64)"),
+        "{e}"
+    );
     let tiny = dir.path().join("tiny.jsonl");
     std::fs::write(&tiny, "{\"text\": \"a b\"}\n").unwrap();
     let e = err(&["--dataset", s(&tiny)]);
