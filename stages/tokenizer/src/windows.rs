@@ -378,7 +378,7 @@ impl TokenWindows {
         let vocab = self.tok.vocab_size();
         let first_row = self.counts.documents;
         let mut out = Vec::with_capacity(rows.len());
-        for (i, row) in rows.into_iter().enumerate() {
+        for (i, mut row) in rows.into_iter().enumerate() {
             let r = first_row + i;
             if row.len() < self.context_size {
                 bail!(
@@ -395,7 +395,9 @@ impl TokenWindows {
                 );
             }
             self.counts.document_tokens += row.len();
-            out.push(row[..self.context_size].to_vec());
+            // The row is ours: cut it in place rather than copy the window out.
+            row.truncate(self.context_size);
+            out.push(row);
         }
         self.counts.documents = first_row + out.len();
         Ok(out)
