@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The CUDA kernel tests on a lent GPU, in two steps.
-#   here:   bash kernels/cuda/device_check.sh build   (test binary into device-bin/, ignored by git)
+# Issue 6's GPU checks on a lent device, in two steps.
+#   here:   bash kernels/cuda/device_check.sh build
+#           (test binaries and the sae-trainer binary into device-bin/, ignored by git)
 #   device: run(command="bash kernels/cuda/device_check.sh run", carry=["device-bin"])
-# On the device a missing GPU or NVRTC is a failure, not a skip; the log goes to $OUT.
+#           add ".whl" to carry (and SAELens's wheels in it) for SAELens's step times.
+# On the device a missing GPU or NVRTC is a failure, not a skip; logs go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 case "${1:-}" in
@@ -10,23 +12,61 @@ build)
     # A target dir of its own: one shared with other clones (CI's) can hold a binary
     # built from their sources that cargo still calls fresh here.
     export CARGO_TARGET_DIR="$HOME/.cache/saestream-device-target"
-    bin=$(cargo test -p kernels --features cuda --test cuda --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys
+    exe() { # cargo args... -> the executables cargo built
+        cargo "$@" --message-format=json 2>/dev/null | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
-        print(m["executable"])')
-    mkdir -p device-bin && cp "$bin" device-bin/cuda-tests && echo "device-bin/cuda-tests from $bin"
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])'
+    }
+    rm -rf device-bin && mkdir -p device-bin
+    cp "$(exe test -p kernels --features cuda --test cuda --no-run)" device-bin/cuda-tests
+    cp "$(exe test -p sae-trainer --features cuda --test cuda_step --no-run)" device-bin/cuda-step-tests
+    cp "$(exe build -p sae-trainer --features cuda --bin sae-trainer)" device-bin/sae-trainer
+    # Debug info is most of their size; the carry limit is 64 MiB in all.
+    strip --strip-debug device-bin/*
+    du -ch device-bin/* | tail -1
     ;;
 run)
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-    # NVRTC: the CUDA install's, else the one PyTorch's wheels bring.
-    lib=$(python3 -c 'import nvidia.cuda_nvrtc as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null || true)
-    export LD_LIBRARY_PATH="${lib:+$lib:}${LD_LIBRARY_PATH:-}"
     out="${OUT:-/tmp}"
-    SAESTREAM_REQUIRE_NVRTC=1 SAESTREAM_REQUIRE_CUDA=1 device-bin/cuda-tests --test-threads 1 \
-        > "$out/cuda-tests.log" 2>&1 && rc=0 || rc=$?
-    tail -40 "$out/cuda-tests.log"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    # cudarc opens libnvrtc.so / libcublas.so (or .so.12): point those names at the
+    # image's CUDA libraries, whatever their major version.
+    mkdir -p /tmp/cudalibs
+    for lib in nvrtc cublas; do
+        f=$(find /usr/local/cuda*/ /opt /usr/lib -name "lib$lib.so*" 2>/dev/null | grep -v alt | sort | head -1 || true)
+        if [ -n "$f" ]; then
+            ln -sf "$f" "/tmp/cudalibs/lib$lib.so"
+            export LD_LIBRARY_PATH="$(dirname "$f"):${LD_LIBRARY_PATH:-}"
+            echo "lib$lib: $f"
+        fi
+    done
+    export LD_LIBRARY_PATH="/tmp/cudalibs:$LD_LIBRARY_PATH"
+    export SAESTREAM_REQUIRE_NVRTC=1 SAESTREAM_REQUIRE_CUDA=1
+    rc=0
+    device-bin/cuda-tests --test-threads 1 > "$out/cuda-tests.log" 2>&1 || rc=1
+    tail -25 "$out/cuda-tests.log"
+    device-bin/cuda-step-tests --test-threads 1 > "$out/cuda-step-tests.log" 2>&1 || rc=1
+    tail -8 "$out/cuda-step-tests.log"
+    # The bench table: ours, then SAELens's own step on the same shapes and GPU.
+    for f in benches/gpu/*.yaml; do
+        device-bin/sae-trainer bench --config "$f" --device cuda --steps 10 --warmup 3 \
+            | tee -a "$out/bench.jsonl" || rc=1
+    done
+    if [ -d .whl ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    fi
+    if python3 -c 'import sae_lens' 2>/dev/null; then
+        for s in "standard 768 24576 4096" "topk 768 24576 4096" \
+            "standard 2304 65536 16384" "topk 2304 65536 16384"; do
+            set -- $s
+            python3 benches/saelens_step.py --arch "$1" --d-in "$2" --d-sae "$3" --k 32 \
+                --batch "$4" --device cuda | tee -a "$out/saelens.jsonl" || rc=1
+        done
+    else
+        echo "SAELens is not importable here: carry its wheels in .whl for its step times"
+    fi
     exit "$rc"
     ;;
 *)

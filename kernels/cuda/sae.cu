@@ -1,46 +1,12 @@
 // The SAE hot path on CUDA: hand-written kernels, compiled at run time by NVRTC (no
 // CUDA toolkit at build time). Row-major f32 throughout, matching the CPU backend:
 // activations [rows, d_in], W_enc [d_in, d_sae], W_dec [d_sae, d_in], sparse latents as
-// fixed-k rows (idx/val [rows, k], indices ascending within a row).
+// CSR (offsets [rows + 1], column indices ascending within a row, values), as
+// kernels::Csr. The rest of the op API is in ops.cu, compiled with this file.
 //
 // Launch shapes are chosen by the host (kernels/src/cuda.rs); each kernel says which.
 
 #define FULL_MASK 0xffffffffu
-
-// ---------------------------------------------------------------------------------
-// Fused bias + activation (grid-stride over n = rows * cols).
-
-// pre[i] += b[i % cols]; act[i] = max(pre[i], 0).
-extern "C" __global__ void bias_relu(float* pre, const float* b, float* act,
-                                     long long n, int cols) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float v = pre[i] + b[i % cols];
-        pre[i] = v;
-        act[i] = v > 0.f ? v : 0.f;
-    }
-}
-
-// JumpReLU: act = pre if pre > threshold[col] else 0 (SAELens: strictly greater).
-extern "C" __global__ void bias_jumprelu(float* pre, const float* b, const float* thr,
-                                         float* act, long long n, int cols) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        int c = (int)(i % cols);
-        float v = pre[i] + b[c];
-        pre[i] = v;
-        act[i] = v > thr[c] ? v : 0.f;
-    }
-}
-
-// Where mask[col] == 0, pre = -inf (AuxK: only dead latents may be chosen).
-extern "C" __global__ void mask_cols(float* pre, const unsigned char* mask,
-                                     long long n, int cols) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        if (!mask[i % cols]) pre[i] = -__int_as_float(0x7f800000);
-    }
-}
 
 // ---------------------------------------------------------------------------------
 // Top-k by radix select on order-preserving keys.
@@ -49,6 +15,10 @@ extern "C" __global__ void mask_cols(float* pre, const unsigned char* mask,
 __device__ __forceinline__ unsigned int float_key(float f) {
     unsigned int u = __float_as_uint(f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned int masked_key(const float* row, const float* mask, int c) {
+    return (mask && !(mask[c] > 0.f)) ? 0u : float_key(row[c]);
 }
 
 // Block-wide exclusive prefix sum of one int per thread; returns the total.
@@ -82,19 +52,22 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
 // Per-row top-k (k <= cols). One block per row, blockDim 1024 (a multiple of 32).
 // Finds the k-th largest key by 4 passes of 8-bit radix select, then writes the chosen
 // latents in ascending index order; among equal values the lower indices win.
+// With `mask` (may be null), columns where mask[c] <= 0 get the lowest key and never
+// win (the host checks that at least k columns are allowed).
 extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int cols, int k,
+                                                          const float* mask,
                                                           unsigned* out_idx, float* out_val) {
     __shared__ unsigned int hist[256];
     __shared__ unsigned int s_prefix, s_need;
     __shared__ int scratch[33];
     const float* row = x + (long long)blockIdx.x * cols;
-    unsigned int prefix = 0, mask = 0, need = (unsigned int)k;
+    unsigned int prefix = 0, sel = 0, need = (unsigned int)k;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-            unsigned int key = float_key(row[c]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            unsigned int key = masked_key(row, mask, c);
+            if ((key & sel) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -110,13 +83,13 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int
         __syncthreads();
         prefix = s_prefix;
         need = s_need;
-        mask |= 255u << shift;
+        sel |= 255u << shift;
     }
     // prefix is the k-th largest key; `need` of the elements equal to it are taken.
     int written = 0, ties_taken = 0;
     for (int base = 0; base < cols; base += blockDim.x) {
         int c = base + threadIdx.x;
-        unsigned int key = c < cols ? float_key(row[c]) : 0u;
+        unsigned int key = c < cols ? masked_key(row, mask, c) : 0u;
         int tie = (c < cols && key == prefix) ? 1 : 0;
         int tie_total;
         int tie_before = block_exclusive_scan(tie, scratch, &tie_total);
@@ -151,17 +124,6 @@ extern "C" __global__ void radix_hist(const float* x, long long n, unsigned int 
     __syncthreads();
     for (int i = threadIdx.x; i < 256; i += blockDim.x)
         if (local[i]) atomicAdd(&hist[i], (unsigned long long)local[i]);
-}
-
-// Keeps x where its key is at least `key` (BatchTopK: `key` is the k-th largest's, so
-// exactly k values stay unless values tie at the threshold); zero elsewhere. Grid-stride.
-extern "C" __global__ void keep_from_key(const float* x, float* out, long long n,
-                                          unsigned int key) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float v = x[i];
-        out[i] = float_key(v) >= key ? v : 0.f;
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -242,94 +204,6 @@ extern "C" __global__ void csr_col_dot(const unsigned* idx, const float* val,
     for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < nnz;
          e += (long long)gridDim.x * blockDim.x)
         atomicAdd(&out[idx[e]], alpha * val[e] * (other ? other[e] : 1.f));
-}
-
-// ---------------------------------------------------------------------------------
-// Reductions: losses and norms.
-
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int nw = (blockDim.x + 31) >> 5;
-    v = threadIdx.x < nw ? scratch[threadIdx.x] : 0.f;
-    if (warp == 0)
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL_MASK, v, o);
-    __syncthreads();
-    return v;  // valid in thread 0
-}
-
-// Per row: sq[r] = sum_c (a - b)^2 (MSE), l1[r] = sum_c |s| * w[c] over the latents
-// row s (weighted by decoder norms when given), l0[r] = count of s != 0.
-// One block per row; the host sums rows (SAELens's mean over the batch).
-extern "C" __global__ void row_losses(const float* a, const float* b, int d_in,
-                                      const float* s, const float* w, int d_sae,
-                                      float* sq, float* l1, float* l0) {
-    __shared__ float scratch[32];
-    long long r = blockIdx.x;
-    float acc = 0.f;
-    for (int c = threadIdx.x; c < d_in; c += blockDim.x) {
-        float d = a[r * d_in + c] - b[r * d_in + c];
-        acc += d * d;
-    }
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) sq[r] = acc;
-    if (!s) return;
-    float a1 = 0.f, a0 = 0.f;
-    for (int c = threadIdx.x; c < d_sae; c += blockDim.x) {
-        float v = s[r * d_sae + c];
-        a1 += fabsf(v) * (w ? w[c] : 1.f);
-        a0 += v != 0.f ? 1.f : 0.f;
-    }
-    a1 = block_sum(a1, scratch);
-    a0 = block_sum(a0, scratch);
-    if (threadIdx.x == 0) {
-        l1[r] = a1;
-        l0[r] = a0;
-    }
-}
-
-// norms[r] = ||W[r, :]||_2: one block per row.
-extern "C" __global__ void row_norms(const float* w, int cols, float* norms) {
-    __shared__ float scratch[32];
-    const float* row = w + (long long)blockIdx.x * cols;
-    float acc = 0.f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) acc += row[c] * row[c];
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) norms[blockIdx.x] = sqrtf(acc);
-}
-
-// Removes from each decoder row's gradient its component along the row (SAELens 5's
-// remove_gradient_parallel_to_decoder_directions): g -= (g.w / w.w) w. One block per row.
-extern "C" __global__ void remove_parallel_grad(const float* w, float* g, int cols) {
-    __shared__ float scratch[32];
-    __shared__ float s_coef;
-    const float* wr = w + (long long)blockIdx.x * cols;
-    float* gr = g + (long long)blockIdx.x * cols;
-    float dot = 0.f, nn = 0.f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        dot += gr[c] * wr[c];
-        nn += wr[c] * wr[c];
-    }
-    dot = block_sum(dot, scratch);
-    nn = block_sum(nn, scratch);
-    if (threadIdx.x == 0) s_coef = nn > 0.f ? dot / nn : 0.f;
-    __syncthreads();
-    float coef = s_coef;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) gr[c] -= coef * wr[c];
-}
-
-// out += sum of squares of g (for the global gradient norm). Grid-stride; `out` is one
-// zeroed double so that many parameters accumulate without f32 round-off.
-extern "C" __global__ void sum_squares(const float* g, long long n, double* out) {
-    __shared__ float scratch[32];
-    float acc = 0.f;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        acc += g[i] * g[i];
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) atomicAdd(out, (double)acc);
 }
 
 // ---------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 //! format for top-k activations, and the ops the SAE math is written in.
 //!
 //! Callers only use [`Tensor`], [`Csr`], [`Device`] and the functions in [`ops`];
-//! they never touch a backend directly. Today the one backend is the CPU (the `gemm`
-//! crate for matrix products, rayon for everything else). A CUDA backend plugs in by
-//! adding a storage variant and a dispatch arm inside each op, so model code does not
-//! change.
+//! they never touch a backend directly. Two backends: the CPU (the `gemm` crate for
+//! matrix products, rayon for everything else) and, with the `cuda` feature, CUDA
+//! (cuBLAS and our kernels, [`cuda`]). A tensor's storage says where it lives and each
+//! op dispatches on it, so model code is the same for both.
 //!
 //! Conventions: every matrix is row-major `[rows, cols]`; a vector is 1-D `[n]`.
 //! Shape mismatches are programming errors and panic with the shapes involved.
@@ -45,6 +45,8 @@ pub enum KernelError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Device {
     Cpu,
+    /// GPU `N`. Only [`Device::parse`] of a build with the `cuda` feature makes one.
+    Cuda(usize),
 }
 
 impl Device {
@@ -65,11 +67,10 @@ impl Device {
             let ordinal = s
                 .strip_prefix("cuda:")
                 .map_or(0, |n| n.parse().unwrap_or(0));
-            cuda::probe(ordinal)?;
-            // The kernels exist (kernels::cuda); tensors cannot live on the device yet.
-            Err(KernelError::Cuda(format!(
-                "{s}: this build has the CUDA kernels, but tensors cannot be placed on CUDA yet; use device: cpu"
-            )))
+            // Opens the device and compiles the kernels now, so that a missing driver,
+            // device, cuBLAS or NVRTC is reported here rather than by the first op.
+            cuda::backend(ordinal).map_err(|e| KernelError::Cuda(format!("{s}: {e}")))?;
+            Ok(Device::Cuda(ordinal))
         }
         #[cfg(not(feature = "cuda"))]
         Err(KernelError::NotBuiltWithCuda(s.to_string()))
@@ -80,7 +81,23 @@ impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
         }
+    }
+}
+
+/// Waits until every op queued on `device` has finished. CUDA ops return as soon as
+/// they are queued, so timings must wait; on the CPU there is nothing to wait for.
+pub fn synchronize(device: &Device) -> Result<(), KernelError> {
+    match device {
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(o) => cuda::backend(*o)?
+            .stream
+            .synchronize()
+            .map_err(|e| KernelError::Cuda(e.to_string())),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(o) => Err(KernelError::NotBuiltWithCuda(format!("cuda:{o}"))),
     }
 }
 

@@ -7,6 +7,18 @@
 
 use crate::{cpu, Csr, Tensor};
 
+/// When `$t` lives on a GPU, runs `$body` with its backend bound to `$g` and returns
+/// its result; a CUDA failure (a launch, out of memory) panics with CUDA's message, as
+/// ops have no error path.
+macro_rules! on_cuda {
+    ($t:expr, |$g:ident| $body:expr) => {
+        #[cfg(feature = "cuda")]
+        if let Some($g) = $t.gpu() {
+            return crate::cuda::check($body);
+        }
+    };
+}
+
 mod lm;
 pub use lm::*;
 
@@ -56,6 +68,16 @@ pub fn matmul(
         "matmul: output shape {:?}, expected [{m}, {n}]",
         out.shape()
     );
+    on_cuda!(out, |g| g.matmul(
+        out.cu_mut(),
+        a.cu(),
+        trans_a,
+        b.cu(),
+        trans_b,
+        (m, n, k),
+        alpha,
+        beta
+    ));
     cpu::matmul(
         m,
         n,
@@ -76,6 +98,16 @@ pub fn matvec(out: &mut Tensor, a: &Tensor, trans_a: bool, x: &Tensor, alpha: f3
     let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
     is_vec(x, k, "matvec input");
     is_vec(out, m, "matvec output");
+    on_cuda!(out, |g| g.matmul(
+        out.cu_mut(),
+        a.cu(),
+        trans_a,
+        x.cu(),
+        false,
+        (m, 1, k),
+        alpha,
+        beta
+    ));
     cpu::matmul(
         m,
         1,
@@ -91,34 +123,40 @@ pub fn matvec(out: &mut Tensor, a: &Tensor, trans_a: bool, x: &Tensor, alpha: f3
 }
 
 pub fn fill(t: &mut Tensor, v: f32) {
+    on_cuda!(t, |g| g.fill(t.cu_mut(), v));
     cpu::fill(t.cpu_mut(), v);
 }
 
 pub fn copy(dst: &mut Tensor, src: &Tensor) {
     same_shape(dst, src, "copy");
+    on_cuda!(dst, |g| g.copy(dst.cu_mut(), src.cu()));
     dst.cpu_mut().copy_from_slice(src.cpu());
 }
 
 /// `t *= s`
 pub fn scale(t: &mut Tensor, s: f32) {
+    on_cuda!(t, |g| g.scale(t.cu_mut(), s));
     cpu::scale(t.cpu_mut(), s);
 }
 
 /// `y += alpha * x`
 pub fn axpy(y: &mut Tensor, alpha: f32, x: &Tensor) {
     same_shape(y, x, "axpy");
+    on_cuda!(y, |g| g.axpy(y.cu_mut(), 0, alpha, x.cu()));
     cpu::axpy(y.cpu_mut(), alpha, x.cpu());
 }
 
 /// `y *= x` element-wise.
 pub fn mul(y: &mut Tensor, x: &Tensor) {
     same_shape(y, x, "mul");
+    on_cuda!(y, |g| g.mul(y.cu_mut(), x.cu()));
     cpu::mul(y.cpu_mut(), x.cpu());
 }
 
 /// `out = exp(x)` element-wise.
 pub fn exp(x: &Tensor, out: &mut Tensor) {
     same_shape(x, out, "exp");
+    on_cuda!(out, |g| g.exp(x.cu(), out.cu_mut()));
     cpu::exp(x.cpu(), out.cpu_mut());
 }
 
@@ -126,6 +164,7 @@ pub fn exp(x: &Tensor, out: &mut Tensor) {
 pub fn add_row_vec(x: &mut Tensor, v: &Tensor, alpha: f32) {
     let c = x.cols();
     is_vec(v, c, "add_row_vec");
+    on_cuda!(x, |g| g.add_row_vec(x.cu_mut(), v.cu(), alpha));
     cpu::add_row_vec(x.cpu_mut(), c, v.cpu(), alpha);
 }
 
@@ -133,6 +172,7 @@ pub fn add_row_vec(x: &mut Tensor, v: &Tensor, alpha: f32) {
 pub fn mul_row_vec(x: &mut Tensor, v: &Tensor) {
     let c = x.cols();
     is_vec(v, c, "mul_row_vec");
+    on_cuda!(x, |g| g.mul_row_vec(x.cu_mut(), v.cu()));
     cpu::mul_row_vec(x.cpu_mut(), c, v.cpu());
 }
 
@@ -141,6 +181,7 @@ pub fn row_affine(x: &mut Tensor, scale: &Tensor, shift: &Tensor) {
     let (r, c) = dims2(x);
     is_vec(scale, r, "row_affine scale");
     is_vec(shift, r, "row_affine shift");
+    on_cuda!(x, |g| g.row_affine(x.cu_mut(), c, scale.cu(), shift.cu()));
     cpu::row_affine(x.cpu_mut(), c, scale.cpu(), shift.cpu());
 }
 
@@ -148,6 +189,13 @@ pub fn row_affine(x: &mut Tensor, scale: &Tensor, shift: &Tensor) {
 pub fn col_sums(x: &Tensor, out: &mut Tensor, alpha: f32, beta: f32) {
     let c = x.cols();
     is_vec(out, c, "col_sums");
+    on_cuda!(out, |g| g.col_sums(
+        x.cu(),
+        x.rows(),
+        out.cu_mut(),
+        alpha,
+        beta
+    ));
     cpu::col_sums(x.cpu(), c, out.cpu_mut(), alpha, beta);
 }
 
@@ -155,6 +203,7 @@ pub fn col_sums(x: &Tensor, out: &mut Tensor, alpha: f32, beta: f32) {
 pub fn row_norms(x: &Tensor, out: &mut Tensor) {
     let (r, c) = dims2(x);
     is_vec(out, r, "row_norms");
+    on_cuda!(out, |g| g.row_reduce(x.cu(), None, c, 0, out.cu_mut()));
     cpu::row_norms(x.cpu(), c, out.cpu_mut());
 }
 
@@ -163,6 +212,12 @@ pub fn row_mean_std(x: &Tensor, mean: &mut Tensor, std: &mut Tensor) {
     let (r, c) = dims2(x);
     is_vec(mean, r, "row_mean_std mean");
     is_vec(std, r, "row_mean_std std");
+    on_cuda!(x, |g| g.row_mean_std(
+        x.cu(),
+        c,
+        mean.cu_mut(),
+        std.cu_mut()
+    ));
     cpu::row_mean_std(x.cpu(), c, mean.cpu_mut(), std.cpu_mut());
 }
 
@@ -170,6 +225,7 @@ pub fn row_mean_std(x: &Tensor, mean: &mut Tensor, std: &mut Tensor) {
 pub fn centered_row_norms(x: &Tensor, out: &mut Tensor) {
     let (r, c) = dims2(x);
     is_vec(out, r, "centered_row_norms");
+    on_cuda!(out, |g| g.centered_row_norms(x.cu(), c, out.cu_mut()));
     cpu::centered_row_norms(x.cpu(), c, out.cpu_mut());
 }
 
@@ -178,6 +234,13 @@ pub fn row_dots(a: &Tensor, b: &Tensor, out: &mut Tensor) {
     same_shape(a, b, "row_dots");
     let (r, c) = dims2(a);
     is_vec(out, r, "row_dots");
+    on_cuda!(out, |g| g.row_reduce(
+        a.cu(),
+        Some(b.cu()),
+        c,
+        1,
+        out.cu_mut()
+    ));
     cpu::row_dots(a.cpu(), b.cpu(), c, out.cpu_mut());
 }
 
@@ -186,22 +249,31 @@ pub fn add_scaled_rows(dst: &mut Tensor, src: &Tensor, c: &Tensor) {
     same_shape(dst, src, "add_scaled_rows");
     let (r, cols) = dims2(src);
     is_vec(c, r, "add_scaled_rows coefficients");
+    on_cuda!(dst, |g| g.add_scaled_rows(
+        dst.cu_mut(),
+        src.cu(),
+        cols,
+        c.cu()
+    ));
     cpu::add_scaled_rows(dst.cpu_mut(), src.cpu(), cols, c.cpu());
 }
 
 /// Sum of all elements (accumulated in f64).
 pub fn sum(t: &Tensor) -> f64 {
+    on_cuda!(t, |g| g.sum(t.cu(), false));
     cpu::sum(t.cpu())
 }
 
 /// Sum of squares of all elements (accumulated in f64).
 pub fn sum_squares(t: &Tensor) -> f64 {
+    on_cuda!(t, |g| g.sum(t.cu(), true));
     cpu::sum_squares(t.cpu())
 }
 
 /// `f = max(h, 0)`
 pub fn relu(h: &Tensor, f: &mut Tensor) {
     same_shape(h, f, "relu");
+    on_cuda!(f, |g| g.relu(h.cu(), f.cu_mut()));
     cpu::relu(h.cpu(), f.cpu_mut());
 }
 
@@ -209,12 +281,14 @@ pub fn relu(h: &Tensor, f: &mut Tensor) {
 pub fn relu_backward(h: &Tensor, df: &Tensor, dh: &mut Tensor) {
     same_shape(h, df, "relu_backward");
     same_shape(h, dh, "relu_backward");
+    on_cuda!(dh, |g| g.relu_backward(h.cu(), df.cu(), dh.cu_mut()));
     cpu::relu_backward(h.cpu(), df.cpu(), dh.cpu_mut());
 }
 
 /// `x *= (g > 0)` element-wise (a gate).
 pub fn mask_positive(x: &mut Tensor, g: &Tensor) {
     same_shape(x, g, "mask_positive");
+    on_cuda!(x, |gpu| gpu.mask_positive(x.cu_mut(), g.cu()));
     cpu::mask_positive(x.cpu_mut(), g.cpu());
 }
 
@@ -223,6 +297,7 @@ pub fn jumprelu(h: &Tensor, t: &Tensor, f: &mut Tensor) {
     same_shape(h, f, "jumprelu");
     let c = h.cols();
     is_vec(t, c, "jumprelu threshold");
+    on_cuda!(f, |g| g.jumprelu(h.cu(), t.cu(), f.cu_mut()));
     cpu::jumprelu(h.cpu(), c, t.cpu(), f.cpu_mut());
 }
 
@@ -244,6 +319,15 @@ pub fn jumprelu_backward(
     let c = h.cols();
     is_vec(t, c, "jumprelu_backward threshold");
     is_vec(dt, c, "jumprelu_backward dt");
+    on_cuda!(dh, |g| g.jumprelu_backward(
+        h.cu(),
+        t.cu(),
+        df.cu(),
+        bandwidth,
+        ste_to_input,
+        dh.cu_mut(),
+        dt.cu_mut()
+    ));
     cpu::jumprelu_backward(
         h.cpu(),
         c,
@@ -261,6 +345,13 @@ pub fn step_count_rows(h: &Tensor, t: &Tensor, out: &mut Tensor) {
     let (r, c) = dims2(h);
     is_vec(t, c, "step_count_rows threshold");
     is_vec(out, r, "step_count_rows out");
+    on_cuda!(out, |g| g.row_reduce(
+        h.cu(),
+        Some(t.cu()),
+        c,
+        3,
+        out.cu_mut()
+    ));
     cpu::step_count_rows(h.cpu(), c, t.cpu(), out.cpu_mut());
 }
 
@@ -282,6 +373,15 @@ pub fn step_backward(
     is_vec(t, c, "step_backward threshold");
     is_vec(g, r, "step_backward g");
     is_vec(dt, c, "step_backward dt");
+    on_cuda!(dh, |gpu| gpu.step_backward(
+        h.cu(),
+        t.cu(),
+        g.cu(),
+        bandwidth,
+        ste_to_input,
+        dh.cu_mut(),
+        dt.cu_mut()
+    ));
     cpu::step_backward(
         h.cpu(),
         c,
@@ -308,6 +408,14 @@ pub fn tanh_sparsity(
     let cols = f.cols();
     is_vec(n, cols, "tanh_sparsity norms");
     is_vec(dn, cols, "tanh_sparsity dn");
+    on_cuda!(f, |g| g.tanh_sparsity(
+        f.cu(),
+        n.cu(),
+        s,
+        c,
+        df.cu_mut(),
+        dn.cu_mut()
+    ));
     cpu::tanh_sparsity(f.cpu(), cols, n.cpu(), s, c, df.cpu_mut(), dn.cpu_mut())
 }
 
@@ -333,6 +441,15 @@ pub fn lp_sparsity(
         is_vec(dn, cols, "lp_sparsity dn");
     }
     assert!(p > 0.0, "lp_sparsity: p must be positive, got {p}");
+    on_cuda!(f, |g| g.lp_sparsity(
+        f.cu(),
+        cols,
+        n.map(|n| n.cu()),
+        p,
+        c,
+        df.map(|d| d.cu_mut()),
+        dn.map(|d| d.cu_mut())
+    ));
     cpu::lp_sparsity(
         f.cpu(),
         cols,
@@ -364,6 +481,16 @@ pub fn pre_act_loss(
     }
     is_vec(dt, cols, "pre_act_loss dt");
     is_vec(dn, cols, "pre_act_loss dn");
+    on_cuda!(h, |g| g.pre_act_loss(
+        h.cu(),
+        t.cu(),
+        dead.cu(),
+        n.cu(),
+        c,
+        dh.cu_mut(),
+        dt.cu_mut(),
+        dn.cu_mut()
+    ));
     cpu::pre_act_loss(
         h.cpu(),
         cols,
@@ -393,6 +520,13 @@ pub fn mse(
     if let Some((g, _)) = &grad {
         same_shape(pred, g, "mse grad");
     }
+    on_cuda!(pred, |g| g.mse(
+        pred.cu(),
+        target.cu(),
+        c,
+        row_w.map(|w| w.cu()),
+        grad.map(|(t, s)| (t.cu_mut(), s))
+    ));
     cpu::mse(
         pred.cpu(),
         target.cpu(),
@@ -415,6 +549,12 @@ pub fn weighted_sq_err(
     if let Some((g, _)) = &grad {
         same_shape(pred, g, "weighted_sq_err grad");
     }
+    on_cuda!(pred, |g| g.weighted_sq_err(
+        pred.cu(),
+        target.cu(),
+        weight.cu(),
+        grad.map(|(t, s)| (t.cu_mut(), s))
+    ));
     cpu::weighted_sq_err(
         pred.cpu(),
         target.cpu(),
@@ -441,6 +581,17 @@ pub fn adam(
     same_shape(param, m, "adam m");
     same_shape(param, v, "adam v");
     assert!(step >= 1, "adam: step counts from 1");
+    on_cuda!(param, |g| g.adam(
+        param.cu_mut(),
+        grad.cu(),
+        m.cu_mut(),
+        v.cu_mut(),
+        lr,
+        (beta1, beta2),
+        eps,
+        step,
+        1.0
+    ));
     cpu::adam(
         param.cpu_mut(),
         grad.cpu(),
@@ -482,6 +633,13 @@ pub fn sq_err(pred: &Tensor, target: &Tensor, row_w: Option<&Tensor>, out: &mut 
     if let Some(w) = row_w {
         is_vec(w, r, "sq_err row weights");
     }
+    on_cuda!(out, |g| g.sq_err(
+        pred.cu(),
+        target.cu(),
+        c,
+        row_w.map(|w| w.cu()),
+        out.cu_mut()
+    ));
     cpu::sq_err(
         pred.cpu(),
         target.cpu(),
@@ -495,11 +653,13 @@ pub fn sq_err(pred: &Tensor, target: &Tensor, row_w: Option<&Tensor>, out: &mut 
 pub fn div_eps(a: &Tensor, b: &Tensor, eps: f32, out: &mut Tensor) {
     same_shape(a, b, "div_eps");
     same_shape(a, out, "div_eps out");
+    on_cuda!(out, |g| g.div_eps(a.cu(), b.cu(), eps, out.cu_mut()));
     cpu::div_eps(a.cpu(), b.cpu(), eps, out.cpu_mut());
 }
 
 /// `x = tanh(x)` element-wise.
 pub fn tanh(x: &mut Tensor) {
+    on_cuda!(x, |g| g.tanh(x.cu_mut()));
     cpu::tanh(x.cpu_mut());
 }
 
@@ -507,6 +667,7 @@ pub fn tanh(x: &mut Tensor) {
 pub fn tanh_relu_backward(h: &Tensor, df: &Tensor, dh: &mut Tensor) {
     same_shape(h, df, "tanh_relu_backward");
     same_shape(h, dh, "tanh_relu_backward");
+    on_cuda!(dh, |g| g.tanh_relu_backward(h.cu(), df.cu(), dh.cu_mut()));
     cpu::tanh_relu_backward(h.cpu(), df.cpu(), dh.cpu_mut());
 }
 
@@ -521,6 +682,7 @@ pub fn copy_cols(src: &Tensor, start: usize, dst: &mut Tensor) {
         start + dc,
         dst.shape()
     );
+    on_cuda!(dst, |g| g.copy_cols(src.cu(), c, start, dst.cu_mut(), dc));
     cpu::copy_cols(src.cpu(), c, start, dst.cpu_mut(), dc);
 }
 
@@ -534,6 +696,7 @@ pub fn add_cols(dst: &mut Tensor, start: usize, src: &Tensor) {
         src.shape(),
         dst.shape()
     );
+    on_cuda!(dst, |g| g.add_cols(dst.cu_mut(), c, start, src.cu(), sc));
     cpu::add_cols(dst.cpu_mut(), c, start, src.cpu(), sc);
 }
 
@@ -548,6 +711,7 @@ pub fn copy_rows(src: &Tensor, start: usize, dst: &mut Tensor) {
         start + dr,
         dst.shape()
     );
+    on_cuda!(dst, |g| g.copy_range(dst.cu_mut(), src.cu(), start * c));
     dst.cpu_mut()
         .copy_from_slice(&src.cpu()[start * c..(start + dr) * c]);
 }
@@ -562,6 +726,7 @@ pub fn add_rows(dst: &mut Tensor, start: usize, src: &Tensor) {
         src.shape(),
         dst.shape()
     );
+    on_cuda!(dst, |g| g.axpy(dst.cu_mut(), start * c, 1.0, src.cu()));
     cpu::axpy(
         &mut dst.cpu_mut()[start * c..(start + sr) * c],
         1.0,
@@ -571,6 +736,7 @@ pub fn add_rows(dst: &mut Tensor, start: usize, src: &Tensor) {
 
 /// Smallest strictly positive element, if any.
 pub fn min_positive(t: &Tensor) -> Option<f32> {
+    on_cuda!(t, |g| g.min_positive(t.cu()));
     cpu::min_positive(t.cpu())
 }
 
@@ -578,6 +744,11 @@ pub fn min_positive(t: &Tensor) -> Option<f32> {
 pub fn col_nonzero_counts(x: &Tensor, out: &mut Tensor) {
     let c = x.cols();
     is_vec(out, c, "col_nonzero_counts");
+    on_cuda!(out, |g| g.col_nonzero_counts(
+        x.cu(),
+        x.rows(),
+        out.cu_mut()
+    ));
     cpu::col_nonzero_counts(x.cpu(), c, out.cpu_mut());
 }
 
@@ -585,11 +756,19 @@ pub fn col_nonzero_counts(x: &Tensor, out: &mut Tensor) {
 pub fn row_nonzero_counts(x: &Tensor, out: &mut Tensor) {
     let (r, c) = dims2(x);
     is_vec(out, r, "row_nonzero_counts");
+    on_cuda!(out, |g| g.row_reduce(x.cu(), None, c, 2, out.cu_mut()));
     cpu::row_nonzero_counts(x.cpu(), c, out.cpu_mut());
 }
 
 /// `x += std * N(0, 1)`, reproducible for a given `seed` whatever the thread count.
 pub fn add_normal_noise(x: &mut Tensor, std: f32, seed: u64) {
+    // On a GPU the noise is drawn on the host by the same generator and uploaded, so
+    // both backends add the same values.
+    on_cuda!(x, |g| {
+        let mut z = vec![0.0; x.numel()];
+        cpu::add_normal_noise(&mut z, std, seed);
+        g.upload(&z).and_then(|z| g.axpy(x.cu_mut(), 0, 1.0, &z))
+    });
     cpu::add_normal_noise(x.cpu_mut(), std, seed);
 }
 
@@ -604,6 +783,9 @@ pub fn topk_rows(x: &Tensor, k: usize, mask: Option<&Tensor>, out: &mut Csr) {
         is_vec(m, c, "topk_rows mask");
     }
     assert!(k <= c, "topk_rows: k={k} exceeds the {c} columns");
+    on_cuda!(x, |g| g
+        .topk_rows(x.cu(), r, c, k, mask.map(|m| m.cu()))
+        .map(|parts| out.set_cu(g, (r, c), parts)));
     out.rows = r;
     out.cols = c;
     let nnz = r * k;
@@ -623,6 +805,9 @@ pub fn topk_rows(x: &Tensor, k: usize, mask: Option<&Tensor>, out: &mut Csr) {
 /// outputs) into `out`. Non-positive entries are never stored.
 pub fn batch_topk(x: &Tensor, total: usize, out: &mut Csr) {
     let (r, c) = dims2(x);
+    on_cuda!(x, |g| g
+        .batch_topk(x.cu(), r, c, total)
+        .map(|parts| out.set_cu(g, (r, c), parts)));
     out.rows = r;
     out.cols = c;
     cpu::batch_topk(
@@ -645,6 +830,7 @@ pub fn csr_to_dense(a: &Csr, out: &mut Tensor) {
         "csr_to_dense: output shape {:?}",
         out.shape()
     );
+    on_cuda!(out, |g| g.csr_to_dense(a.cu(), a.cols, out.cu_mut()));
     let cols = a.cols;
     let (off, idx, val) = (a.offsets.cpu(), a.indices.cpu(), a.values.cpu());
     let o = out.cpu_mut();
@@ -664,6 +850,12 @@ pub fn csr_gather(pattern: &Csr, dense: &Tensor, out: &mut Tensor) {
         "csr_gather: shape"
     );
     is_vec(out, pattern.nnz(), "csr_gather out");
+    on_cuda!(out, |g| g.csr_gather(
+        (pattern.offsets.cu(), pattern.indices.cu()),
+        dense.cu(),
+        pattern.cols,
+        out.cu_mut()
+    ));
     let cols = pattern.cols;
     let (off, idx) = (pattern.offsets.cpu(), pattern.indices.cpu());
     let d = dense.cpu();
@@ -682,6 +874,7 @@ pub fn csr_scatter_add(a: &Csr, dense: &mut Tensor) {
         (a.rows, a.cols),
         "csr_scatter_add: shape"
     );
+    on_cuda!(dense, |g| g.csr_scatter_add(a.cu(), a.cols, dense.cu_mut()));
     let cols = a.cols;
     let (off, idx, val) = (a.offsets.cpu(), a.indices.cpu(), a.values.cpu());
     let o = dense.cpu_mut();
@@ -706,6 +899,14 @@ pub fn csr_matmul(out: &mut Tensor, a: &Csr, w: &Tensor, alpha: f32, beta: f32) 
         "csr_matmul: output shape {:?}",
         out.shape()
     );
+    on_cuda!(out, |g| g.csr_matmul(
+        out.cu_mut(),
+        a.cu(),
+        w.cu(),
+        d,
+        alpha,
+        beta
+    ));
     cpu::csr_matmul(
         a.offsets.cpu(),
         a.indices.cpu(),
@@ -746,6 +947,16 @@ pub fn csr_t_matmul(
         "csr_t_matmul: output shape {:?}",
         out.shape()
     );
+    on_cuda!(out, |g| g.csr_t_matmul(
+        out.cu_mut(),
+        a.cu(),
+        a.cols,
+        x.cu(),
+        d,
+        out_transposed,
+        alpha,
+        beta
+    ));
     cpu::csr_t_matmul(
         a.offsets.cpu(),
         a.indices.cpu(),
@@ -772,6 +983,13 @@ pub fn csr_sampled_dot(pattern: &Csr, x: &Tensor, w: &Tensor, out: &mut Tensor) 
         w.shape()
     );
     is_vec(out, pattern.nnz(), "csr_sampled_dot out");
+    on_cuda!(out, |g| g.csr_sampled_dot(
+        (pattern.offsets.cu(), pattern.indices.cu()),
+        x.cu(),
+        w.cu(),
+        d,
+        out.cu_mut()
+    ));
     cpu::csr_sampled_dot(
         pattern.offsets.cpu(),
         pattern.indices.cpu(),
@@ -789,6 +1007,13 @@ pub fn csr_col_dot(a: &Csr, other: Option<&Tensor>, out: &mut Tensor, alpha: f32
     if let Some(o) = other {
         is_vec(o, a.nnz(), "csr_col_dot other");
     }
+    on_cuda!(out, |g| g.csr_col_dot(
+        (a.indices.cu(), a.values.cu()),
+        other.map(|o| o.cu()),
+        out.cu_mut(),
+        alpha,
+        beta
+    ));
     cpu::csr_col_dot(
         a.indices.cpu(),
         a.values.cpu(),
@@ -802,6 +1027,11 @@ pub fn csr_col_dot(a: &Csr, other: Option<&Tensor>, out: &mut Tensor, alpha: f32
 /// `a.values[e] *= v[column of e]`.
 pub fn csr_scale_cols(a: &mut Csr, v: &Tensor) {
     is_vec(v, a.cols, "csr_scale_cols");
+    on_cuda!(v, |g| g.csr_scale_cols(
+        a.indices.cu(),
+        a.values.cu_mut(),
+        v.cu()
+    ));
     let idx = a.indices.cpu();
     let vv = v.cpu();
     let vals = a.values.data.cpu_mut();
@@ -813,6 +1043,10 @@ pub fn csr_scale_cols(a: &mut Csr, v: &Tensor) {
 /// Number of stored nonzero values per column into `out` `[cols]`.
 pub fn csr_col_nonzero_counts(a: &Csr, out: &mut Tensor) {
     is_vec(out, a.cols, "csr_col_nonzero_counts");
+    on_cuda!(out, |g| g.csr_col_nonzero_counts(
+        (a.indices.cu(), a.values.cu()),
+        out.cu_mut()
+    ));
     let o = out.cpu_mut();
     o.fill(0.0);
     for (&j, &v) in a.indices.cpu().iter().zip(a.values.cpu()) {
@@ -825,6 +1059,10 @@ pub fn csr_col_nonzero_counts(a: &Csr, out: &mut Tensor) {
 /// Number of stored nonzero values per row into `out` `[rows]`.
 pub fn csr_row_nonzero_counts(a: &Csr, out: &mut Tensor) {
     is_vec(out, a.rows, "csr_row_nonzero_counts");
+    on_cuda!(out, |g| g.csr_row_nonzero_counts(
+        (a.offsets.cu(), a.values.cu()),
+        out.cu_mut()
+    ));
     let (off, val) = (a.offsets.cpu(), a.values.cpu());
     let o = out.cpu_mut();
     for r in 0..a.rows {
@@ -833,32 +1071,6 @@ pub fn csr_row_nonzero_counts(a: &Csr, out: &mut Tensor) {
             .filter(|&&v| v != 0.0)
             .count() as f32;
     }
-}
-
-/// Keeps only the entries of `a` whose column lies in `[start, end)`, renumbered to
-/// start at 0, into `out` (a matryoshka level's slice of the activations).
-pub fn csr_slice_cols(a: &Csr, start: usize, end: usize, out: &mut Csr) {
-    assert!(
-        start <= end && end <= a.cols,
-        "csr_slice_cols: bad range {start}..{end} of {}",
-        a.cols
-    );
-    let (off, idx, val) = (a.offsets.cpu(), a.indices.cpu(), a.values.cpu());
-    let mut o_off = Vec::with_capacity(a.rows + 1);
-    let mut o_idx = Vec::new();
-    let mut o_val = Vec::new();
-    o_off.push(0u32);
-    for r in 0..a.rows {
-        for e in off[r] as usize..off[r + 1] as usize {
-            let j = idx[e] as usize;
-            if j >= start && j < end {
-                o_idx.push((j - start) as u32);
-                o_val.push(val[e]);
-            }
-        }
-        o_off.push(o_idx.len() as u32);
-    }
-    *out = Csr::from_parts(&a.values.device(), a.rows, end - start, o_off, o_idx, o_val);
 }
 
 #[cfg(test)]

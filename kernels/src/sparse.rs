@@ -19,14 +19,12 @@ pub struct Csr {
 impl Csr {
     /// An empty `[0, 0]` matrix whose buffers grow on first use.
     pub fn empty(device: &Device) -> Csr {
-        match device {
-            Device::Cpu => Csr {
-                rows: 0,
-                cols: 0,
-                offsets: Storage::Cpu(vec![0]),
-                indices: Storage::Cpu(Vec::new()),
-                values: Tensor::zeros(device, &[0]),
-            },
+        Csr {
+            rows: 0,
+            cols: 0,
+            offsets: Storage::from_vec(device, vec![0]),
+            indices: Storage::from_vec(device, Vec::new()),
+            values: Tensor::zeros(device, &[0]),
         }
     }
 
@@ -47,14 +45,12 @@ impl Csr {
             "column out of range"
         );
         let nnz = values.len();
-        match device {
-            Device::Cpu => Csr {
-                rows,
-                cols,
-                offsets: Storage::Cpu(offsets),
-                indices: Storage::Cpu(indices),
-                values: Tensor::from_vec(device, &[nnz], values).expect("length checked"),
-            },
+        Csr {
+            rows,
+            cols,
+            offsets: Storage::from_vec(device, offsets),
+            indices: Storage::from_vec(device, indices),
+            values: Tensor::from_vec(device, &[nnz], values).expect("length checked"),
         }
     }
 
@@ -76,15 +72,61 @@ impl Csr {
         &mut self.values
     }
     pub fn offsets_to_vec(&self) -> Vec<u32> {
-        self.offsets.cpu().to_vec()
+        self.offsets.to_vec()
     }
     pub fn indices_to_vec(&self) -> Vec<u32> {
-        self.indices.cpu().to_vec()
+        self.indices.to_vec()
+    }
+    pub fn device(&self) -> Device {
+        self.values.device()
+    }
+    /// A copy on `device`.
+    pub fn to_device(&self, device: &Device) -> Csr {
+        Csr::from_parts(
+            device,
+            self.rows,
+            self.cols,
+            self.offsets_to_vec(),
+            self.indices_to_vec(),
+            self.values.to_vec(),
+        )
     }
     /// A matrix with the same sparsity pattern and zero values.
     pub fn zeros_like(&self) -> Csr {
         let mut c = self.clone();
         crate::ops::fill(&mut c.values, 0.0);
         c
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Csr {
+    /// Device `(offsets, indices, values)`.
+    pub(crate) fn cu(
+        &self,
+    ) -> (
+        &cudarc::driver::CudaSlice<u32>,
+        &cudarc::driver::CudaSlice<u32>,
+        &cudarc::driver::CudaSlice<f32>,
+    ) {
+        (self.offsets.cu(), self.indices.cu(), self.values.cu())
+    }
+
+    /// Replaces the contents with device parts from `g`.
+    pub(crate) fn set_cu(
+        &mut self,
+        g: &'static crate::cuda::Cuda,
+        (rows, cols): (usize, usize),
+        (off, idx, val): (
+            cudarc::driver::CudaSlice<u32>,
+            cudarc::driver::CudaSlice<u32>,
+            cudarc::driver::CudaSlice<f32>,
+        ),
+    ) {
+        self.rows = rows;
+        self.cols = cols;
+        self.offsets.set_cu(g, off);
+        self.indices.set_cu(g, idx);
+        self.values = Tensor::from_cu(g, &[val.len()], val);
     }
 }

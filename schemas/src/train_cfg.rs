@@ -56,6 +56,9 @@ pub struct TrainConfig {
     pub decoder_init_norm: Option<f64>,
     pub dtype: String,
     pub device: String,
+    /// SAELens's `autocast`: the dense products take bf16 inputs (f32 accumulation and
+    /// everything else in f32). CUDA only.
+    pub autocast: bool,
     pub l1_coefficient: f64,
     pub lp_norm: f64,
     pub l1_warm_up_steps: u64,
@@ -155,6 +158,7 @@ impl Default for TrainConfig {
             decoder_init_norm: Some(0.1),
             dtype: "float32".into(),
             device: "cpu".into(),
+            autocast: false,
             l1_coefficient: sae.l1_coefficient,
             lp_norm: 1.0,
             l1_warm_up_steps: 0,

@@ -269,6 +269,12 @@ pub struct HookedTransformer {
 impl HookedTransformer {
     /// Loads `DIR/config.json` and the safetensors weights beside it.
     pub fn load(dir: &Path, device: &Device) -> Result<HookedTransformer> {
+        // The SAE ops have CUDA forms; the transformer's (attention, norms) not yet.
+        if *device != Device::Cpu {
+            return Err(LmError::Invalid(format!(
+                "the transformer runs on the CPU only so far; use device cpu (asked for {device})"
+            )));
+        }
         let cfg = LmConfig::from_dir(dir)?;
         let mut ck = Checkpoint::open(dir)?;
         let model = match cfg.family {

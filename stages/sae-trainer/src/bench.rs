@@ -15,17 +15,26 @@ pub struct BenchArgs {
     pub config: PathBuf,
     pub steps: usize,
     pub warmup: usize,
+    /// Overrides the config's `device`.
+    pub device: Option<String>,
+    /// How the dense products are done: `f32`, `tf32` or `bf16` (the last two CUDA only).
+    pub matmul: String,
 }
 
 pub fn run(a: &BenchArgs) -> Result<Value> {
-    let cfg = crate::train::read_config(&a.config)?;
+    let mut cfg = crate::train::read_config(&a.config)?;
+    if let Some(d) = &a.device {
+        cfg.device = d.clone();
+    }
     let d_in = cfg.d_in.context("the bench needs d_in in the config")?;
     let device = Device::parse(&cfg.device)?;
+    crate::train::set_matmul(&device, &a.matmul)?;
     let sae = Sae::new(cfg.sae_config(d_in)?, &device, cfg.seed)?;
-    let (arch, d_sae, sparse) = (
+    let (arch, d_sae, sparse, k) = (
         sae.cfg().architecture,
         sae.cfg().d_sae,
         sae.cfg().use_sparse_activations,
+        sae.cfg().k,
     );
     let batch = cfg.train_batch_size_tokens;
     let mut trainer = Trainer::new(cfg.clone(), sae);
@@ -42,14 +51,26 @@ pub fn run(a: &BenchArgs) -> Result<Value> {
     for i in 0..a.warmup {
         trainer.step(&data[i % data.len()])?;
     }
+    kernels::synchronize(&device)?;
     let mut times = Vec::with_capacity(a.steps);
     for i in 0..a.steps.max(1) {
         let t = Instant::now();
         trainer.step(&data[i % data.len()])?;
+        // CUDA ops are queued: the step is done when the device is.
+        kernels::synchronize(&device)?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    // The FLOPs a step must do per token (issue 6's yardstick): the dense encode,
+    // decode and their backwards (10 d m), or with sparse latents the encode GEMM plus
+    // the k-row decode and backwards (2 d m + 8 k d).
+    let (d, m) = (d_in as f64, d_sae as f64);
+    let flops_per_token = if sparse {
+        2.0 * d * m + 8.0 * k * d
+    } else {
+        10.0 * d * m
+    };
     Ok(json!({
         "architecture": arch.as_str(),
         "d_in": d_in,
@@ -58,7 +79,10 @@ pub fn run(a: &BenchArgs) -> Result<Value> {
         "sparse": sparse,
         "threads": kernels::num_threads(),
         "steps": times.len(),
+        "device": device.to_string(),
+        "matmul": a.matmul,
         "tokens_per_second": batch as f64 / median,
+        "tflops": flops_per_token * batch as f64 / median / 1e12,
         "step_seconds_median": median,
         "peak_rss_mib": pipeline::sys::peak_rss_mib(),
     }))

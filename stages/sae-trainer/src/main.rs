@@ -57,6 +57,13 @@ enum Command {
         /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Device instead of the config's: cpu, cuda or cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+        /// How the dense products are done: f32, tf32 or bf16 (bf16 inputs, f32
+        /// accumulation); the last two on CUDA only.
+        #[arg(long, default_value = "f32")]
+        matmul: String,
         /// CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -128,6 +135,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             steps,
             warmup,
+            device,
+            matmul,
             threads,
         } => {
             set_threads(threads)?;
@@ -135,6 +144,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config,
                 steps,
                 warmup,
+                device,
+                matmul,
             })?;
             println!("{}", serde_json::to_string(&summary)?);
         }

@@ -37,10 +37,36 @@ pub fn read_config(path: &Path) -> Result<TrainConfig> {
     TrainConfig::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// Sets how `device` does its dense products: `f32` (everywhere), `tf32` or `bf16`
+/// (CUDA builds and devices only).
+pub fn set_matmul(device: &Device, mode: &str) -> Result<()> {
+    if !["f32", "tf32", "bf16"].contains(&mode) {
+        anyhow::bail!("matmul mode '{mode}': expected f32, tf32 or bf16");
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use kernels::cuda::{set_matmul, Matmul};
+        let m = match mode {
+            "tf32" => Matmul::Tf32,
+            "bf16" => Matmul::Bf16,
+            _ => Matmul::F32,
+        };
+        set_matmul(device, m)?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    if mode != "f32" {
+        anyhow::bail!("{mode} matrix products need a CUDA device; {device} does them in f32");
+    }
+    Ok(())
+}
+
 /// Runs a training to the end; returns the summary it prints.
 pub fn run(a: &TrainArgs) -> Result<Value> {
     let cfg = read_config(&a.config)?;
     let device = Device::parse(&cfg.device)?;
+    if cfg.autocast {
+        set_matmul(&device, "bf16").context("autocast: true")?;
+    }
     // Everything is checked before the output directory is touched.
     check_output(&a.output, a.overwrite, a.resume.is_some())?;
 

@@ -536,6 +536,38 @@ fn bad_inputs_give_clear_errors_and_write_nothing() {
         "{e}"
     );
     assert!(!out("d").join("metrics.jsonl").exists());
+    // bf16 products (SAELens's autocast) are a CUDA feature: refused on the CPU, and
+    // `device: cuda` names the build feature when the binary lacks it.
+    let e = err(train(
+        &cfg(
+            "ac.yaml",
+            &format!(
+                "{good}autocast: true
+"
+            ),
+        ),
+        a,
+        &out("ac"),
+        &[],
+    ));
+    assert!(e.contains("autocast") && e.contains("CUDA"), "{e}");
+    assert!(!out("ac").exists());
+    #[cfg(not(feature = "cuda"))]
+    {
+        let e = err(train(
+            &cfg(
+                "cu.yaml",
+                &format!(
+                    "{good}device: cuda:1
+"
+                ),
+            ),
+            a,
+            &out("cu"),
+            &[],
+        ));
+        assert!(e.contains("cuda:1") && e.contains("`cuda` feature"), "{e}");
+    }
 
     let good_cfg = cfg("g.yaml", good);
     let empty = tmp.path().join("empty.safetensors");
@@ -639,6 +671,9 @@ fn bench_prints_one_json_line() {
         "d_in",
         "d_sae",
         "batch",
+        "device",
+        "matmul",
+        "tflops",
         "tokens_per_second",
         "step_seconds_median",
         "peak_rss_mib",
@@ -652,6 +687,24 @@ fn bench_prints_one_json_line() {
     assert!(
         v["tokens_per_second"].as_f64().unwrap() > 0.0 && v["peak_rss_mib"].as_f64().unwrap() > 1.0
     );
+    // TFLOP/s counts the sparse step's FLOPs (2 d m + 8 k d per token) per second.
+    let flops = (2 * 64 * 512 + 8 * 8 * 64) as f64;
+    let want = flops * v["tokens_per_second"].as_f64().unwrap() / 1e12;
+    assert!((v["tflops"].as_f64().unwrap() - want).abs() <= 1e-9 * want.max(1.0));
+    assert_eq!(v["device"], "cpu");
+    // Reduced-precision products need CUDA.
+    let o = bin()
+        .args([
+            "bench",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--matmul",
+            "tf32",
+        ])
+        .output()
+        .unwrap();
+    let e = err(o);
+    assert!(e.contains("tf32") && e.contains("CUDA"), "{e}");
 }
 
 /// After `training_tokens`, SAELens 5's finetuning methods train only their parameters:
