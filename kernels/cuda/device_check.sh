@@ -12,17 +12,19 @@ build)
     # A target dir of its own: one shared with other clones (CI's) can hold a binary
     # built from their sources that cargo still calls fresh here.
     export CARGO_TARGET_DIR="$HOME/.cache/saestream-device-target"
-    exe() { # cargo args... -> the executables cargo built
-        cargo "$@" --message-format=json 2>/dev/null | python3 -c 'import json,sys
+    exe() { # TARGET cargo-args... -> the executable cargo built for target TARGET
+        local target=$1
+        shift
+        cargo "$@" --message-format=json 2>/dev/null | TARGET=$target python3 -c 'import json,os,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == os.environ["TARGET"]:
         print(m["executable"])'
     }
     rm -rf device-bin && mkdir -p device-bin
-    cp "$(exe test -p kernels --features cuda --test cuda --no-run)" device-bin/cuda-tests
-    cp "$(exe test -p sae-trainer --features cuda --test cuda_step --no-run)" device-bin/cuda-step-tests
-    cp "$(exe build -p sae-trainer --features cuda --bin sae-trainer)" device-bin/sae-trainer
+    cp "$(exe cuda test -p kernels --features cuda --test cuda --no-run)" device-bin/cuda-tests
+    cp "$(exe cuda_step test -p sae-trainer --features cuda --test cuda_step --no-run)" device-bin/cuda-step-tests
+    cp "$(exe sae-trainer build -p sae-trainer --features cuda --bin sae-trainer)" device-bin/sae-trainer
     # Debug info is most of their size; the carry limit is 64 MiB in all.
     strip --strip-debug device-bin/*
     du -ch device-bin/* | tail -1

@@ -495,6 +495,59 @@ extern "C" __global__ void __launch_bounds__(1024) batch_write(const float* x, i
 }
 
 // ---------------------------------------------------------------------------------
+// The weight gradients of a sparse layer, out = beta * out + alpha * A^T @ x (A a CSR
+// [rows, m], x [rows, d], out [m, d] or [d, m] when transposed), with no atomics on the
+// output: A is first turned into its CSC form (each latent's (row, value) entries, in
+// no particular order) by a counting sort, then one block per latent sums its rows of x.
+
+// counts[idx[e]] += 1 (grid-stride; counts zeroed).
+extern "C" __global__ void csr_col_count(const unsigned* idx, long long nnz, unsigned* counts) {
+    GRID_STRIDE(e, nnz) atomicAdd(&counts[idx[e]], 1u);
+}
+
+// off[i] = sum of in[0..i] for i <= n (off has n + 1 entries). One block of 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024) exclusive_scan_u32(const unsigned* in,
+                                                                   unsigned* off, int n) {
+    __shared__ int scratch[33];
+    unsigned running = 0;
+    for (int base = 0; base < n; base += blockDim.x) {
+        int i = base + threadIdx.x;
+        int total;
+        int before = block_exclusive_scan(i < n ? (int)in[i] : 0, scratch, &total);
+        if (i < n) off[i] = running + (unsigned)before;
+        running += (unsigned)total;
+    }
+    if (threadIdx.x == 0) off[n] = running;
+}
+
+// Each entry of row r (one block per row) into its column's segment of the CSC form.
+extern "C" __global__ void csr_to_csc(const unsigned* off, const unsigned* idx,
+                                      const float* val, const unsigned* col_off,
+                                      unsigned* cursor, unsigned* csc_row, float* csc_val) {
+    for (unsigned e = off[blockIdx.x] + threadIdx.x; e < off[blockIdx.x + 1]; e += blockDim.x) {
+        unsigned j = idx[e];
+        unsigned p = col_off[j] + atomicAdd(&cursor[j], 1u);
+        csc_row[p] = blockIdx.x;
+        csc_val[p] = val[e];
+    }
+}
+
+// One block per latent j, threads over d: out[j] (a row, or a column when transposed)
+// = beta * out[j] + sum over j's entries (alpha * v) x[r, :].
+extern "C" __global__ void csc_t_matmul(const unsigned* col_off, const unsigned* csc_row,
+                                        const float* csc_val, const float* x, int d, int m,
+                                        int transposed, float alpha, float beta, float* out) {
+    unsigned e0 = col_off[blockIdx.x], e1 = col_off[blockIdx.x + 1];
+    long long j = blockIdx.x;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        long long o = transposed ? (long long)c * m + j : j * d + c;
+        float acc = 0.f;
+        for (unsigned e = e0; e < e1; ++e) acc += (alpha * csc_val[e]) * x[(long long)csc_row[e] * d + c];
+        out[o] = (beta == 0.f ? 0.f : beta * out[o]) + acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // CSR helpers (offsets[rows + 1], column indices, values). Per row: one block per row.
 
 // out[r, idx[e]] = val[e] (out zeroed by the host first).

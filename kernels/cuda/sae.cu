@@ -128,10 +128,10 @@ extern "C" __global__ void radix_hist(const float* x, long long n, unsigned int 
 
 // ---------------------------------------------------------------------------------
 // Sparse products over CSR latents (offsets[rows + 1], column indices, values), the
-// device forms of the CPU ops csr_matmul, csr_sampled_dot, csr_t_matmul, csr_col_dot:
-// the decode and the backward touch the active latents only.
+// device forms of the CPU ops csr_matmul, csr_sampled_dot and csr_col_dot (csr_t_matmul
+// is in ops.cu): the decode and the backward touch the active latents only.
 
-// x *= s (grid-stride): the `beta` of the accumulating products below.
+// x *= s (grid-stride; s == 0 writes zeros): ops::scale and the `beta` of csr_col_dot.
 extern "C" __global__ void scale_inplace(float* x, long long n, float s) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
@@ -174,25 +174,6 @@ extern "C" __global__ void csr_sampled_dot(const unsigned* off, const unsigned* 
         for (int c = lane; c < d; c += 32) acc += xr[c] * wr[c];
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(FULL_MASK, acc, o);
         if (lane == 0) out[e] = acc;
-    }
-}
-
-// out += alpha * A^T @ x, scattered with atomics (csr_t_matmul after scale_inplace by
-// beta; the weight gradients). out is [m, d], or [d, m] when `transposed`. One block
-// per row of A.
-extern "C" __global__ void csr_t_matmul(const unsigned* off, const unsigned* idx,
-                                        const float* val, const float* x, int d, int m,
-                                        int transposed, float alpha, float* out) {
-    unsigned e0 = off[blockIdx.x], e1 = off[blockIdx.x + 1];
-    const float* xr = x + (long long)blockIdx.x * d;
-    for (unsigned e = e0; e < e1; ++e) {
-        float v = alpha * val[e];
-        if (v == 0.f) continue;
-        long long j = idx[e];
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            long long o = transposed ? (long long)c * m + j : j * d + c;
-            atomicAdd(&out[o], v * xr[c]);
-        }
     }
 }
 

@@ -36,7 +36,6 @@ pub const KERNELS: &[&str] = &[
     "add_row_vec",
     "csr_matmul",
     "csr_sampled_dot",
-    "csr_t_matmul",
     "csr_col_dot",
     "adam_step",
     // ops.cu
@@ -73,6 +72,10 @@ pub const KERNELS: &[&str] = &[
     "tanh_sparsity",
     "lp_backward",
     "pre_act_loss",
+    "csr_col_count",
+    "exclusive_scan_u32",
+    "csr_to_csc",
+    "csc_t_matmul",
     "batch_count",
     "batch_write",
     "csr_to_dense",
@@ -193,11 +196,11 @@ pub(crate) struct Buf<T> {
     pub(crate) s: CudaSlice<T>,
 }
 
-impl<T: DeviceRepr> Clone for Buf<T> {
+impl<T: DeviceRepr + ValidAsZeroBits> Clone for Buf<T> {
     fn clone(&self) -> Self {
         Buf {
             g: self.g,
-            s: check(self.s.try_clone().map_err(cuda_err)),
+            s: check(self.g.dup(&self.s)),
         }
     }
 }
@@ -302,19 +305,59 @@ impl Cuda {
         &self.funcs[name]
     }
 
-    pub fn upload<T: DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>, KernelError> {
+    pub fn upload<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        v: &[T],
+    ) -> Result<CudaSlice<T>, KernelError> {
+        if v.is_empty() {
+            return self.zeros(0);
+        }
         self.stream.clone_htod(v).map_err(cuda_err)
     }
 
     pub fn download<T: DeviceRepr>(&self, v: &CudaSlice<T>) -> Result<Vec<T>, KernelError> {
+        if v.is_empty() {
+            return Ok(Vec::new());
+        }
         self.stream.clone_dtoh(v).map_err(cuda_err)
     }
 
+    /// `n` zeros. CUDA refuses zero-byte allocations, and empty tensors are common
+    /// (placeholders before the first batch), so an empty buffer owns a one-element
+    /// allocation behind a zero length.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
         &self,
         n: usize,
     ) -> Result<CudaSlice<T>, KernelError> {
-        self.stream.alloc_zeros(n).map_err(cuda_err)
+        if n > 0 {
+            return self.stream.alloc_zeros(n).map_err(cuda_err);
+        }
+        let one = self.stream.alloc_zeros::<T>(1).map_err(cuda_err)?;
+        // SAFETY: the pointer is the live allocation just leaked; the new slice owns
+        // it (and frees it on drop) and claims none of its bytes.
+        Ok(unsafe { self.stream.upgrade_device_ptr(one.leak(), 0) })
+    }
+
+    /// A copy of `s` (which may be empty).
+    pub(crate) fn dup<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        s: &CudaSlice<T>,
+    ) -> Result<CudaSlice<T>, KernelError> {
+        let mut out = self.zeros(s.len())?;
+        if !s.is_empty() {
+            self.stream.memcpy_dtod(s, &mut out).map_err(cuda_err)?;
+        }
+        Ok(out)
+    }
+
+    fn memset0<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        s: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        if s.is_empty() {
+            return Ok(());
+        }
+        self.stream.memset_zeros(s).map_err(cuda_err)
     }
 
     fn set_matmul(&self, mode: Matmul) -> Result<(), KernelError> {
@@ -436,6 +479,9 @@ impl Cuda {
     }
 
     pub(crate) fn copy(&self, dst: &mut F32, src: &F32) -> Result<(), KernelError> {
+        if src.is_empty() {
+            return Ok(());
+        }
         self.stream.memcpy_dtod(src, dst).map_err(cuda_err)
     }
 
@@ -446,6 +492,9 @@ impl Cuda {
         src: &F32,
         start: usize,
     ) -> Result<(), KernelError> {
+        if dst.is_empty() {
+            return Ok(());
+        }
         let view = src.slice(start..start + dst.len());
         self.stream.memcpy_dtod(&view, dst).map_err(cuda_err)
     }
@@ -459,6 +508,9 @@ impl Cuda {
         x: &F32,
     ) -> Result<(), KernelError> {
         let n = x.len() as i64;
+        if n == 0 {
+            return Ok(());
+        }
         let mut view = y.slice_mut(start..start + x.len());
         launch!(self, "axpy_f32", grid_stride(n as usize); &mut view, x, &n, &alpha)
     }
@@ -1034,7 +1086,7 @@ impl Cuda {
         cols: usize,
         out: &mut F32,
     ) -> Result<(), KernelError> {
-        self.stream.memset_zeros(out).map_err(cuda_err)?;
+        self.memset0(out)?;
         let c = cols as i32;
         launch!(self, "csr_to_dense", per_row(off.len() - 1, THREADS); off, idx, val, &c, out)
     }
@@ -1088,7 +1140,8 @@ impl Cuda {
     }
 
     /// `out = beta * out + alpha * a^T @ x`, `out` `[m, d]` or `[d, m]` when
-    /// `transposed` (the weight gradients).
+    /// `transposed` (the weight gradients), through `a`'s CSC form: no atomics on
+    /// `out`, each element written once.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn csr_t_matmul(
         &self,
@@ -1101,11 +1154,21 @@ impl Cuda {
         alpha: f32,
         beta: f32,
     ) -> Result<(), KernelError> {
-        if beta != 1.0 {
-            self.scale(out, beta)?;
-        }
-        let (di, mi, t) = (d as i32, m as i32, transposed as i32);
-        launch!(self, "csr_t_matmul", per_row(off.len() - 1, THREADS); off, idx, val, x, &di, &mi, &t, &alpha, out)
+        let (rows, nnz) = (off.len() - 1, idx.len());
+        let mut counts = self.zeros::<u32>(m)?;
+        let n = nnz as i64;
+        launch!(self, "csr_col_count", grid_stride(nnz); idx, &n, &mut counts)?;
+        let mut col_off = self.zeros::<u32>(m + 1)?;
+        let mi = m as i32;
+        launch!(self, "exclusive_scan_u32", per_row(1, SCAN_THREADS); &counts, &mut col_off, &mi)?;
+        let mut cursor = self.zeros::<u32>(m)?;
+        let mut csc_row = self.zeros::<u32>(nnz)?;
+        let mut csc_val = self.zeros::<f32>(nnz)?;
+        launch!(self, "csr_to_csc", per_row(rows, THREADS);
+            off, idx, val, &col_off, &mut cursor, &mut csc_row, &mut csc_val)?;
+        let (di, t) = (d as i32, transposed as i32);
+        launch!(self, "csc_t_matmul", per_row(m, THREADS);
+            &col_off, &csc_row, &csc_val, x, &di, &mi, &t, &alpha, &beta, out)
     }
 
     /// `out[j] = beta * out[j] + alpha * sum of column j's values` (times `other`'s).
@@ -1143,7 +1206,7 @@ impl Cuda {
         (idx, val): (&U32, &F32),
         out: &mut F32,
     ) -> Result<(), KernelError> {
-        self.stream.memset_zeros(out).map_err(cuda_err)?;
+        self.memset0(out)?;
         let nnz = idx.len() as i64;
         launch!(self, "csr_col_nnz", grid_stride(nnz as usize); idx, val, &nnz, out)
     }

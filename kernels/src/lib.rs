@@ -69,7 +69,10 @@ impl Device {
                 .map_or(0, |n| n.parse().unwrap_or(0));
             // Opens the device and compiles the kernels now, so that a missing driver,
             // device, cuBLAS or NVRTC is reported here rather than by the first op.
-            cuda::backend(ordinal).map_err(|e| KernelError::Cuda(format!("{s}: {e}")))?;
+            cuda::backend(ordinal).map_err(|e| match e {
+                KernelError::Cuda(m) => KernelError::Cuda(format!("{s}: {m}")),
+                e => e,
+            })?;
             Ok(Device::Cuda(ordinal))
         }
         #[cfg(not(feature = "cuda"))]

@@ -161,6 +161,15 @@ fn cuda_tensors_round_trip_and_clone() {
     z.resize(&[4, 5]);
     assert_eq!(z.to_vec().len(), 20);
     assert_eq!(x.to_device(&Device::Cpu).to_vec(), x.to_vec());
+    // Empty tensors (the models' placeholders): CUDA refuses zero-byte allocations.
+    let mut e = Tensor::zeros(&g, &[0, 0]);
+    assert!(e.clone().to_vec().is_empty());
+    ops::fill(&mut e, 1.0);
+    e.resize(&[2, 2]);
+    ops::fill(&mut e, 1.0);
+    assert_eq!(e.to_vec(), vec![1.0; 4]);
+    let empty = Csr::empty(&g);
+    assert_eq!((empty.clone().nnz(), empty.offsets_to_vec()), (0, vec![0]));
     let c = Csr::from_parts(&g, 2, 4, vec![0, 1, 3], vec![2, 0, 3], vec![1.0, 2.0, 3.0]);
     assert_eq!(c.device(), g);
     assert_eq!(c.offsets_to_vec(), vec![0, 1, 3]);
