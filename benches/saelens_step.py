@@ -6,20 +6,45 @@ Random activations, SAELens's own initialisation; f32, no autocast, torch's defa
 (no TF32) matmuls unless --tf32.
 
     python benches/saelens_step.py --arch topk --d-in 768 --d-sae 24576 --k 32 --batch 4096 --device cuda
+
+SAELens imports wandb (for logging, which a step never touches); where wandb is not
+installed (the GPU machines), a stand-in module is put in its place. The other packages
+it needs and those machines lack are carried as wheels: benches/saelens_wheels.sh.
 """
 
 import argparse
+import importlib.util
 import json
+import sys
 import time
+import types
 
 import torch
-from sae_lens import (
+
+
+def _stand_in_for_wandb() -> None:
+    """An empty `wandb` whose every attribute is a do-nothing class."""
+
+    class _Module(types.ModuleType):
+        def __getattr__(self, name: str):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return type(name, (), {"__init__": lambda self, *a, **k: None})
+
+    for name in ["wandb", "wandb.sdk", "wandb.sdk.wandb_run", "wandb.apis", "wandb.util"]:
+        sys.modules[name] = _Module(name)
+
+
+if importlib.util.find_spec("wandb") is None:
+    _stand_in_for_wandb()
+
+from sae_lens import (  # noqa: E402
     StandardTrainingSAE,
     StandardTrainingSAEConfig,
     TopKTrainingSAE,
     TopKTrainingSAEConfig,
 )
-from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 #   here:   bash kernels/cuda/device_check.sh build
 #           (test binaries and the sae-trainer binary into device-bin/, ignored by git)
 #   device: run(command="bash kernels/cuda/device_check.sh run", carry=["device-bin"])
-#           add ".whl" to carry (and SAELens's wheels in it) for SAELens's step times.
+#           with SAELens's step times: first `bash benches/saelens_wheels.sh` here, then
+#           carry=["device-bin", ".whl"].
 # On the device a missing GPU or NVRTC is a failure, not a skip; logs go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -170,3 +170,14 @@ fn unsupported_configs_are_refused() {
     let e = err_of(lm::LmConfig::from_json(&cfg, &dir.join("config.json")));
     assert!(e.contains("rope_type 'llama3' is not supported"), "{e}");
 }
+
+#[test]
+fn a_cuda_device_is_refused_before_anything_is_read() {
+    // The transformer has no CUDA form yet; the message says so and names the device
+    // (no device is touched: the check comes first).
+    let e = err_of(HookedTransformer::load(
+        &fixtures().join("tiny-gpt2"),
+        &Device::Cuda(1),
+    ));
+    assert!(e.contains("CPU only") && e.contains("cuda:1"), "{e}");
+}
