@@ -4,7 +4,8 @@
 //! reference loop, exact or at a stated tolerance. It needs no GPU and no CUDA, so the
 //! index arithmetic, scans, radix selection and compaction are tested in every build;
 //! what only a GPU shows (memory ordering, launch limits, speed) is left to the `cuda_*`
-//! tests on a device. Without g++ the test says it was skipped, unless
+//! tests on a device. A second test checks that every launch in `src/cuda.rs` passes as
+//! many arguments as its kernel takes. Without g++ the first says it was skipped, unless
 //! `SAESTREAM_REQUIRE_GXX=1` (CI) makes that a failure.
 
 use std::path::Path;
@@ -39,4 +40,71 @@ fn every_cuda_kernel_matches_its_reference_on_the_cpu_emulation() {
     let out = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "kernel checks failed:\n{out}");
     assert!(out.contains("all kernel checks passed"), "{out}");
+}
+
+/// The kernels' parameter lists, by name, from the CUDA source.
+fn kernel_arity(src: &str) -> std::collections::HashMap<String, usize> {
+    let mut out = std::collections::HashMap::new();
+    for part in src.split("__global__ void ").skip(1) {
+        let part = part
+            .strip_prefix("__launch_bounds__(")
+            .map_or(part, |p| p.split_once(')').unwrap().1.trim_start());
+        let (name, rest) = part.split_once('(').unwrap();
+        let params = rest.split_once(')').unwrap().0;
+        out.insert(name.trim().to_string(), params.split(',').count());
+    }
+    out
+}
+
+/// Splits `a, f(b, c), d` at its top-level commas.
+fn top_level_args(s: &str) -> Vec<&str> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(s[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(s[start..].trim());
+    out.retain(|a| !a.is_empty());
+    out
+}
+
+#[test]
+fn every_launch_passes_as_many_arguments_as_its_kernel_takes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cu = ["cuda/sae.cu", "cuda/ops.cu"]
+        .map(|f| std::fs::read_to_string(dir.join(f)).unwrap())
+        .join("\n");
+    let arity = kernel_arity(&cu);
+    let rs = std::fs::read_to_string(dir.join("src/cuda.rs")).unwrap();
+    let mut checked = 0;
+    for call in rs.split("launch!(").skip(1) {
+        // the macro call's text up to its closing parenthesis
+        let mut depth = 1;
+        let end = call
+            .char_indices()
+            .find(|&(_, c)| {
+                depth += (c == '(') as i32 - (c == ')') as i32;
+                depth == 0
+            })
+            .unwrap()
+            .0;
+        let body = &call[..end];
+        let Some(name) = body.split('"').nth(1) else {
+            continue; // the macro's own definition
+        };
+        let args = top_level_args(body.split_once(';').unwrap().1);
+        let want = arity
+            .get(name)
+            .unwrap_or_else(|| panic!("launch of {name}, which the CUDA source lacks"));
+        assert_eq!(args.len(), *want, "launch of {name}: {args:?}");
+        checked += 1;
+    }
+    assert!(checked >= 60, "only {checked} launches found");
 }
