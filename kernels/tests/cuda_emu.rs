@@ -1,7 +1,8 @@
 //! The CUDA kernels' logic on the CPU: `kernels/cuda/emu/check.cpp` compiles
 //! `kernels/cuda/*.cu` with g++ against a small CUDA emulation (`cuda_emu.h`: blocks of
 //! threads, barriers, warp shuffles, atomics) and checks every kernel against a plain
-//! reference loop, exact or at a stated tolerance. It needs no GPU and no CUDA, so the
+//! reference loop, exact or at a stated tolerance, under AddressSanitizer and UBSan (an
+//! out-of-bounds access fails it). It needs no GPU and no CUDA, so the
 //! index arithmetic, scans, radix selection and compaction are tested in every build;
 //! what only a GPU shows (memory ordering, launch limits, speed) is left to the `cuda_*`
 //! tests on a device. A second test checks that every launch in `src/cuda.rs` passes as
@@ -25,7 +26,14 @@ fn every_cuda_kernel_matches_its_reference_on_the_cpu_emulation() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda/emu/check.cpp");
     let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu-check");
     let built = Command::new("g++")
-        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-o"])
+        // AddressSanitizer and UBSan make any out-of-bounds access or undefined
+        // behaviour in a kernel a failure (compute-sanitizer's memcheck, on the CPU).
+        .args(["-std=c++20", "-O1", "-g", "-ffp-contract=off", "-pthread"])
+        .args([
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=undefined",
+            "-o",
+        ])
         .arg(&exe)
         .arg(&src)
         .output()
@@ -38,7 +46,8 @@ fn every_cuda_kernel_matches_its_reference_on_the_cpu_emulation() {
     );
     let run = Command::new(&exe).output().unwrap();
     let out = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "kernel checks failed:\n{out}");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "kernel checks failed:\n{out}\n{err}");
     assert!(out.contains("all kernel checks passed"), "{out}");
 }
 
