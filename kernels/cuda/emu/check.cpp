@@ -26,17 +26,20 @@ static void expect(bool ok, const std::string& what) {
     }
 }
 
-// |a - b| <= tol * max(1, max |b|) element-wise (tol 0: bit-equal).
+// |a - b| <= tol * max(1, max finite |b|) element-wise, or equal (infinities) or both
+// NaN; tol 0: bit-equal.
 template <class T>
 static void close(const std::vector<T>& a, const std::vector<T>& b, double tol,
                   const std::string& what) {
     if (a.size() != b.size()) return expect(false, what + ": lengths");
     double scale = 1;
-    for (auto v : b) scale = std::max(scale, std::fabs((double)v));
+    for (auto v : b)
+        if (std::isfinite((double)v)) scale = std::max(scale, std::fabs((double)v));
     for (size_t i = 0; i < a.size(); ++i) {
         bool nan = std::isnan((double)a[i]) && std::isnan((double)b[i]);
         bool ok = tol == 0 ? std::memcmp(&a[i], &b[i], sizeof(T)) == 0
-                           : nan || std::fabs((double)a[i] - (double)b[i]) <= tol * scale;
+                           : a[i] == b[i] || nan ||
+                                 std::fabs((double)a[i] - (double)b[i]) <= tol * scale;
         if (!ok) {
             std::printf("  %s[%zu]: kernel %.9g vs reference %.9g\n", what.c_str(), i,
                         (double)a[i], (double)b[i]);
