@@ -426,7 +426,7 @@ static void selection() {
     for (auto [rows, cols, k, masked, quant] : std::vector<std::tuple<int, int, int, bool, bool>>{
              {7, 100, 1, false, false}, {5, 3000, 64, false, false}, {3, 50, 50, false, false},
              {6, 700, 8, true, false}, {5, 3000, 64, false, true}, {6, 700, 8, true, true},
-             {4, 40, 13, false, true}}) {
+             {4, 40, 13, false, true}, {2, 24576, 512, false, true}}) {
         F x = rnd(rows * cols);
         if (quant)
             for (auto& v : x) v = std::round(v * 4) / 4;
