@@ -44,7 +44,7 @@ run)
             echo "lib$lib: $f"
         fi
     done
-    export LD_LIBRARY_PATH="/tmp/cudalibs:$LD_LIBRARY_PATH"
+    export LD_LIBRARY_PATH="/tmp/cudalibs:${LD_LIBRARY_PATH:-}"
     export SAESTREAM_REQUIRE_NVRTC=1 SAESTREAM_REQUIRE_CUDA=1
     rc=0
     device-bin/cuda-tests --test-threads 1 > "$out/cuda-tests.log" 2>&1 || rc=1
