@@ -12,6 +12,11 @@
 // as the CPU backend accumulates in f64.
 
 #define COL_CHUNK 64
+// A column-chunk thread's column, and a loop over its block's chunk of rows.
+#define CHUNK_COL ((int)(blockIdx.x * blockDim.x + threadIdx.x))
+#define FOR_CHUNK_ROWS(r)                                                            \
+    for (int r = blockIdx.y * COL_CHUNK, r##_end = min(rows, r + COL_CHUNK); r < r##_end; \
+         ++r)
 #define GRID_STRIDE(i, n)                                                        \
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n); \
          i += (long long)gridDim.x * blockDim.x)
@@ -299,11 +304,10 @@ extern "C" __global__ void lp_norms(const float* f, const float* nrm, float p, i
 // out[c] += (mode 0: sum of x[:, c]; 1: number of nonzero x[:, c]), in double.
 extern "C" __global__ void col_reduce(const float* x, int rows, int cols, int mode,
                                       double* out) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    int c = CHUNK_COL;
     if (c >= cols) return;
-    int r1 = min(rows, (int)(blockIdx.y + 1) * COL_CHUNK);
     double acc = 0.0;
-    for (int r = blockIdx.y * COL_CHUNK; r < r1; ++r) {
+    FOR_CHUNK_ROWS(r) {
         float v = x[(long long)r * cols + c];
         acc += mode == 0 ? (double)v : (v != 0.f ? 1.0 : 0.0);
     }
@@ -315,12 +319,11 @@ extern "C" __global__ void col_reduce(const float* x, int rows, int cols, int mo
 extern "C" __global__ void jumprelu_backward(const float* h, const float* t, const float* df,
                                              float bw, int ste_to_input, float* dh,
                                              double* dt_acc, int rows, int cols) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    int c = CHUNK_COL;
     if (c >= cols) return;
-    int r1 = min(rows, (int)(blockIdx.y + 1) * COL_CHUNK);
     float tv = t[c];
     double acc = 0.0;
-    for (int r = blockIdx.y * COL_CHUNK; r < r1; ++r) {
+    FOR_CHUNK_ROWS(r) {
         long long i = (long long)r * cols + c;
         float hv = h[i], g = df[i];
         float ste = (tv / bw) * rectangle((hv - tv) / bw) * g;
@@ -337,12 +340,11 @@ extern "C" __global__ void jumprelu_backward(const float* h, const float* t, con
 extern "C" __global__ void step_backward(const float* h, const float* t, const float* g,
                                          float bw, int ste_to_input, float* dh,
                                          double* dt_acc, int rows, int cols) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    int c = CHUNK_COL;
     if (c >= cols) return;
-    int r1 = min(rows, (int)(blockIdx.y + 1) * COL_CHUNK);
     float tv = t[c], inv_bw = 1.f / bw;
     double acc = 0.0;
-    for (int r = blockIdx.y * COL_CHUNK; r < r1; ++r) {
+    FOR_CHUNK_ROWS(r) {
         long long i = (long long)r * cols + c;
         float ste = inv_bw * rectangle((h[i] - tv) / bw) * g[r];
         acc -= ste;
@@ -357,12 +359,11 @@ extern "C" __global__ void tanh_sparsity(const float* f, const float* nrm, float
                                          float coef, float* df, double* dn_acc,
                                          double* total, int rows, int cols) {
     __shared__ double scratch[32];
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    int c = CHUNK_COL;
     double tot = 0.0, acc = 0.0;
     if (c < cols) {
-        int r1 = min(rows, (int)(blockIdx.y + 1) * COL_CHUNK);
         float nc = nrm[c];
-        for (int r = blockIdx.y * COL_CHUNK; r < r1; ++r) {
+        FOR_CHUNK_ROWS(r) {
             long long i = (long long)r * cols + c;
             float th = tanhf(s * f[i] * nc);
             tot += th;
@@ -382,12 +383,11 @@ extern "C" __global__ void tanh_sparsity(const float* f, const float* nrm, float
 extern "C" __global__ void lp_backward(const float* f, const float* nrm, const double* norms,
                                        float p, float coef, float* df, double* dn_acc,
                                        int rows, int cols) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    int c = CHUNK_COL;
     if (c >= cols) return;
-    int r1 = min(rows, (int)(blockIdx.y + 1) * COL_CHUNK);
     float nc = nrm ? nrm[c] : 1.f;
     double acc = 0.0;
-    for (int r = blockIdx.y * COL_CHUNK; r < r1; ++r) {
+    FOR_CHUNK_ROWS(r) {
         double norm = norms[r];
         if (norm == 0.0 && p != 1.f) continue;
         long long i = (long long)r * cols + c;
@@ -410,13 +410,12 @@ extern "C" __global__ void pre_act_loss(const float* h, const float* t, const fl
                                         double* dt_acc, double* dn_acc, double* total,
                                         int rows, int cols) {
     __shared__ double scratch[32];
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    int c = CHUNK_COL;
     double tot = 0.0;
     if (c < cols && dead[c] != 0.f) {
-        int r1 = min(rows, (int)(blockIdx.y + 1) * COL_CHUNK);
         float tc = t[c], dc = dead[c], nc = nrm[c];
         double at = 0.0, an = 0.0;
-        for (int r = blockIdx.y * COL_CHUNK; r < r1; ++r) {
+        FOR_CHUNK_ROWS(r) {
             long long i = (long long)r * cols + c;
             float u = tc - h[i];
             if (u > 0.f) {
