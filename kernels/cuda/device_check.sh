@@ -47,26 +47,14 @@ run)
     export LD_LIBRARY_PATH="/tmp/cudalibs:${LD_LIBRARY_PATH:-}"
     export SAESTREAM_REQUIRE_NVRTC=1 SAESTREAM_REQUIRE_CUDA=1
     rc=0
-    device-bin/cuda-tests --test-threads 1 > "$out/cuda-tests.log" 2>&1 || rc=1
+    # Each step has its own time limit, so that a hang costs one step, not the call.
+    timeout 150 device-bin/cuda-tests --test-threads 1 > "$out/cuda-tests.log" 2>&1 || rc=1
     tail -25 "$out/cuda-tests.log"
-    device-bin/cuda-step-tests --test-threads 1 > "$out/cuda-step-tests.log" 2>&1 || rc=1
+    timeout 120 device-bin/cuda-step-tests --test-threads 1 > "$out/cuda-step-tests.log" 2>&1 || rc=1
     tail -8 "$out/cuda-step-tests.log"
-    # The README's training run on the GPU against the same run on the CPU: the final
-    # losses agree up to the drift that rounding (summation order, near-tied top-k picks)
-    # builds over 152 steps: 2e-2 relative.
-    cp examples/tiny-topk.yaml /tmp/tiny-topk-cuda.yaml && echo "device: cuda" >> /tmp/tiny-topk-cuda.yaml
-    acts=examples/data/tiny-gpt2.blocks.1.hook_resid_pre.safetensors
-    device-bin/sae-trainer train --config examples/tiny-topk.yaml --activations $acts \
-        --output /tmp/run-cpu --overwrite > "$out/train-cpu.json" || rc=1
-    device-bin/sae-trainer train --config /tmp/tiny-topk-cuda.yaml --activations $acts \
-        --output /tmp/run-cuda --overwrite > "$out/train-cuda.json" || rc=1
-    python3 -c 'import json,sys
-a, b = (json.load(open(f))["final_loss"] for f in sys.argv[1:])
-print(f"train final_loss cpu {a} cuda {b}")
-sys.exit(abs(a - b) > 2e-2 * abs(a))' "$out/train-cpu.json" "$out/train-cuda.json" || rc=1
     # The bench table: ours, then SAELens's own step on the same shapes and GPU.
     for f in benches/gpu/*.yaml; do
-        device-bin/sae-trainer bench --config "$f" --device cuda --steps 10 --warmup 3 \
+        timeout 60 device-bin/sae-trainer bench --config "$f" --device cuda --steps 10 --warmup 3 \
             | tee -a "$out/bench.jsonl" || rc=1
     done
     if [ -d .whl ]; then
@@ -77,12 +65,25 @@ sys.exit(abs(a - b) > 2e-2 * abs(a))' "$out/train-cpu.json" "$out/train-cuda.jso
         for s in "standard 768 24576 4096" "topk 768 24576 4096" \
             "standard 2304 65536 16384" "topk 2304 65536 16384"; do
             set -- $s
-            python3 benches/saelens_step.py --arch "$1" --d-in "$2" --d-sae "$3" --k 32 \
+            timeout 60 python3 benches/saelens_step.py --arch "$1" --d-in "$2" --d-sae "$3" --k 32 \
                 --batch "$4" --device cuda | tee -a "$out/saelens.jsonl" || rc=1
         done
     else
         echo "SAELens is not importable here: carry its wheels in .whl for its step times"
     fi
+    # The README's training run on the GPU against the same run on the CPU: the final
+    # losses agree up to the drift that rounding (summation order, near-tied top-k picks)
+    # builds over 152 steps: 2e-2 relative.
+    cp examples/tiny-topk.yaml /tmp/tiny-topk-cuda.yaml && echo "device: cuda" >> /tmp/tiny-topk-cuda.yaml
+    acts=examples/data/tiny-gpt2.blocks.1.hook_resid_pre.safetensors
+    timeout 60 device-bin/sae-trainer train --config examples/tiny-topk.yaml --activations $acts \
+        --output /tmp/run-cpu --overwrite > "$out/train-cpu.json" || rc=1
+    timeout 60 device-bin/sae-trainer train --config /tmp/tiny-topk-cuda.yaml --activations $acts \
+        --output /tmp/run-cuda --overwrite > "$out/train-cuda.json" || rc=1
+    python3 -c 'import json,sys
+a, b = (json.load(open(f))["final_loss"] for f in sys.argv[1:])
+print(f"train final_loss cpu {a} cuda {b}")
+sys.exit(abs(a - b) > 2e-2 * abs(a))' "$out/train-cpu.json" "$out/train-cuda.json" || rc=1
     exit "$rc"
     ;;
 *)
