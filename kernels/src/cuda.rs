@@ -772,8 +772,7 @@ impl Cuda {
         let rows = out.len();
         let mut mean = self.zeros::<f32>(cols)?;
         if rows > 0 {
-            let acc = self.col_reduce(x, rows, cols, 0)?;
-            self.add_f64(&mut mean, &acc, 1.0 / rows as f32, 0.0)?;
+            self.col_sums(x, rows, &mut mean, 1.0 / rows as f32, 0.0)?;
         }
         let c = cols as i32;
         launch!(self, "centered_row_norms", per_row(rows, THREADS); x, &mean, &c, out)
