@@ -2,7 +2,8 @@
 //! buffer with a seeded permutation. Deterministic for a given source and seed, so a
 //! resumed run can skip the batches it already trained on and continue identically.
 
-use crate::source::{RowSource, SourceError};
+use crate::source::RowSource;
+use crate::stream::SourceError;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -1,13 +1,26 @@
-//! The runtime every stage shares. Today: activation sources (safetensors, Arrow IPC and
-//! Parquet files, directories of shards) and training batches drawn from them, in order
-//! or through SAELens's seeded mixing buffer.
+//! The runtime every stage shares: the stream seam ([`stream`]: Arrow record batches
+//! with a position, from files, shard directories or Flight endpoints, to shards or a
+//! Flight server), Arrow Flight transport ([`flight`]), deterministic merges
+//! ([`merge`]), shard caches ([`shards`]), activation rows and training batches drawn
+//! from any stream ([`source`], [`batches`]), token files ([`tokens`]).
 
 pub mod batches;
+pub mod convert;
+pub mod files;
+pub mod flight;
+pub mod merge;
+pub mod queue;
+pub mod shards;
 pub mod source;
 pub mod staging;
+pub mod stream;
+pub mod synthetic;
 pub mod sys;
 pub mod tokens;
 
 pub use batches::Batches;
-pub use source::{open, RowSource, SourceError};
+pub use source::{open, RowSource};
+pub use stream::{
+    open_source, open_sources, BatchSink, BatchSource, OpenOptions, SourceError, StreamError,
+};
 pub use tokens::{read_tokens, TokenRows};

@@ -2,7 +2,7 @@
 //! safetensors tensor, or the `input_ids` column of a Parquet / Arrow IPC file (a
 //! SAELens pretokenized dataset).
 
-use crate::source::SourceError;
+use crate::stream::SourceError;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int16Type, Int32Type, Int64Type, UInt16Type, UInt32Type, UInt64Type};
 use arrow_array::{Array, ArrayRef, RecordBatch};

@@ -187,3 +187,31 @@ fn batches_in_order_and_shuffled() {
     assert_eq!(b.next_batch().unwrap().unwrap(), s1[3]);
     assert_eq!(b.served, 4);
 }
+
+#[test]
+fn shard_directories_are_activation_sources() {
+    use arrow_array::Array;
+    use pipeline::shards::{ShardOptions, ShardWriter};
+    use pipeline::{BatchSink, BatchSource};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "activations?batches=5&rows=7&d=4&hooks=2";
+    let mut src = pipeline::synthetic::Synthetic::open(spec, 0).unwrap();
+    let out = dir.path().join("cache");
+    let mut w = ShardWriter::create(&out, src.schema(), ShardOptions::default()).unwrap();
+    let mut want = Vec::new();
+    let hook = "blocks.1.hook_resid_pre";
+    while let Some(b) = src.next_batch().unwrap() {
+        let col = b.column_by_name(hook).unwrap();
+        let list = col.as_any().downcast_ref::<FixedSizeListArray>().unwrap();
+        want.extend(pipeline::source::rows_f32(Path::new("x"), list, D).unwrap());
+        w.write(&b).unwrap();
+    }
+    w.finish().unwrap();
+    assert_eq!(read_all(out.to_str().unwrap(), Some(hook)), want);
+    // two hook columns: the hook must be named
+    let e = open(out.to_str().unwrap(), None).err().unwrap().to_string();
+    assert!(
+        e.contains("2 activation columns") && e.contains("hook_name"),
+        "{e}"
+    );
+}

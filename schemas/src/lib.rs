@@ -4,6 +4,7 @@
 //! is spelled. Everything else refers to the constants and types defined here.
 
 pub mod sae_cfg;
+pub mod streams;
 pub mod tokens;
 pub mod train_cfg;
 

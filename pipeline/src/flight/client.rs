@@ -1,0 +1,509 @@
+//! The Flight client: a [`BatchSource`] reading one stream of a server. A task on the
+//! transport runtime decodes batches into a queue bounded in bytes; `next_batch` takes
+//! them from it on the caller's thread.
+
+use super::{
+    status_text, ClientConfig, FlightUrl, ENVELOPE, H2_MAX_FRAME, H2_WINDOW, KEEPALIVE_INTERVAL,
+    KEEPALIVE_TIMEOUT,
+};
+use crate::queue;
+use crate::stream::{batch_bytes, BatchSource, OpenOptions, StreamError};
+use arrow_array::RecordBatch;
+use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::{Criteria, FlightDescriptor, FlightInfo};
+use arrow_schema::SchemaRef;
+use futures::{StreamExt, TryStreamExt};
+use schemas::streams::{StreamStatus, Ticket, AUTH_HEADER, AUTH_SCHEME, POSITION_KEY};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+/// Adds the token to every call.
+#[derive(Clone)]
+pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert(AUTH_HEADER, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = FlightServiceClient<InterceptedService<Channel, Auth>>;
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !text.contains(&m) {
+            text.push_str(": ");
+            text.push_str(&m);
+        }
+        src = s.source();
+    }
+    text
+}
+
+/// A hint when the two ends may disagree on TLS.
+fn tls_hint(url: &FlightUrl, text: &str) -> &'static str {
+    let t = text.to_ascii_lowercase();
+    if url.tls
+        && (t.contains("invalidcontenttype")
+            || t.contains("corrupt message")
+            || t.contains("wrong version"))
+    {
+        " (the server does not seem to speak TLS: use grpc://)"
+    } else if !url.tls
+        && (t.contains("connection reset")
+            || t.contains("broken pipe")
+            || t.contains("frame with invalid size")
+            || t.contains("connection closed")
+            || t.contains("connection error")
+            || t.contains("bytes remaining on stream")
+            || t.contains("http2 error")
+            || t.contains("h2 protocol error"))
+    {
+        " (if the server uses TLS, connect with grpc+tls:// and --tls-ca)"
+    } else {
+        ""
+    }
+}
+
+async fn connect_once(url: &FlightUrl, cfg: &ClientConfig) -> Result<Client, (bool, String)> {
+    let fatal = |m: String| (false, m);
+    let mut ep = Channel::from_shared(url.endpoint_uri())
+        .map_err(|e| fatal(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(H2_WINDOW)
+        .initial_connection_window_size(H2_WINDOW)
+        .max_frame_size(H2_MAX_FRAME)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    if url.tls {
+        let ca = cfg.tls_ca.as_ref().ok_or_else(|| {
+            fatal("grpc+tls:// needs the CA certificate that signed the server's (--tls-ca)".into())
+        })?;
+        let pem = std::fs::read(ca).map_err(|e| {
+            fatal(format!(
+                "cannot read the CA certificate {}: {e}",
+                ca.display()
+            ))
+        })?;
+        let domain = cfg
+            .tls_domain
+            .clone()
+            .unwrap_or_else(|| url.bare_host().to_string());
+        ep = ep
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                    .domain_name(domain),
+            )
+            .map_err(|e| fatal(format!("bad TLS settings: {}", chain(&e))))?;
+    }
+    let channel = ep.connect().await.map_err(|e| {
+        let text = chain(&e);
+        let t = text.to_ascii_lowercase();
+        let retry =
+            t.contains("connection refused") || t.contains("dns error") || t.contains("timed out");
+        (retry, format!("{text}{}", tls_hint(url, &text)))
+    })?;
+    let token = match &cfg.token {
+        Some(t) => Some(
+            MetadataValue::try_from(format!("{AUTH_SCHEME}{t}"))
+                .map_err(|_| fatal("the token is not valid header text".into()))?,
+        ),
+        None => None,
+    };
+    Ok(FlightServiceClient::with_interceptor(channel, Auth(token))
+        .max_decoding_message_size(cfg.max_message_bytes + ENVELOPE)
+        .max_encoding_message_size(cfg.max_message_bytes + ENVELOPE))
+}
+
+/// Connects, retrying refused connections with backoff for `cfg.connect_timeout`.
+async fn connect(url: &FlightUrl, cfg: &ClientConfig) -> Result<Client, String> {
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let mut delay = Duration::from_millis(50);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match connect_once(url, cfg).await {
+            Ok(c) => return Ok(c),
+            Err((true, m)) if Instant::now() + delay < deadline => {
+                tracing::debug!("{}: {m}; retrying in {delay:?}", url.base());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+                let _ = m;
+            }
+            Err((true, m)) => {
+                return Err(format!(
+                    "cannot connect within {:.1} s ({tries} attempts): {m}",
+                    cfg.connect_timeout.as_secs_f64()
+                ))
+            }
+            Err((false, m)) => return Err(format!("cannot connect: {m}")),
+        }
+    }
+}
+
+/// The text of a failed call, with hints where the cause is likely on this side.
+fn call_error(url: &FlightUrl, cfg: &ClientConfig, s: &Status) -> String {
+    let text = status_text(s);
+    let mut hint = tls_hint(url, &text).to_string();
+    if text.contains("message length too large") {
+        hint = format!(
+            " (this client accepts messages up to {} bytes: --max-message-bytes)",
+            cfg.max_message_bytes
+        );
+    }
+    format!("{text}{hint}")
+}
+
+fn flight_error(url: &FlightUrl, cfg: &ClientConfig, e: &FlightError) -> (Option<Code>, String) {
+    match e {
+        FlightError::Tonic(s) => (Some(s.code()), call_error(url, cfg, s)),
+        other => (None, chain(other)),
+    }
+}
+
+/// Starts a `DoGet` and reads the schema message.
+async fn start(
+    client: &mut Client,
+    url: &FlightUrl,
+    cfg: &ClientConfig,
+    ticket: &Ticket,
+) -> Result<(SchemaRef, FlightDataDecoder), (Option<Code>, String)> {
+    let t = arrow_flight::Ticket::new(serde_json::to_vec(ticket).expect("ticket serialises"));
+    let resp = client
+        .do_get(Request::new(t))
+        .await
+        .map_err(|s| (Some(s.code()), call_error(url, cfg, &s)))?;
+    let stream = resp.into_inner().map_err(FlightError::from);
+    let mut dec = FlightDataDecoder::new(stream);
+    loop {
+        match dec.next().await {
+            Some(Ok(d)) => match d.payload {
+                DecodedPayload::Schema(s) => return Ok((s, dec)),
+                DecodedPayload::None => continue,
+                DecodedPayload::RecordBatch(_) => {
+                    return Err((None, "a record batch came before the schema".into()))
+                }
+            },
+            Some(Err(e)) => return Err(flight_error(url, cfg, &e)),
+            None => return Err((None, "the stream ended before its schema".into())),
+        }
+    }
+}
+
+/// Codes that mean the connection, not the request, failed: worth a reconnect.
+fn transient(code: Option<Code>) -> bool {
+    matches!(
+        code,
+        Some(Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled) | None
+    )
+}
+
+enum Msg {
+    Batch(u64, RecordBatch),
+    End,
+    Fail(String),
+}
+
+/// One stream of a Flight server, read from a position.
+pub struct FlightSource {
+    name: String,
+    schema: SchemaRef,
+    position: u64,
+    ended: bool,
+    rx: queue::Receiver<Msg>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Pump {
+    url: FlightUrl,
+    cfg: ClientConfig,
+    ticket: Ticket,
+    schema: SchemaRef,
+    client: Client,
+    tx: queue::Sender<Msg>,
+    /// Next position expected, and batches received.
+    position: u64,
+    received: u64,
+}
+
+impl Pump {
+    async fn run(mut self, mut dec: FlightDataDecoder) {
+        loop {
+            let err = match dec.next().await {
+                Some(Ok(d)) => match d.payload {
+                    DecodedPayload::RecordBatch(b) => {
+                        let q = position_of(&d.inner.app_metadata).unwrap_or(self.position);
+                        self.position = q + 1;
+                        self.received += 1;
+                        let bytes = batch_bytes(&b);
+                        if self.tx.send(Msg::Batch(q, b), bytes).await.is_err() {
+                            return; // the reader is gone
+                        }
+                        continue;
+                    }
+                    _ => continue,
+                },
+                None => {
+                    let _ = self.tx.send(Msg::End, 0).await;
+                    return;
+                }
+                Some(Err(e)) => flight_error(&self.url, &self.cfg, &e),
+            };
+            let last = match self.received {
+                0 => format!(
+                    "before any batch (it was asked for position {})",
+                    self.ticket.position
+                ),
+                n => format!(
+                    "after position {} ({n} batches received)",
+                    self.position - 1
+                ),
+            };
+            if self.cfg.reconnect && transient(err.0) {
+                match self.reconnect().await {
+                    Ok(d) => {
+                        dec = d;
+                        continue;
+                    }
+                    Err(m) => {
+                        let msg = format!(
+                            "the stream broke {last}: {}; reconnecting failed: {m}",
+                            err.1
+                        );
+                        let _ = self.tx.send(Msg::Fail(msg), 0).await;
+                        return;
+                    }
+                }
+            }
+            let resume = if transient(err.0) {
+                format!("; resume from position {}", self.position)
+            } else {
+                String::new()
+            };
+            let msg = format!("the stream broke {last}: {}{resume}", err.1);
+            let _ = self.tx.send(Msg::Fail(msg), 0).await;
+            return;
+        }
+    }
+
+    async fn reconnect(&mut self) -> Result<FlightDataDecoder, String> {
+        tracing::warn!(
+            "{}: reconnecting at position {}",
+            self.url.name(),
+            self.position
+        );
+        let deadline = Instant::now() + self.cfg.connect_timeout;
+        let mut ticket = self.ticket.clone();
+        ticket.position = self.position;
+        loop {
+            let attempt = async {
+                self.client = connect(&self.url, &self.cfg).await.map_err(|m| (None, m))?;
+                start(&mut self.client, &self.url, &self.cfg, &ticket).await
+            }
+            .await;
+            match attempt {
+                Ok((s, dec)) if s == self.schema => return Ok(dec),
+                Ok(_) => return Err("the stream's schema changed".into()),
+                Err((code, m)) if transient(code) && Instant::now() < deadline => {
+                    tracing::debug!("reconnect: {m}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err((_, m)) => return Err(m),
+            }
+        }
+    }
+}
+
+fn position_of(app_metadata: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(app_metadata).ok()?;
+    v.get(POSITION_KEY)?.as_u64()
+}
+
+impl FlightSource {
+    /// Connects to `spec` (`grpc[+tls]://HOST:PORT/STREAM[?consumer=..&columns=..]`)
+    /// and starts reading at `opts.position`; the consumer and columns of `opts` win
+    /// over the URL's.
+    pub fn open(spec: &str, opts: &OpenOptions) -> Result<FlightSource, StreamError> {
+        let url = FlightUrl::parse(spec)?;
+        let name = url.name();
+        let remote = |m: String| StreamError::Remote {
+            url: name.clone(),
+            message: m,
+        };
+        let stream = url
+            .stream
+            .clone()
+            .ok_or_else(|| remote("name the stream to read: grpc://HOST:PORT/STREAM".into()))?;
+        let ticket = Ticket {
+            saestream: schemas::streams::TICKET_VERSION,
+            stream,
+            position: opts.position,
+            columns: opts.columns.clone().or_else(|| url.columns.clone()),
+            consumer: opts.consumer.clone().or_else(|| url.consumer.clone()),
+        };
+        let cfg = opts.client.clone();
+        let rt = super::runtime();
+        let (client, schema, dec) = rt
+            .block_on(async {
+                let mut c = connect(&url, &cfg).await?;
+                let (s, d) = start(&mut c, &url, &cfg, &ticket).await.map_err(|e| e.1)?;
+                Ok::<_, String>((c, s, d))
+            })
+            .map_err(remote)?;
+        let (tx, rx) = queue::bounded(cfg.queue_bytes);
+        let pump = Pump {
+            url,
+            cfg,
+            position: ticket.position,
+            ticket,
+            schema: schema.clone(),
+            client,
+            tx,
+            received: 0,
+        };
+        let task = rt.spawn(pump.run(dec));
+        Ok(FlightSource {
+            name,
+            schema,
+            position: opts.position,
+            ended: false,
+            rx,
+            task,
+        })
+    }
+}
+
+impl BatchSource for FlightSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+    fn position(&self) -> u64 {
+        self.position
+    }
+    fn next_batch(&mut self) -> Result<Option<RecordBatch>, StreamError> {
+        if self.ended {
+            return Ok(None);
+        }
+        match self.rx.blocking_recv() {
+            Some(Msg::Batch(q, b)) => {
+                self.position = q + 1;
+                Ok(Some(b))
+            }
+            Some(Msg::End) => {
+                self.ended = true;
+                Ok(None)
+            }
+            Some(Msg::Fail(m)) => Err(StreamError::Remote {
+                url: self.name.clone(),
+                message: m,
+            }),
+            None => Err(StreamError::Remote {
+                url: self.name.clone(),
+                message: "the transport task stopped".into(),
+            }),
+        }
+    }
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+impl Drop for FlightSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A stream as a server describes it.
+#[derive(Clone, Debug)]
+pub struct RemoteStream {
+    pub name: String,
+    pub schema: SchemaRef,
+    /// Our servers' state of the stream (absent from other Flight servers).
+    pub status: Option<StreamStatus>,
+    /// -1 while unknown.
+    pub total_records: i64,
+}
+
+fn remote_stream(info: FlightInfo) -> Result<RemoteStream, String> {
+    let name = info
+        .flight_descriptor
+        .as_ref()
+        .and_then(|d| d.path.first().cloned())
+        .unwrap_or_default();
+    let status = serde_json::from_slice(&info.app_metadata).ok();
+    let total_records = info.total_records;
+    let schema = info
+        .try_decode_schema()
+        .map_err(|e| format!("stream '{name}': bad schema: {e}"))?;
+    Ok(RemoteStream {
+        name,
+        schema: Arc::new(schema),
+        status,
+        total_records,
+    })
+}
+
+/// Every stream a server serves (`ListFlights`).
+pub fn list_streams(base: &str, cfg: &ClientConfig) -> Result<Vec<RemoteStream>, StreamError> {
+    let url = FlightUrl::parse(base)?;
+    let remote = |m: String| StreamError::Remote {
+        url: url.base(),
+        message: m,
+    };
+    super::runtime()
+        .block_on(async {
+            let mut c = connect(&url, cfg).await?;
+            let resp = c
+                .list_flights(Request::new(Criteria::default()))
+                .await
+                .map_err(|s| call_error(&url, cfg, &s))?;
+            let infos: Vec<FlightInfo> = resp
+                .into_inner()
+                .try_collect()
+                .await
+                .map_err(|s: Status| call_error(&url, cfg, &s))?;
+            infos
+                .into_iter()
+                .map(remote_stream)
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .map_err(remote)
+}
+
+/// One stream's description (`GetFlightInfo`).
+pub fn flight_info(spec: &str, cfg: &ClientConfig) -> Result<RemoteStream, StreamError> {
+    let url = FlightUrl::parse(spec)?;
+    let remote = |m: String| StreamError::Remote {
+        url: url.name(),
+        message: m,
+    };
+    let stream = url
+        .stream
+        .clone()
+        .ok_or_else(|| remote("no stream named".into()))?;
+    super::runtime()
+        .block_on(async {
+            let mut c = connect(&url, cfg).await?;
+            let info = c
+                .get_flight_info(Request::new(FlightDescriptor::new_path(vec![stream])))
+                .await
+                .map_err(|s| call_error(&url, cfg, &s))?;
+            remote_stream(info.into_inner())
+        })
+        .map_err(remote)
+}

@@ -1,0 +1,59 @@
+//! `pipeline`: look at, copy, serve and benchmark the pipeline's streams. (The
+//! orchestrator, `pipeline run`, arrives with the streaming stages.)
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Streams of Arrow record batches between saestream's stages: inspect, copy, serve, benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a stream: its schema and metadata, batches, rows and position. For a
+    /// Flight endpoint (`grpc://HOST:PORT` lists every stream it serves, with each
+    /// consumer's position); for a shard directory (every shard's checksum is verified);
+    /// for activation files (read through). Prints JSON.
+    Inspect(cmd::inspect::Args),
+    /// Copy a stream: replay shards or files to a Flight endpoint, capture a Flight
+    /// stream as shards, or read it through (`-`).
+    ///
+    /// FROM is a `grpc://HOST:PORT/STREAM` URL, a shard directory, an activation file or
+    /// directory, or `synthetic:KIND?...`; several FROMs are merged round-robin in the
+    /// order given. TO is a directory (shards + manifest.json), `grpc://HOST:PORT/NAME`
+    /// (serve it there; port 0 picks one; the first stdout line is
+    /// {"listening": URL}), or `-` (read every value, print a summary).
+    Copy(cmd::copy::Args),
+    /// Measure Flight throughput on loopback: activation batches from a server process
+    /// to a client process that reads every value, f32 and f16, one stream and two in
+    /// parallel, with raw TCP as the ceiling. One JSON line per setting.
+    BenchFlight(cmd::bench::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Copy(a) => cmd::copy::run(a),
+        Command::BenchFlight(a) => cmd::bench::run(a),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
