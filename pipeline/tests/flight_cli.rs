@@ -164,8 +164,10 @@ fn partition_sends_each_batch_to_exactly_one_consumer() {
 #[test]
 fn a_killed_consumer_restarts_at_its_last_position() {
     let d = tempfile::tempdir().unwrap();
-    // 400 batches of ~256 KiB (100 MiB) through a 64 MiB window
-    let spec = "synthetic:activations?batches=400&rows=64&d=1024&seed=9";
+    // 800 batches of ~256 KiB (200 MiB) through a 96 MiB window, which keeps ~48 MiB
+    // behind b: more than b's lag (its 2 MiB queue, the 16 MiB HTTP/2 window, socket
+    // buffers and the 1 MiB shard it was writing).
+    let spec = "synthetic:activations?batches=800&rows=64&d=1024&seed=9";
     let mut server = spawn(&[
         "copy",
         spec,
@@ -173,7 +175,7 @@ fn a_killed_consumer_restarts_at_its_last_position() {
         "--consumers",
         "a,b",
         "--window-bytes",
-        "64MiB",
+        "96MiB",
     ]);
     let url = server.served_url();
     let mut a = spawn(&read_args(&url, "a", &[]));
@@ -203,7 +205,7 @@ fn a_killed_consumer_restarts_at_its_last_position() {
     b.child.kill().unwrap(); // SIGKILL
     b.wait(LIMIT);
     let before = pipeline::shards::read_manifest(&out).unwrap();
-    assert!(!before.complete && before.batches < 400);
+    assert!(!before.complete && before.batches < 800);
 
     let args = b_args(&["--resume"]);
     let mut b = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());

@@ -18,6 +18,10 @@ pub struct Args {
     /// Activation width.
     #[arg(long, default_value_t = 768)]
     d: usize,
+    /// Runs per setting: loopback figures on a small machine vary from run to run, so
+    /// each line gives the median and every run.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
 }
 
 /// Kills the child when dropped (a failed bench leaves no server behind).
@@ -115,17 +119,12 @@ fn tcp(a: &Args, streams: usize) -> Result<Value> {
         .map(|_| {
             std::thread::spawn(move || -> std::io::Result<f64> {
                 let mut c = std::net::TcpStream::connect(addr)?;
-                let mut buf = vec![0u8; batch_bytes];
+                // an aligned buffer read as f32, as Arrow's decoder gives its reader
+                let mut buf = arrow_buffer::MutableBuffer::from_len_zeroed(batch_bytes);
                 let mut sum = 0f64;
                 for _ in 0..per {
-                    c.read_exact(&mut buf)?;
-                    let mut acc = [0f32; 16];
-                    for ch in buf.chunks_exact(64) {
-                        for (k, a) in acc.iter_mut().enumerate() {
-                            *a += f32::from_le_bytes(ch[k * 4..k * 4 + 4].try_into().unwrap());
-                        }
-                    }
-                    sum += acc.iter().map(|&x| x as f64).sum::<f64>();
+                    c.read_exact(buf.as_slice_mut())?;
+                    sum += super::sum_f32(buf.typed_data::<f32>());
                 }
                 Ok(sum)
             })
@@ -146,14 +145,30 @@ fn tcp(a: &Args, streams: usize) -> Result<Value> {
     )
 }
 
+/// Runs `once` `a.repeat` times; the median run's line, with every run's GB/s.
+fn median(a: &Args, mut once: impl FnMut() -> Result<Value>) -> Result<Value> {
+    let mut runs: Vec<Value> = (0..a.repeat.max(1))
+        .map(|_| once())
+        .collect::<Result<_>>()?;
+    let gbs = |v: &Value| v["gb_per_s"].as_f64().unwrap_or(f64::NAN);
+    runs.sort_by(|x, y| gbs(x).total_cmp(&gbs(y)));
+    let all: Vec<f64> = runs
+        .iter()
+        .map(|r| (gbs(r) * 1000.0).round() / 1000.0)
+        .collect();
+    let mut mid = runs[runs.len() / 2].clone();
+    mid["runs_gb_per_s"] = all.into();
+    Ok(mid)
+}
+
 pub fn run(a: Args) -> Result<()> {
     if a.batches < 2 || a.rows == 0 || a.d == 0 {
         bail!("--batches must be at least 2, --rows and --d at least 1");
     }
     for streams in [1, 2] {
-        println!("{}", tcp(&a, streams)?);
+        println!("{}", median(&a, || tcp(&a, streams))?);
         for dtype in ["float32", "float16"] {
-            println!("{}", flight(&a, dtype, streams)?);
+            println!("{}", median(&a, || flight(&a, dtype, streams))?);
         }
     }
     Ok(())

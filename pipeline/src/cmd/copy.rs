@@ -334,28 +334,14 @@ fn sum_floats(b: &arrow_array::RecordBatch) -> f64 {
         let (start, len) = (l.offset() * d, l.len() * d);
         let v = l.values();
         if let Some(f) = v.as_any().downcast_ref::<Float32Array>() {
-            // lanes of 16 keep the sum vectorised
-            let vals = &f.values()[start..start + len];
-            let mut acc = [0f32; 16];
-            let chunks = vals.chunks_exact(16);
-            let rest: f32 = chunks.remainder().iter().sum();
-            for ch in chunks {
-                for (a, x) in acc.iter_mut().zip(ch) {
-                    *a += x;
-                }
-            }
-            s += acc.iter().map(|&x| x as f64).sum::<f64>() + rest as f64;
+            s += super::sum_f32(&f.values()[start..start + len]);
         } else if let Some(h) = v.as_any().downcast_ref::<Float16Array>() {
-            let mut acc = [0f32; 16];
-            let vals = &h.values()[start..start + len];
-            let chunks = vals.chunks_exact(16);
-            let rest: f32 = chunks.remainder().iter().map(|x| x.to_f32()).sum();
-            for ch in chunks {
-                for (a, x) in acc.iter_mut().zip(ch) {
-                    *a += x.to_f32();
-                }
+            // widened in blocks, as a consumer of f16 activations would
+            let mut block = [0f32; 4096];
+            for ch in h.values()[start..start + len].chunks(4096) {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(ch, &mut block[..ch.len()]);
+                s += super::sum_f32(&block[..ch.len()]);
             }
-            s += acc.iter().map(|&x| x as f64).sum::<f64>() + rest as f64;
         }
     }
     s

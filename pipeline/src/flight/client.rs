@@ -247,6 +247,9 @@ impl Pump {
                 Some(Ok(d)) => match d.payload {
                     DecodedPayload::RecordBatch(b) => {
                         let q = position_of(&d.inner.app_metadata).unwrap_or(self.position);
+                        // The message (which shares tonic's receive buffer) goes now, not
+                        // after the wait below, so that buffer is reused, not reallocated.
+                        drop(d.inner);
                         self.position = q + 1;
                         self.received += 1;
                         let bytes = batch_bytes(&b);

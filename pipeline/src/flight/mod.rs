@@ -5,6 +5,7 @@
 
 mod client;
 mod server;
+mod wire;
 
 pub use client::{flight_info, list_streams, FlightSource, RemoteStream};
 pub use server::{serve, ServedStream, Server, StreamConfig};

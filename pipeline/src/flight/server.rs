@@ -7,6 +7,7 @@
 //! already sent stay as history for reconnects (about half the window behind each
 //! consumer) and are dropped, oldest first, only to make room for new ones.
 
+use super::wire::{BatchEncoder, DoGetCodec, Outgoing};
 use super::{
     ServerConfig, ENVELOPE, H2_MAX_FRAME, H2_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
 };
@@ -17,10 +18,10 @@ use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
 };
-use arrow_ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions};
+use arrow_ipc::writer::IpcWriteOptions;
 use arrow_schema::SchemaRef;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use schemas::streams::{
     ConsumerStatus, Mode, StreamStatus, Ticket as StreamTicket, AUTH_HEADER, AUTH_SCHEME,
     POSITION_KEY, TICKET_VERSION,
@@ -31,6 +32,80 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use tonic::{Request, Response, Status, Streaming};
+
+/// Accepted connections still open: the server lingers until its consumers close
+/// theirs, since closing a socket that still has unread bytes from the peer sends a
+/// reset, and the peer then loses what it had not yet read.
+#[derive(Default)]
+struct Connections {
+    open: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+/// A TCP connection counted in [`Connections`] while it lives.
+struct Tracked {
+    io: tokio::net::TcpStream,
+    conns: Arc<Connections>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.conns.open.fetch_sub(1, Ordering::SeqCst);
+        self.conns.changed.notify_waiters();
+    }
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Tracked {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+/// How long a drained server waits for its consumers to hang up.
+const LINGER: Duration = Duration::from_secs(30);
 
 /// One served stream.
 #[derive(Clone, Debug)]
@@ -367,6 +442,7 @@ pub struct Server {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     cancel: Arc<AtomicBool>,
+    conns: Arc<Connections>,
 }
 
 impl Server {
@@ -379,9 +455,34 @@ impl Server {
         self.hubs.iter().map(|h| h.status()).collect()
     }
 
-    /// Blocks until every stream has ended and been sent to all its consumers, or the
-    /// server is cancelled; returns whether it drained.
+    /// Blocks until every stream has ended and been sent to all its consumers and they
+    /// have closed their connections (at most [`LINGER`] after the end), or the server
+    /// is cancelled; returns whether it drained.
     pub fn wait_drained(&self) -> bool {
+        if !self.wait_streams() {
+            return false;
+        }
+        super::runtime().block_on(async {
+            let deadline = tokio::time::Instant::now() + LINGER;
+            loop {
+                let notified = self.conns.changed.notified();
+                if self.conns.open.load(Ordering::SeqCst) == 0 || self.cancel.load(Ordering::SeqCst)
+                {
+                    break;
+                }
+                let wait = tokio::time::timeout_at(deadline, notified);
+                if tokio::time::timeout(Duration::from_millis(200), wait)
+                    .await
+                    .is_ok_and(|r| r.is_err())
+                {
+                    break; // lingered long enough
+                }
+            }
+        });
+        true
+    }
+
+    fn wait_streams(&self) -> bool {
         loop {
             if self.hubs.iter().all(|h| h.drained()) {
                 return true;
@@ -528,10 +629,15 @@ pub fn serve(
             )),
         }
     };
-    let svc = FlightServiceServer::new(service)
-        .max_decoding_message_size(cfg.max_message_bytes + ENVELOPE)
-        .max_encoding_message_size(cfg.max_message_bytes + ENVELOPE);
-    let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
+    let service = Arc::new(service);
+    let router = Router {
+        flight: FlightServiceServer::from_arc(service.clone())
+            .max_decoding_message_size(cfg.max_message_bytes + ENVELOPE)
+            .max_encoding_message_size(cfg.max_message_bytes + ENVELOPE),
+        service,
+        max_message: cfg.max_message_bytes,
+    };
+    let svc = tonic::service::interceptor::InterceptedService::new(router, auth);
 
     let rt = super::runtime();
     let _guard = rt.enter();
@@ -544,7 +650,19 @@ pub fn serve(
         .map_err(|e| bad_listen(&cfg.listen, e))?;
     let listener =
         tokio::net::TcpListener::from_std(listener).map_err(|e| bad_listen(&cfg.listen, e))?;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let conns = Arc::new(Connections::default());
+    let counted = conns.clone();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |r| {
+            r.map(|io| {
+                counted.open.fetch_add(1, Ordering::SeqCst);
+                Tracked {
+                    io,
+                    conns: counted.clone(),
+                }
+            })
+        });
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(H2_WINDOW)
         .initial_connection_window_size(H2_WINDOW)
@@ -579,6 +697,7 @@ pub fn serve(
             stop: Some(stop_tx),
             task: Some(task),
             cancel: cfg.cancel.clone(),
+            conns,
         },
         served,
     ))
@@ -644,6 +763,102 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Starts a `DoGet`: the schema message, then the consumer's batches.
+    fn open_get(
+        &self,
+        ticket: &Ticket,
+    ) -> Result<BoxStream<'static, Result<Outgoing, Status>>, Status> {
+        let t = parse_ticket(&ticket.ticket)?;
+        let hub = self.find(&t.stream)?.clone();
+        let consumer = hub.consumer_index(t.consumer.as_deref())?;
+        let (projection, schema) = match &t.columns {
+            Some(cols) => {
+                let p = projection(&hub.schema, cols).map_err(Status::invalid_argument)?;
+                let s = hub
+                    .schema
+                    .project(&p)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                (Some(p), Arc::new(s))
+            }
+            None => (None, hub.schema.clone()),
+        };
+        let encoder = BatchEncoder::new(&schema)?;
+        let generation = hub.connect(consumer, t.position)?;
+        let sending = Sending {
+            hub,
+            consumer,
+            generation,
+            projection,
+            max_message: self.max_message,
+            encoder,
+            queued: VecDeque::from([Outgoing::schema(&schema)]),
+            stopped: false,
+        };
+        Ok(futures::stream::unfold(sending, |mut s| async move {
+            let item = s.next().await?;
+            Some((item, s))
+        })
+        .boxed())
+    }
+}
+
+const DO_GET_PATH: &str = "/arrow.flight.protocol.FlightService/DoGet";
+
+/// The Flight service with `DoGet` answered through [`DoGetCodec`] (batches copied
+/// once on their way out) and every other call through arrow-flight's server.
+#[derive(Clone)]
+struct Router {
+    flight: FlightServiceServer<Service>,
+    service: Arc<Service>,
+    max_message: usize,
+}
+
+struct DoGet(Arc<Service>);
+
+impl tonic::server::ServerStreamingService<Ticket> for DoGet {
+    type Response = Outgoing;
+    type ResponseStream = BoxStream<'static, Result<Outgoing, Status>>;
+    type Future = futures::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, req: Request<Ticket>) -> Self::Future {
+        futures::future::ready(self.0.open_get(req.get_ref()).map(Response::new))
+    }
+}
+
+impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Router
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        if req.uri().path() != DO_GET_PATH {
+            return self.flight.call(req);
+        }
+        let (service, max) = (self.service.clone(), self.max_message);
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(DoGetCodec)
+                .apply_max_message_size_config(Some(64 << 10), Some(max + ENVELOPE));
+            Ok(grpc.server_streaming(DoGet(service), req).await)
+        })
+    }
+}
+
+impl tonic::server::NamedService for Router {
+    const NAME: &'static str = <FlightServiceServer<Service> as tonic::server::NamedService>::NAME;
+}
+
 fn parse_ticket(bytes: &[u8]) -> Result<StreamTicket, Status> {
     let not_ours = |why: String| {
         Status::invalid_argument(format!(
@@ -667,34 +882,52 @@ struct Sending {
     generation: u64,
     projection: Option<Vec<usize>>,
     max_message: usize,
-    encoder: IpcDataGenerator,
-    tracker: DictionaryTracker,
-    context: IpcWriteContext,
-    options: IpcWriteOptions,
+    encoder: BatchEncoder,
+    /// Messages encoded and not yet sent (a batch with dictionaries makes several).
+    queued: VecDeque<Outgoing>,
     stopped: bool,
 }
 
 impl Sending {
-    fn encode(&mut self, position: u64, batch: &RecordBatch) -> Result<FlightData, Status> {
+    fn encode(&mut self, position: u64, batch: &RecordBatch) -> Result<(), Status> {
         let batch = match &self.projection {
             Some(p) => batch
                 .project(p)
                 .map_err(|e| Status::internal(e.to_string()))?,
             None => batch.clone(),
         };
-        let (_, data) = self
-            .encoder
-            .encode(&batch, &mut self.tracker, &self.options, &mut self.context)
-            .map_err(|e| Status::internal(format!("cannot encode batch {position}: {e}")))?;
-        let size = data.ipc_message.len() + data.arrow_data.len();
-        if size > self.max_message {
-            return Err(Status::resource_exhausted(format!(
-                "batch {position} of stream '{}' is {size} bytes as one Flight message, over this server's limit of {} bytes (--max-message-bytes): raise the limit on both ends or make batches smaller",
-                self.hub.cfg.name, self.max_message
-            )));
+        let meta = format!("{{\"{POSITION_KEY}\":{position}}}").into_bytes();
+        for m in self.encoder.encode(&batch, meta.into())? {
+            if m.len() > self.max_message {
+                return Err(Status::resource_exhausted(format!(
+                    "batch {position} of stream '{}' is {} bytes as one Flight message, over this server's limit of {} bytes (--max-message-bytes): raise the limit on both ends or make batches smaller",
+                    self.hub.cfg.name, m.len(), self.max_message
+                )));
+            }
+            self.queued.push_back(m);
         }
-        Ok(FlightData::from(data)
-            .with_app_metadata(format!("{{\"{POSITION_KEY}\":{position}}}").into_bytes()))
+        Ok(())
+    }
+
+    /// The next message to send, waiting for the producer; `None` at the end.
+    async fn next(&mut self) -> Option<Result<Outgoing, Status>> {
+        loop {
+            if let Some(m) = self.queued.pop_front() {
+                return Some(Ok(m));
+            }
+            if self.stopped {
+                return None;
+            }
+            let res = match self.hub.clone().next(self.consumer, self.generation).await {
+                Ok(Some((q, b))) => self.encode(q, &b),
+                Ok(None) => return None,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                self.stopped = true;
+                return Some(Err(e));
+            }
+        }
     }
 }
 
@@ -765,52 +998,13 @@ impl FlightService for Service {
         Ok(Response::new(r))
     }
 
+    /// Reached only where this service is mounted without [`Router`]: the same
+    /// messages as arrow-flight's type.
     async fn do_get(&self, req: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
-        let t = parse_ticket(&req.get_ref().ticket)?;
-        let hub = self.find(&t.stream)?.clone();
-        let consumer = hub.consumer_index(t.consumer.as_deref())?;
-        let (projection, schema) = match &t.columns {
-            Some(cols) => {
-                let p = projection(&hub.schema, cols).map_err(Status::invalid_argument)?;
-                let s = hub
-                    .schema
-                    .project(&p)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                (Some(p), Arc::new(s))
-            }
-            None => (None, hub.schema.clone()),
-        };
-        let generation = hub.connect(consumer, t.position)?;
-        let options = IpcWriteOptions::default();
-        let first = FlightData::from(SchemaAsIpc::new(&schema, &options));
-        let sending = Sending {
-            hub,
-            consumer,
-            generation,
-            projection,
-            max_message: self.max_message,
-            encoder: IpcDataGenerator::default(),
-            tracker: DictionaryTracker::new(false),
-            context: IpcWriteContext::default(),
-            options,
-            stopped: false,
-        };
-        let rest = futures::stream::unfold(sending, |mut s| async move {
-            if s.stopped {
-                return None;
-            }
-            let item = match s.hub.clone().next(s.consumer, s.generation).await {
-                Ok(Some((q, b))) => s.encode(q, &b),
-                Ok(None) => return None,
-                Err(e) => Err(e),
-            };
-            if item.is_err() {
-                s.stopped = true;
-            }
-            Some((item, s))
-        });
-        let out = futures::stream::once(async { Ok(first) }).chain(rest);
-        Ok(Response::new(out.boxed()))
+        let out = self.open_get(req.get_ref())?;
+        Ok(Response::new(
+            out.map_ok(Outgoing::into_flight_data).boxed(),
+        ))
     }
 
     async fn do_put(
