@@ -39,6 +39,7 @@ enum Command {
 }
 
 fn main() {
+    pipeline::sys::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

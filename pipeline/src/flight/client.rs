@@ -9,12 +9,11 @@ use super::{
 use crate::queue;
 use crate::stream::{batch_bytes, BatchSource, OpenOptions, StreamError};
 use arrow_array::RecordBatch;
-use arrow_flight::decode::{DecodedPayload, FlightDataDecoder};
-use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::FlightData;
 use arrow_flight::{Criteria, FlightDescriptor, FlightInfo};
 use arrow_schema::SchemaRef;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use schemas::streams::{StreamStatus, Ticket, AUTH_HEADER, AUTH_SCHEME, POSITION_KEY};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -168,10 +167,37 @@ fn call_error(url: &FlightUrl, cfg: &ClientConfig, s: &Status) -> String {
     format!("{text}{hint}")
 }
 
-fn flight_error(url: &FlightUrl, cfg: &ClientConfig, e: &FlightError) -> (Option<Code>, String) {
-    match e {
-        FlightError::Tonic(s) => (Some(s.code()), call_error(url, cfg, s)),
-        other => (None, chain(other)),
+type Messages = tonic::Streaming<FlightData>;
+
+/// What one message carries.
+enum Payload {
+    Schema(SchemaRef),
+    Batch(RecordBatch),
+    Nothing,
+}
+
+/// Decodes a message. A batch is always copied out of tonic's receive buffer into
+/// memory of its own (aligned for Arrow): a batch that kept pointing into that buffer
+/// would make tonic allocate a fresh one, page faults and all, for every message.
+fn decode(fd: &FlightData, schema: Option<&SchemaRef>) -> Result<Payload, String> {
+    use arrow_ipc::MessageHeader;
+    let message = arrow_ipc::root_as_message(&fd.data_header)
+        .map_err(|e| format!("not an Arrow IPC message: {e}"))?;
+    match message.header_type() {
+        MessageHeader::Schema => arrow_schema::Schema::try_from(fd)
+            .map(|s| Payload::Schema(Arc::new(s)))
+            .map_err(|e| format!("bad schema message: {e}")),
+        MessageHeader::RecordBatch => {
+            let schema = schema.ok_or("a record batch came before the schema")?;
+            arrow_flight::utils::flight_data_to_arrow_batch(fd, schema.clone(), &Default::default())
+                .map(Payload::Batch)
+                .map_err(|e| format!("bad record batch: {e}"))
+        }
+        MessageHeader::NONE => Ok(Payload::Nothing),
+        other => Err(format!(
+            "unexpected {} message (dictionary-encoded columns are not part of our streams)",
+            other.variant_name().unwrap_or("unknown")
+        )),
     }
 }
 
@@ -181,24 +207,21 @@ async fn start(
     url: &FlightUrl,
     cfg: &ClientConfig,
     ticket: &Ticket,
-) -> Result<(SchemaRef, FlightDataDecoder), (Option<Code>, String)> {
+) -> Result<(SchemaRef, Messages), (Option<Code>, String)> {
     let t = arrow_flight::Ticket::new(serde_json::to_vec(ticket).expect("ticket serialises"));
-    let resp = client
+    let status = |s: Status| (Some(s.code()), call_error(url, cfg, &s));
+    let mut msgs = client
         .do_get(Request::new(t))
         .await
-        .map_err(|s| (Some(s.code()), call_error(url, cfg, &s)))?;
-    let stream = resp.into_inner().map_err(FlightError::from);
-    let mut dec = FlightDataDecoder::new(stream);
+        .map_err(status)?
+        .into_inner();
     loop {
-        match dec.next().await {
-            Some(Ok(d)) => match d.payload {
-                DecodedPayload::Schema(s) => return Ok((s, dec)),
-                DecodedPayload::None => continue,
-                DecodedPayload::RecordBatch(_) => {
-                    return Err((None, "a record batch came before the schema".into()))
-                }
+        match msgs.message().await.map_err(status)? {
+            Some(fd) => match decode(&fd, None).map_err(|m| (None, m))? {
+                Payload::Schema(s) => return Ok((s, msgs)),
+                Payload::Nothing => continue,
+                Payload::Batch(_) => unreachable!("decode refuses a batch before the schema"),
             },
-            Some(Err(e)) => return Err(flight_error(url, cfg, &e)),
             None => return Err((None, "the stream ended before its schema".into())),
         }
     }
@@ -241,15 +264,13 @@ struct Pump {
 }
 
 impl Pump {
-    async fn run(mut self, mut dec: FlightDataDecoder) {
+    async fn run(mut self, mut msgs: Messages) {
         loop {
-            let err = match dec.next().await {
-                Some(Ok(d)) => match d.payload {
-                    DecodedPayload::RecordBatch(b) => {
-                        let q = position_of(&d.inner.app_metadata).unwrap_or(self.position);
-                        // The message (which shares tonic's receive buffer) goes now, not
-                        // after the wait below, so that buffer is reused, not reallocated.
-                        drop(d.inner);
+            let err = match msgs.message().await {
+                Ok(Some(fd)) => match decode(&fd, Some(&self.schema)) {
+                    Ok(Payload::Batch(b)) => {
+                        let q = position_of(&fd.app_metadata).unwrap_or(self.position);
+                        drop(fd);
                         self.position = q + 1;
                         self.received += 1;
                         let bytes = batch_bytes(&b);
@@ -258,13 +279,14 @@ impl Pump {
                         }
                         continue;
                     }
-                    _ => continue,
+                    Ok(_) => continue,
+                    Err(m) => (Some(Code::DataLoss), m),
                 },
-                None => {
+                Ok(None) => {
                     let _ = self.tx.send(Msg::End, 0).await;
                     return;
                 }
-                Some(Err(e)) => flight_error(&self.url, &self.cfg, &e),
+                Err(s) => (Some(s.code()), call_error(&self.url, &self.cfg, &s)),
             };
             let last = match self.received {
                 0 => format!(
@@ -279,7 +301,7 @@ impl Pump {
             if self.cfg.reconnect && transient(err.0) {
                 match self.reconnect().await {
                     Ok(d) => {
-                        dec = d;
+                        msgs = d;
                         continue;
                     }
                     Err(m) => {
@@ -303,7 +325,7 @@ impl Pump {
         }
     }
 
-    async fn reconnect(&mut self) -> Result<FlightDataDecoder, String> {
+    async fn reconnect(&mut self) -> Result<Messages, String> {
         tracing::warn!(
             "{}: reconnecting at position {}",
             self.url.name(),
