@@ -115,15 +115,11 @@ fn broadcast_waits_for_the_slowest_inside_its_window() {
 #[test]
 fn partition_sends_each_batch_to_exactly_one_consumer() {
     let spec = "synthetic:batches?batches=41&rows=32&d=8&seed=3";
-    let mut server = spawn(&[
-        "copy",
-        spec,
-        "grpc://127.0.0.1:0/b",
-        "--mode",
-        "partition",
-        "--consumers",
-        "2",
-    ]);
+    let serve = || {
+        let args = ["--mode", "partition", "--consumers", "2"];
+        spawn(&[&["copy", spec, "grpc://127.0.0.1:0/b"][..], &args].concat())
+    };
+    let mut server = serve();
     let url = server.served_url();
     let mut c0 = spawn(&read_args(&url, "0", &[]));
     let mut c1 = spawn(&read_args(&url, "1", &[]));
@@ -137,15 +133,7 @@ fn partition_sends_each_batch_to_exactly_one_consumer() {
     assert_eq!(all, (0..41).collect::<Vec<_>>(), "every batch exactly once");
 
     // merging the two partitions in consumer order gives the stream back
-    let mut server = spawn(&[
-        "copy",
-        spec,
-        "grpc://127.0.0.1:0/b",
-        "--mode",
-        "partition",
-        "--consumers",
-        "2",
-    ]);
+    let mut server = serve();
     let url = server.served_url();
     let merged = run_json(&[
         "copy",

@@ -31,12 +31,8 @@ fn remote_json(s: &RemoteStream) -> Value {
 
 pub fn run(a: Args) -> Result<()> {
     let out = if flight::is_url(&a.target) {
-        let cfg = a.client.config()?;
         let url = flight::FlightUrl::parse(&a.target)?;
-        let streams = match &url.stream {
-            Some(_) => vec![flight::flight_info(&a.target, &cfg)?],
-            None => flight::list_streams(&a.target, &cfg)?,
-        };
+        let streams = flight::remote_streams(&a.target, &a.client.config()?)?;
         json!({"url": url.base(), "streams": streams.iter().map(remote_json).collect::<Vec<_>>()})
     } else if shards::is_shard_dir(Path::new(&a.target))? {
         let dir = Path::new(&a.target);

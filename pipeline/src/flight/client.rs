@@ -38,17 +38,7 @@ impl tonic::service::Interceptor for Auth {
 type Client = FlightServiceClient<InterceptedService<Channel, Auth>>;
 
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !text.contains(&m) {
-            text.push_str(": ");
-            text.push_str(&m);
-        }
-        src = s.source();
-    }
-    text
+    super::with_causes(e.to_string(), e.source())
 }
 
 /// A hint when the two ends may disagree on TLS.
@@ -155,9 +145,10 @@ async fn connect(url: &FlightUrl, cfg: &ClientConfig) -> Result<Client, String> 
 }
 
 /// The text of a failed call, with hints where the cause is likely on this side.
-fn call_error(url: &FlightUrl, cfg: &ClientConfig, s: &Status) -> String {
+/// `url` is `None` once the stream has begun (TLS cannot be the cause any more).
+fn call_error(url: Option<&FlightUrl>, cfg: &ClientConfig, s: &Status) -> String {
     let text = status_text(s);
-    let mut hint = tls_hint(url, &text).to_string();
+    let mut hint = url.map_or("", |u| tls_hint(u, &text)).to_string();
     if text.contains("message length too large") {
         hint = format!(
             " (this client accepts messages up to {} bytes: --max-message-bytes)",
@@ -209,7 +200,7 @@ async fn start(
     ticket: &Ticket,
 ) -> Result<(SchemaRef, Messages), (Option<Code>, String)> {
     let t = arrow_flight::Ticket::new(serde_json::to_vec(ticket).expect("ticket serialises"));
-    let status = |s: Status| (Some(s.code()), call_error(url, cfg, &s));
+    let status = |s: Status| (Some(s.code()), call_error(Some(url), cfg, &s));
     let mut msgs = client
         .do_get(Request::new(t))
         .await
@@ -286,7 +277,7 @@ impl Pump {
                     let _ = self.tx.send(Msg::End, 0).await;
                     return;
                 }
-                Err(s) => (Some(s.code()), call_error(&self.url, &self.cfg, &s)),
+                Err(s) => (Some(s.code()), call_error(None, &self.cfg, &s)),
             };
             let last = match self.received {
                 0 => format!(
@@ -483,52 +474,39 @@ fn remote_stream(info: FlightInfo) -> Result<RemoteStream, String> {
     })
 }
 
-/// Every stream a server serves (`ListFlights`).
-pub fn list_streams(base: &str, cfg: &ClientConfig) -> Result<Vec<RemoteStream>, StreamError> {
-    let url = FlightUrl::parse(base)?;
-    let remote = |m: String| StreamError::Remote {
-        url: url.base(),
-        message: m,
-    };
+/// What a server says of its streams: of the one the URL names (`GetFlightInfo`), or
+/// of every stream it serves (`ListFlights`).
+pub fn remote_streams(spec: &str, cfg: &ClientConfig) -> Result<Vec<RemoteStream>, StreamError> {
+    let url = FlightUrl::parse(spec)?;
+    let failed = |s: Status| call_error(Some(&url), cfg, &s);
     super::runtime()
         .block_on(async {
             let mut c = connect(&url, cfg).await?;
-            let resp = c
-                .list_flights(Request::new(Criteria::default()))
-                .await
-                .map_err(|s| call_error(&url, cfg, &s))?;
-            let infos: Vec<FlightInfo> = resp
-                .into_inner()
-                .try_collect()
-                .await
-                .map_err(|s: Status| call_error(&url, cfg, &s))?;
+            let infos: Vec<FlightInfo> = match &url.stream {
+                Some(name) => {
+                    let d = FlightDescriptor::new_path(vec![name.clone()]);
+                    vec![c
+                        .get_flight_info(Request::new(d))
+                        .await
+                        .map_err(failed)?
+                        .into_inner()]
+                }
+                None => c
+                    .list_flights(Request::new(Criteria::default()))
+                    .await
+                    .map_err(failed)?
+                    .into_inner()
+                    .try_collect()
+                    .await
+                    .map_err(failed)?,
+            };
             infos
                 .into_iter()
                 .map(remote_stream)
                 .collect::<Result<Vec<_>, String>>()
         })
-        .map_err(remote)
-}
-
-/// One stream's description (`GetFlightInfo`).
-pub fn flight_info(spec: &str, cfg: &ClientConfig) -> Result<RemoteStream, StreamError> {
-    let url = FlightUrl::parse(spec)?;
-    let remote = |m: String| StreamError::Remote {
-        url: url.name(),
-        message: m,
-    };
-    let stream = url
-        .stream
-        .clone()
-        .ok_or_else(|| remote("no stream named".into()))?;
-    super::runtime()
-        .block_on(async {
-            let mut c = connect(&url, cfg).await?;
-            let info = c
-                .get_flight_info(Request::new(FlightDescriptor::new_path(vec![stream])))
-                .await
-                .map_err(|s| call_error(&url, cfg, &s))?;
-            remote_stream(info.into_inner())
+        .map_err(|m| StreamError::Remote {
+            url: url.name(),
+            message: m,
         })
-        .map_err(remote)
 }

@@ -7,7 +7,7 @@ mod client;
 mod server;
 mod wire;
 
-pub use client::{flight_info, list_streams, FlightSource, RemoteStream};
+pub use client::{remote_streams, FlightSource, RemoteStream};
 pub use server::{serve, ServedStream, Server, StreamConfig};
 
 use crate::stream::StreamError;
@@ -217,11 +217,8 @@ impl FlightUrl {
     }
 }
 
-/// A status and its causes, on one line.
-pub(crate) fn status_text(s: &tonic::Status) -> String {
-    use std::error::Error;
-    let mut text = format!("{:?}: {}", s.code(), s.message());
-    let mut src = s.source();
+/// `text` followed by every cause in `src`'s chain not already in it, on one line.
+pub(crate) fn with_causes(mut text: String, mut src: Option<&dyn std::error::Error>) -> String {
     while let Some(e) = src {
         let m = e.to_string();
         if !text.contains(&m) {
@@ -231,6 +228,12 @@ pub(crate) fn status_text(s: &tonic::Status) -> String {
         src = e.source();
     }
     text
+}
+
+/// A status and its causes, on one line.
+pub(crate) fn status_text(s: &tonic::Status) -> String {
+    use std::error::Error;
+    with_causes(format!("{:?}: {}", s.code(), s.message()), s.source())
 }
 
 #[cfg(test)]

@@ -217,3 +217,13 @@ pub fn available(ok: bool, what: &str, switch: &str) -> bool {
     eprintln!("skipped: {what} is not available");
     false
 }
+
+/// The position a server will next send to consumer `i` of its first stream, as
+/// `pipeline inspect` reports it (0 while it cannot be asked).
+pub fn consumer_position(base: &str, i: usize) -> u64 {
+    let o = run(&["inspect", base]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v["streams"][0]["status"]["consumers"][i]["position"]
+        .as_u64()
+        .unwrap_or(0)
+}
