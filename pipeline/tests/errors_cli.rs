@@ -59,55 +59,40 @@ fn tls_and_token() {
     ]);
     let url = server.served_url();
     assert!(url.starts_with("grpc+tls://127.0.0.1:"), "{url}");
-    let fast = ["--connect-timeout", "2"];
+    // a client reading `from` with `flags`, giving up on connecting after 2 s
+    let read = |from: &str, flags: &[&str]| {
+        let mut args = vec!["copy", from, "-", "--connect-timeout", "2"];
+        args.extend_from_slice(flags);
+        run(&args)
+    };
+    let fails = |from: &str, flags: &[&str]| {
+        let o = read(from, flags);
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
 
-    let mut args = vec![
-        "copy",
-        &url,
-        "-",
-        "--tls-ca",
-        &p.ca,
-        "--token-file",
-        &p.wrong,
-    ];
-    args.extend(fast);
-    let e = run_err(&args);
+    let e = fails(&url, &["--tls-ca", &p.ca, "--token-file", &p.wrong]);
     assert!(
         e.contains("Unauthenticated") && e.contains("token sent is wrong"),
         "{e}"
     );
-
-    let mut args = vec!["copy", &url, "-", "--tls-ca", &p.ca];
-    args.extend(fast);
-    let e = run_err(&args);
+    let e = fails(&url, &["--tls-ca", &p.ca]);
     assert!(
         e.contains("Unauthenticated") && e.contains("none was sent"),
         "{e}"
     );
-
     let plain = url.replace("grpc+tls://", "grpc://");
-    let mut args = vec!["copy", &plain, "-", "--token-file", &p.token];
-    args.extend(fast);
-    let e = run_err(&args);
+    let e = fails(&plain, &["--token-file", &p.token]);
     assert!(
         e.contains(&plain) && e.contains("grpc+tls://"),
         "plain text against TLS: {e}"
     );
-
-    let mut args = vec!["copy", &url, "-", "--token-file", &p.token];
-    args.extend(fast);
-    let e = run_err(&args);
+    let e = fails(&url, &["--token-file", &p.token]);
     assert!(e.contains("--tls-ca"), "{e}");
 
-    let ok = run_json(&[
-        "copy",
-        &url,
-        "-",
-        "--tls-ca",
-        &p.ca,
-        "--token-file",
-        &p.token,
-    ]);
+    let o = read(&url, &["--tls-ca", &p.ca, "--token-file", &p.token]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ok: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(ok["batches"], 5);
     server.finish_json();
 
