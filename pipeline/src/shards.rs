@@ -244,33 +244,20 @@ impl ShardWriter {
         if dir.exists() && !dir.is_dir() {
             return Err(file_err(dir, "exists and is not a directory"));
         }
-        let fresh = |m: &mut Manifest| {
-            *m = Manifest {
-                format: MANIFEST_FORMAT.into(),
-                schema_ipc: schema_ipc(&schema),
-                fields: describe_fields(&schema),
-                metadata: schema.metadata().clone().into_iter().collect(),
-                complete: false,
-                batches: 0,
-                rows: 0,
-                bytes: 0,
-                shards: vec![],
-            }
-        };
-        let mut manifest = Manifest {
-            format: String::new(),
-            schema_ipc: String::new(),
-            fields: vec![],
-            metadata: Default::default(),
+        let fresh = || Manifest {
+            format: MANIFEST_FORMAT.into(),
+            schema_ipc: schema_ipc(&schema),
+            fields: describe_fields(&schema),
+            metadata: schema.metadata().clone().into_iter().collect(),
             complete: false,
             batches: 0,
             rows: 0,
             bytes: 0,
             shards: vec![],
         };
-        let (write_dir, staged) = match (opts.existing, non_empty) {
+        let (manifest, write_dir, staged) = match (opts.existing, non_empty) {
             (Existing::Resume, _) if has_ours => {
-                manifest = read_manifest(dir)?;
+                let mut manifest = read_manifest(dir)?;
                 let have = manifest_schema(dir, &manifest)?;
                 if have.as_ref() != schema.as_ref() {
                     return Err(file_err(
@@ -289,7 +276,7 @@ impl ShardWriter {
                     }
                 }
                 manifest.complete = false;
-                (dir.to_path_buf(), None)
+                (manifest, dir.to_path_buf(), None)
             }
             (Existing::Resume, true) => {
                 return Err(file_err(
@@ -308,14 +295,12 @@ impl ShardWriter {
                 ))
             }
             (Existing::Overwrite, true) => {
-                fresh(&mut manifest);
                 let s = crate::staging::Staged::dir(dir).map_err(|e| file_err(dir, e))?;
-                (s.tmp.clone(), Some(s))
+                (fresh(), s.tmp.clone(), Some(s))
             }
             (_, false) => {
-                fresh(&mut manifest);
                 std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
-                (dir.to_path_buf(), None)
+                (fresh(), dir.to_path_buf(), None)
             }
         };
         let mut w = ShardWriter {
