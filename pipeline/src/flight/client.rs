@@ -58,7 +58,9 @@ fn tls_hint(url: &FlightUrl, text: &str) -> &'static str {
             || t.contains("connection error")
             || t.contains("bytes remaining on stream")
             || t.contains("http2 error")
-            || t.contains("h2 protocol error"))
+            || t.contains("h2 protocol error")
+            // a plain-text client whose first frames the TLS server dropped
+            || t.contains("connection was not ready"))
     {
         " (if the server uses TLS, connect with grpc+tls:// and --tls-ca)"
     } else {
