@@ -2,21 +2,15 @@
 //! buffer with a seeded permutation. Deterministic for a given source and seed, so a
 //! resumed run can skip the batches it already trained on and continue identically.
 
+use crate::mixer::MixPlan;
 use crate::source::RowSource;
 use crate::stream::SourceError;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-
-/// Fraction of the buffer kept back for mixing with new rows (SAELens's default).
-const MIX_FRACTION: f64 = 0.5;
 
 pub struct Batches {
     source: Box<dyn RowSource>,
     d: usize,
     batch: usize,
-    /// Buffer size in rows, and its RNG; `None` keeps file order.
-    mixing: Option<(usize, ChaCha8Rng)>,
+    plan: MixPlan,
     /// Rows not yet served (row-major).
     storage: Vec<f32>,
     /// Batches ready to serve, in order.
@@ -41,12 +35,11 @@ impl Batches {
             source,
             d,
             batch,
-            mixing: shuffle.then(|| {
-                (
-                    buffer_batches.max(1) * batch,
-                    ChaCha8Rng::seed_from_u64(seed),
-                )
-            }),
+            plan: MixPlan::new(
+                batch,
+                shuffle.then_some(buffer_batches.max(1) * batch),
+                seed,
+            ),
             storage: Vec::new(),
             ready: Default::default(),
             exhausted: false,
@@ -90,31 +83,18 @@ impl Batches {
         Ok(())
     }
 
-    /// Moves whole batches from `storage` to `ready`: without mixing, every full batch;
-    /// with mixing, once the buffer is full, a shuffle then all but the kept-back half.
+    /// Moves whole batches from `storage` to `ready`, as [`MixPlan`] says.
     fn serve(&mut self, at_end: bool) {
         let rows = self.storage.len() / self.d;
-        let take_rows = match &mut self.mixing {
-            None => rows / self.batch * self.batch,
-            Some((size, rng)) => {
-                if at_end {
-                    rows / self.batch * self.batch
-                } else if rows >= *size {
-                    let mut order: Vec<u32> = (0..rows as u32).collect();
-                    order.shuffle(rng);
-                    let mut shuffled = Vec::with_capacity(self.storage.len());
-                    for &r in &order {
-                        let r = r as usize;
-                        shuffled.extend_from_slice(&self.storage[r * self.d..(r + 1) * self.d]);
-                    }
-                    self.storage = shuffled;
-                    let keep = (*size as f64 * MIX_FRACTION) as usize;
-                    ((rows - keep) / self.batch).max(1) * self.batch
-                } else {
-                    0
-                }
+        let (order, take_rows) = self.plan.plan(rows, at_end);
+        if let Some(order) = order {
+            let mut shuffled = Vec::with_capacity(self.storage.len());
+            for &r in &order {
+                let r = r as usize;
+                shuffled.extend_from_slice(&self.storage[r * self.d..(r + 1) * self.d]);
             }
-        };
+            self.storage = shuffled;
+        }
         if take_rows == 0 {
             return;
         }

@@ -336,3 +336,55 @@ impl BatchSource for FileDir {
         self.dir.display().to_string()
     }
 }
+
+/// A whole stream written as one Arrow IPC file, appearing under its name only once
+/// finished (staged under a temporary name until then).
+pub struct IpcFileSink {
+    staged: Option<crate::staging::Staged>,
+    w: Option<arrow_ipc::writer::FileWriter<std::io::BufWriter<std::fs::File>>>,
+    path: PathBuf,
+}
+
+impl IpcFileSink {
+    pub fn create(
+        path: &Path,
+        schema: &arrow_schema::SchemaRef,
+    ) -> Result<IpcFileSink, StreamError> {
+        let e = |m: String| file_err(path, m);
+        let staged = crate::staging::Staged::file(path).map_err(|x| e(x.to_string()))?;
+        let f = std::fs::File::create(&staged.tmp).map_err(|x| e(x.to_string()))?;
+        let w = arrow_ipc::writer::FileWriter::try_new(std::io::BufWriter::new(f), schema)
+            .map_err(|x| e(x.to_string()))?;
+        Ok(IpcFileSink {
+            staged: Some(staged),
+            w: Some(w),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl crate::stream::BatchSink for IpcFileSink {
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), StreamError> {
+        let w = self
+            .w
+            .as_mut()
+            .ok_or_else(|| file_err(&self.path, "already finished"))?;
+        w.write(batch)
+            .map_err(|x| file_err(&self.path, x.to_string()))
+    }
+    fn finish(&mut self) -> Result<(), StreamError> {
+        let e = |m: String| file_err(&self.path, m);
+        if let Some(mut w) = self.w.take() {
+            w.finish().map_err(|x| e(x.to_string()))?;
+            let f = w.into_inner().map_err(|x| e(x.to_string()))?;
+            f.into_inner()
+                .map_err(|x| e(x.to_string()))?
+                .sync_all()
+                .map_err(|x| e(x.to_string()))?;
+        }
+        if let Some(s) = self.staged.take() {
+            s.commit().map_err(|x| e(x.to_string()))?;
+        }
+        Ok(())
+    }
+}

@@ -4,11 +4,15 @@
 //! ([`merge`]), shard caches ([`shards`]), activation rows and training batches drawn
 //! from any stream ([`source`], [`batches`]), token files ([`tokens`]).
 
+pub mod acts;
 pub mod batches;
+pub mod cli;
 pub mod convert;
 pub mod files;
 pub mod flight;
 pub mod merge;
+pub mod mixer;
+pub mod output;
 pub mod queue;
 pub mod shards;
 pub mod source;
@@ -18,6 +22,7 @@ pub mod synthetic;
 pub mod sys;
 pub mod tokens;
 
+pub use arrow_array::RecordBatch;
 pub use batches::Batches;
 pub use source::{open, RowSource};
 pub use stream::{

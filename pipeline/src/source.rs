@@ -91,6 +91,31 @@ fn pick_column(
     }
 }
 
+/// The index and width of the activation column `name` in the schema of `what`.
+pub fn activation_column(
+    what: &str,
+    schema: &Schema,
+    name: &str,
+) -> Result<(usize, usize), SourceError> {
+    pick_column(Path::new(what), schema, Some(name))
+}
+
+/// The rows of activation column `i` (width `d`) of a batch from `what`, as f32.
+pub fn batch_rows(
+    what: &str,
+    batch: &arrow_array::RecordBatch,
+    i: usize,
+    d: usize,
+) -> Result<Vec<f32>, SourceError> {
+    let path = Path::new(what);
+    let list = batch
+        .column(i)
+        .as_any()
+        .downcast_ref::<FixedSizeListArray>()
+        .ok_or_else(|| file_err(path, "activation column is not a FixedSizeList"))?;
+    rows_f32(path, list, d)
+}
+
 /// Rows of one activation column of a batch stream.
 pub struct Rows {
     src: Box<dyn BatchSource>,

@@ -200,3 +200,29 @@ pub fn batch_bytes(b: &RecordBatch) -> usize {
         })
         .sum()
 }
+
+/// Bytes one row of `schema` takes: every column must be of fixed width (primitive, or
+/// a fixed-size list of primitives), as activation streams are.
+pub fn row_bytes(schema: &arrow_schema::Schema) -> Result<usize, String> {
+    use arrow_schema::DataType;
+    let width = |t: &DataType| t.primitive_width();
+    schema
+        .fields()
+        .iter()
+        .map(|f| {
+            match f.data_type() {
+                DataType::FixedSizeList(item, n) => {
+                    width(item.data_type()).map(|w| w * *n as usize)
+                }
+                t => width(t),
+            }
+            .ok_or_else(|| {
+                format!(
+                    "column '{}' ({}) is not of fixed width",
+                    f.name(),
+                    f.data_type()
+                )
+            })
+        })
+        .sum()
+}

@@ -377,6 +377,111 @@ pub fn tokens_metadata(
         .map(|j| serde_json::from_str(j))
 }
 
+/// Token sequences read in order from a token file (read whole), a `tokens` stream
+/// (`grpc://`) or its shards (read a batch at a time).
+pub struct TokenStream {
+    what: String,
+    seq_len: usize,
+    inner: TokenInner,
+    /// Index of the next sequence.
+    next: u64,
+}
+
+enum TokenInner {
+    Rows(TokenRows),
+    Stream {
+        src: Box<dyn crate::BatchSource>,
+        col: usize,
+        pending: std::collections::VecDeque<Vec<i64>>,
+    },
+}
+
+impl TokenStream {
+    /// Opens `spec`: a `grpc[+tls]://` URL or a shard directory as a stream, anything
+    /// else as a token file ([`read_tokens`]).
+    pub fn open(spec: &str, opts: &crate::OpenOptions) -> Result<TokenStream, SourceError> {
+        let streamed = crate::flight::is_url(spec) || crate::shards::is_shard_dir(Path::new(spec))?;
+        if !streamed {
+            let rows = read_tokens(Path::new(spec))?;
+            return Ok(TokenStream {
+                what: spec.to_string(),
+                seq_len: rows.seq_len,
+                inner: TokenInner::Rows(rows),
+                next: 0,
+            });
+        }
+        let src = crate::open_source(spec, opts)?;
+        let schema = src.schema();
+        let (col, f) = schema.column_with_name(INPUT_IDS).ok_or_else(|| {
+            err(
+                Path::new(spec),
+                format!("not a tokens stream: no '{INPUT_IDS}' column"),
+            )
+        })?;
+        let DataType::FixedSizeList(_, n) = f.data_type() else {
+            return Err(err(
+                Path::new(spec),
+                format!(
+                    "'{INPUT_IDS}' is {}, expected FixedSizeList<Int32>[context_size]",
+                    f.data_type()
+                ),
+            ));
+        };
+        Ok(TokenStream {
+            what: src.describe(),
+            seq_len: *n as usize,
+            inner: TokenInner::Stream {
+                src,
+                col,
+                pending: Default::default(),
+            },
+            next: 0,
+        })
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.what
+    }
+
+    /// The index of the next sequence.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    /// Up to `n` next sequences, flattened (`[k, seq_len]`); empty at the end.
+    pub fn next_seqs(&mut self, n: usize) -> Result<Vec<i64>, SourceError> {
+        let mut out = Vec::with_capacity(n * self.seq_len);
+        let mut k = 0;
+        match &mut self.inner {
+            TokenInner::Rows(r) => {
+                let start = (self.next as usize).min(r.n_seq);
+                k = n.min(r.n_seq - start);
+                out.extend_from_slice(&r.ids[start * r.seq_len..(start + k) * r.seq_len]);
+            }
+            TokenInner::Stream { src, col, pending } => {
+                while k < n {
+                    if let Some(s) = pending.pop_front() {
+                        out.extend(s);
+                        k += 1;
+                        continue;
+                    }
+                    let Some(b) = src.next_batch()? else { break };
+                    let c = b.column(*col);
+                    for row in 0..b.num_rows() {
+                        pending.push_back(list_row_ids(Path::new(&self.what), c, row)?);
+                    }
+                }
+            }
+        }
+        self.next += k as u64;
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

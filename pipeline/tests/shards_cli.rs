@@ -202,7 +202,7 @@ fn running_out_of_space_leaves_no_file_under_a_final_name() {
          echo '--- ls'; ls -A {m}/out
          echo '--- inspect'; {bin} inspect {m}/out",
         m = s(&mnt),
-        bin = BIN
+        bin = bin().display()
     );
     let o = std::process::Command::new("unshare")
         .args(["-m", "sh", "-c", &script])

@@ -141,6 +141,11 @@ pub struct StreamStatus {
 
 /// The file describing a shard directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// A shuffler snapshot directory: its state and its buffer's rows (Arrow IPC file).
+pub const SNAPSHOT_STATE_FILE: &str = "state.json";
+pub const SNAPSHOT_BUFFER_FILE: &str = "buffer.arrow";
+pub const SNAPSHOT_FORMAT: &str = "saestream.shuffler-snapshot/1";
 /// `format` of a manifest written by this version.
 pub const MANIFEST_FORMAT: &str = "saestream.shards/1";
 /// Shard file names: `shard-00000.arrow`, …

@@ -2,6 +2,7 @@
 
 use super::{interrupt_flag, parse_bytes, peak_rss_mib, progress, ClientArgs};
 use anyhow::{bail, Context, Result};
+use pipeline::cli::{consumer_names, parse_mode};
 use pipeline::convert::{convert_source, ActDtype};
 use pipeline::flight::{self, FlightUrl, ServerConfig, StreamConfig};
 use pipeline::shards::{Existing, ShardOptions, ShardWriter};
@@ -74,28 +75,6 @@ pub struct Args {
     /// `-` only: also print the position of every batch received.
     #[arg(long)]
     list_positions: bool,
-}
-
-fn parse_mode(s: &str) -> Result<Mode, String> {
-    match s {
-        "broadcast" => Ok(Mode::Broadcast),
-        "partition" => Ok(Mode::Partition),
-        _ => Err(format!("'{s}': expected broadcast or partition")),
-    }
-}
-
-fn consumer_names(s: &str) -> Result<Vec<String>> {
-    if let Ok(n) = s.parse::<usize>() {
-        if n == 0 {
-            bail!("--consumers: at least one");
-        }
-        return Ok((0..n).map(|i| i.to_string()).collect());
-    }
-    let names: Vec<String> = s.split(',').map(|x| x.trim().to_string()).collect();
-    if names.iter().any(|n| n.is_empty()) {
-        bail!("--consumers '{s}': names must not be empty");
-    }
-    Ok(names)
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -227,6 +206,7 @@ fn serve(a: &Args, opts: &OpenOptions, interrupted: Arc<AtomicBool>) -> Result<(
         mode: a.mode,
         consumers: consumer_names(&a.consumers)?,
         window_bytes: a.window_bytes,
+        first_position: src.position(),
     };
     let (server, mut served) = flight::serve(&cfg, vec![(stream, src.schema())])?;
     let scheme = if url.tls { "grpc+tls" } else { "grpc" };

@@ -29,11 +29,22 @@ const ENVELOPE: usize = 64 << 10;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+static RUNTIME_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the transport runtime's threads (before its first use): a stage told to use
+/// `--threads N` keeps its transport inside the same budget.
+pub fn set_runtime_threads(n: usize) {
+    RUNTIME_THREADS.store(n.max(1), std::sync::atomic::Ordering::SeqCst);
+}
+
 /// The process's transport runtime.
 pub fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
+        let threads = match RUNTIME_THREADS.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4)),
+            n => n,
+        };
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("flight")

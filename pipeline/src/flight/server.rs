@@ -116,6 +116,8 @@ pub struct StreamConfig {
     pub consumers: Vec<String>,
     /// The most bytes of batches held at once.
     pub window_bytes: usize,
+    /// The position of the first batch written (a resumed producer's).
+    pub first_position: u64,
 }
 
 struct HubState {
@@ -332,6 +334,13 @@ impl Hub {
                     )));
                 }
                 if self.cancel.load(Ordering::SeqCst) {
+                    // A failed source is what consumers need to hear, also at shutdown.
+                    if let Some(Err(m)) = &st.end {
+                        return Err(Status::aborted(format!(
+                            "stream '{}': its source failed: {m}",
+                            self.cfg.name
+                        )));
+                    }
                     return Err(Status::unavailable("the server is shutting down"));
                 }
                 let q = self.next_needed(c, st.cursor[c].max(st.start));
@@ -590,16 +599,17 @@ pub fn serve(
         .into_iter()
         .map(|(s, schema)| {
             let n = s.consumers.len();
+            let first = s.first_position;
             Arc::new(Hub {
                 schema,
                 st: Mutex::new(HubState {
-                    start: 0,
+                    start: first,
                     window: VecDeque::new(),
                     bytes: 0,
                     peak_bytes: 0,
                     rows: 0,
                     end: None,
-                    cursor: vec![0; n],
+                    cursor: vec![first; n],
                     generation: vec![0; n],
                     connected: vec![false; n],
                     done: vec![false; n],

@@ -1,5 +1,7 @@
-//! Shared set-up of the process tests: start `pipeline` processes (killed when dropped,
-//! also when a test fails), read the address a server bound, wait with deadlines.
+//! Shared set-up of the process tests: start processes (killed when dropped, also when a
+//! test fails), read the address a server bound, wait with deadlines. Used by the
+//! `pipeline` crate's tests (its own binary) and by the end-to-end tests in `tests/`
+//! (every stage binary, found beside the test executable).
 #![allow(dead_code)]
 
 use arrow_array::RecordBatch;
@@ -10,7 +12,26 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_pipeline");
+/// The `pipeline` binary: cargo's for this crate's tests, else the workspace's.
+pub fn bin() -> std::path::PathBuf {
+    option_env!("CARGO_BIN_EXE_pipeline")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_bin("pipeline"))
+}
+
+/// A workspace binary: in the target directory above the test executable
+/// (`target/debug/deps/TEST` → `target/debug/NAME`), built by `cargo test --workspace`.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the stage binaries first (cargo test --workspace builds them)",
+        p.display()
+    );
+    p
+}
 /// Deadline for anything a test waits on.
 pub const LIMIT: Duration = Duration::from_secs(120);
 
@@ -29,18 +50,27 @@ impl Drop for Proc {
 }
 
 pub fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
+    cmd_of(&bin(), args)
+}
+
+pub fn cmd_of(bin: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
     c.args(args).env("RUST_LOG", "warn");
     c
 }
 
 /// Starts `pipeline ARGS` with stdout read line by line on a thread.
 pub fn spawn(args: &[&str]) -> Proc {
-    let mut child = cmd(args)
+    spawn_of(&bin(), args)
+}
+
+/// Starts `BIN ARGS` with stdout read line by line on a thread.
+pub fn spawn_of(bin: &Path, args: &[&str]) -> Proc {
+    let mut child = cmd_of(bin, args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start pipeline");
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
     let out = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -50,9 +80,12 @@ pub fn spawn(args: &[&str]) -> Proc {
             }
         }
     });
+    let name = bin
+        .file_name()
+        .map_or(String::new(), |n| n.to_string_lossy().into_owned());
     Proc {
         child,
-        what: args.join(" "),
+        what: format!("{name} {}", args.join(" ")),
         stdout: Some(rx),
     }
 }
@@ -120,7 +153,12 @@ impl Proc {
 
 /// Runs `pipeline ARGS` to the end within [`LIMIT`].
 pub fn run(args: &[&str]) -> Output {
-    let mut p = spawn(args);
+    run_of(&bin(), args)
+}
+
+/// Runs `BIN ARGS` to the end within [`LIMIT`].
+pub fn run_of(bin: &Path, args: &[&str]) -> Output {
+    let mut p = spawn_of(bin, args);
     let deadline = Instant::now() + LIMIT;
     loop {
         if p.child.try_wait().unwrap().is_some() {

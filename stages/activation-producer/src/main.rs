@@ -1,4 +1,5 @@
-//! `activation-producer`: the language-model stage. `dump` writes TransformerLens hook
+//! `activation-producer`: the language-model stage. `run` streams activations,
+//! `dump` writes TransformerLens hook
 //! activations of an HF checkpoint, `eval` runs SAELens's evals of an SAE spliced into
 //! the model, `bench` times the forward pass.
 
@@ -21,6 +22,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Stream activations: tokens in, one `activations` record batch per LM batch out
+    /// (one column per hook, plus seq, pos, token_id), served over Flight (--listen)
+    /// and/or cached as shards (--output). A JSON summary goes to stdout at the end.
+    Run {
+        #[command(flatten)]
+        args: Box<activation_producer::run::RunArgs>,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Run the model over a token file and write the activations of some hooks.
     ///
     /// One tensor per hook, named by the hook: `[n_seq * positions, d]` for
@@ -126,6 +137,14 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let summary = match cli.command {
+        Command::Run { args, threads } => {
+            set_threads(threads)?;
+            if let Some(t) = threads {
+                pipeline::flight::set_runtime_threads(t);
+            }
+            pipeline::sys::tune_allocator();
+            activation_producer::run::run(&args)?
+        }
         Command::Dump {
             model,
             tokens,

@@ -3,6 +3,7 @@
 //! (any SAELens directory) to activations in a file.
 
 use clap::{Parser, Subcommand};
+use sae_trainer::train::Input;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -25,26 +26,43 @@ enum Command {
     /// (SAELens's metric names), the resolved `config.yaml`, and `checkpoints/` (every
     /// `n_checkpoints`, and on Ctrl-C / SIGTERM). A JSON summary goes to stdout.
     Train {
-        /// The training config (YAML, SAELens field names; see examples/).
-        #[arg(long)]
-        config: PathBuf,
+        /// The training config (YAML, SAELens field names; see examples/). Repeat it to
+        /// train several SAEs in this process on one read of the data, each with its
+        /// own --output.
+        #[arg(long, required = true)]
+        config: Vec<PathBuf>,
         /// Activations: a `.safetensors` file (`FILE:TENSOR` to pick one tensor), an
-        /// Arrow IPC or Parquet file with a column named by `hook_name`, or a directory
-        /// of such shards read in name order.
+        /// Arrow IPC or Parquet file with a column named by `hook_name`, a directory
+        /// of such files, or an activation cache (shards); mixed here as the config's
+        /// `shuffle`, `n_batches_in_buffer` and `seed` say.
+        #[arg(
+            long,
+            conflicts_with = "upstream",
+            required_unless_present = "upstream"
+        )]
+        activations: Option<String>,
+        /// A `batches` stream (a shuffler's `grpc://HOST:PORT/batches`, or its shards):
+        /// each record batch is one step; the config's `hook_name` picks the column.
         #[arg(long)]
-        activations: String,
-        /// Run directory.
+        upstream: Option<String>,
+        /// The consumer name to read --upstream as (the shuffler's --consumers).
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Run directory (one per --config).
         #[arg(long, default_value = "out/run")]
-        output: PathBuf,
-        /// Continue from a checkpoint directory (bit-identical to an uninterrupted run).
+        output: Vec<PathBuf>,
+        /// Continue from a checkpoint directory (bit-identical to an uninterrupted run);
+        /// one per --config.
         #[arg(long)]
-        resume: Option<PathBuf>,
+        resume: Vec<PathBuf>,
         /// Replace the outputs of an earlier run in the output directory.
         #[arg(long)]
         overwrite: bool,
         /// CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        #[command(flatten)]
+        client: pipeline::cli::ClientArgs,
     },
     /// Time training steps on random N(0, 1) data (`d_in` must be in the config);
     /// prints one JSON line with tokens/s, the median step time and peak memory.
@@ -116,20 +134,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train {
             config,
             activations,
+            upstream,
+            consumer,
             output,
             resume,
             overwrite,
             threads,
+            client,
         } => {
             set_threads(threads)?;
-            let summary = sae_trainer::train::run(&sae_trainer::train::TrainArgs {
-                config,
-                activations,
-                output,
+            pipeline::sys::tune_allocator();
+            let input = match (activations, upstream) {
+                (Some(a), _) => Input::Files(a),
+                (None, Some(u)) => Input::Upstream {
+                    spec: u,
+                    client: client.config()?,
+                    consumer,
+                },
+                (None, None) => anyhow::bail!("give --activations or --upstream"),
+            };
+            let summaries = sae_trainer::train::run(&sae_trainer::train::TrainArgs {
+                configs: config,
+                outputs: output,
                 resume,
+                input,
                 overwrite,
             })?;
-            println!("{}", serde_json::to_string(&summary)?);
+            for s in summaries {
+                println!("{}", serde_json::to_string(&s)?);
+            }
         }
         Command::Bench {
             config,

@@ -1,7 +1,14 @@
-//! `sae-trainer train`: trains one SAE on activation files, SAELens's way, and writes a
-//! run directory: the inference SAE (SAELens format), `sparsity.safetensors`, the
-//! metrics (`metrics.jsonl`), the resolved config (`config.yaml`) and checkpoints.
-
+//! `sae-trainer train`: trains SAEs SAELens's way on activations read from files or from
+//! an upstream `batches` stream, several SAEs in one process all fed from one read of the
+//! stream, and writes a run directory per SAE: the inference SAE (SAELens format),
+//! `sparsity.safetensors`, the metrics (`metrics.jsonl`), the resolved config
+//! (`config.yaml`) and checkpoints.
+//!
+//! Every SAE sees the stream the same way, from a file or a stream: the first
+//! `n_batches_for_norm_estimate` batches estimate the norm scaling factor (not trained
+//! on); `b_dec` is initialised from the next `n_batches_in_buffer` batches, which are
+//! then the first trained on. So the stream is read once and training from a file equals
+//! training from the same batches served by the shuffler.
 use crate::trainer::Trainer;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,11 +29,11 @@ pub const METRICS: &str = "metrics.jsonl";
 pub const CONFIG: &str = "config.yaml";
 
 pub struct TrainArgs {
-    pub config: PathBuf,
-    /// A file, `FILE:TENSOR`, or a directory of shards.
-    pub activations: String,
-    pub output: PathBuf,
-    pub resume: Option<PathBuf>,
+    /// One config per SAE, with its run directory (and checkpoint to resume from).
+    pub configs: Vec<PathBuf>,
+    pub outputs: Vec<PathBuf>,
+    pub resume: Vec<PathBuf>,
+    pub input: Input,
     pub overwrite: bool,
 }
 
@@ -60,183 +67,655 @@ pub fn set_matmul(device: &Device, mode: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs a training to the end; returns the summary it prints.
-pub fn run(a: &TrainArgs) -> Result<Value> {
-    let cfg = read_config(&a.config)?;
-    let device = Device::parse(&cfg.device)?;
-    if cfg.autocast {
-        set_matmul(&device, "bf16").context("autocast: true")?;
-    }
-    // Everything is checked before the output directory is touched.
-    check_output(&a.output, a.overwrite, a.resume.is_some())?;
+/// Where the batches come from.
+pub enum Input {
+    /// Activation files (mixed here by the config's buffer settings).
+    Files(String),
+    /// A `batches` stream (a shuffler's, or its shards): one record batch per step.
+    Upstream {
+        spec: String,
+        client: pipeline::flight::ClientConfig,
+        consumer: Option<String>,
+    },
+}
 
-    let source = pipeline::open(&a.activations, cfg.hook_name.as_deref())?;
-    let d_in = source.d_in();
-    let mut batches = Batches::new(
-        source,
-        cfg.train_batch_size_tokens,
-        cfg.shuffle,
-        cfg.n_batches_in_buffer,
-        cfg.seed,
-    );
-
-    let (mut trainer, yaml) = match &a.resume {
-        Some(ckpt) => {
-            let (t, yaml) = Trainer::load_checkpoint(ckpt, &device)?;
-            if t.sae.cfg().d_in != d_in {
-                bail!(
-                    "the checkpoint's SAE has d_in = {}, the activations have {d_in}",
-                    t.sae.cfg().d_in
-                );
-            }
-            batches.skip(t.counters.batches_consumed)?;
-            (t, yaml)
-        }
-        None => start(&cfg, &a.activations, d_in, &device, &mut batches)?,
-    };
-    if a.overwrite && a.resume.is_none() {
-        clear_output(&a.output)?;
+/// Runs every training to the end; returns one summary per SAE.
+pub fn run(a: &TrainArgs) -> Result<Vec<Value>> {
+    if a.configs.is_empty() {
+        bail!("give at least one --config");
     }
-    std::fs::create_dir_all(&a.output)
-        .with_context(|| format!("cannot create {}", a.output.display()))?;
-    io::atomic_write(&a.output.join(CONFIG), yaml.as_bytes())?;
-    let cfg = trainer.cfg.clone();
-    let steps = cfg.total_training_steps();
-    let batch = cfg.train_batch_size_tokens;
-    let ckpt_root = checkpoint_root(&a.output, &cfg);
-    let mut metrics = open_metrics(&a.output, trainer.counters.n_training_steps)?;
+    if a.outputs.len() != a.configs.len() {
+        bail!(
+            "{} --config but {} --output: give one run directory per config",
+            a.configs.len(),
+            a.outputs.len()
+        );
+    }
+    if !a.resume.is_empty() && a.resume.len() != a.configs.len() {
+        bail!(
+            "{} --config but {} --resume: resume every run or none",
+            a.configs.len(),
+            a.resume.len()
+        );
+    }
+    let mut dirs = a.outputs.clone();
+    dirs.sort();
+    dirs.dedup();
+    if dirs.len() != a.outputs.len() {
+        bail!("two runs would write the same --output directory");
+    }
+    let cfgs: Vec<TrainConfig> = a
+        .configs
+        .iter()
+        .map(|p| read_config(p))
+        .collect::<Result<_>>()?;
+    // Everything is checked before any output directory is touched.
+    for (out, _) in a.outputs.iter().zip(&cfgs) {
+        check_output(out, a.overwrite, !a.resume.is_empty())?;
+    }
+    let mut feed = Feed::open(&a.input, &cfgs, &a.configs)?;
+    let mut runs = Vec::new();
+    for (i, cfg) in cfgs.iter().enumerate() {
+        let d_in = feed.d_in(i);
+        let run = Run::new(
+            cfg,
+            &a.configs[i],
+            d_in,
+            a.outputs[i].clone(),
+            a.resume.get(i),
+            a.overwrite,
+        )?;
+        runs.push(run);
+    }
     let interrupted = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&interrupted))?;
     }
-    // SAELens: checkpoints after passing each of n evenly spaced token counts.
-    let total_tokens = steps * batch as u64;
-    let mut thresholds: Vec<u64> = if cfg.n_checkpoints > 0 {
-        let every = total_tokens.div_ceil(cfg.n_checkpoints + 1).max(1);
-        (1..)
-            .map(|i| i * every)
-            .take_while(|&t| t < total_tokens)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    thresholds.retain(|&t| t >= trainer.counters.n_training_tokens);
-
-    let bar = ProgressBar::new(total_tokens);
+    let start = runs.iter().map(|r| r.consumed()).min().unwrap_or(0);
+    feed.seek(start)?;
+    let total: u64 = runs.iter().map(|r| r.total_tokens()).max().unwrap_or(0);
+    let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} tokens {per_sec} eta {eta}")
             .expect("template"),
     );
-    bar.set_position(trainer.counters.n_training_tokens);
-    let started = Instant::now();
-    let first_step = trainer.counters.n_training_steps;
-    let mut last = None;
-    while trainer.counters.n_training_steps < steps {
-        let step = trainer.counters.n_training_steps;
-        let Some(rows) = batches.next_batch()? else {
-            bail!(
-                "the activations ran out after {} batches of {batch} tokens; this config needs {} batches{}",
-                batches.served,
-                steps + n_norm_batches(&cfg, trainer.sae.cfg()),
-                last_checkpoint_hint(&ckpt_root)
-            );
+    let mut position = start;
+    while runs.iter().any(|r| !r.done) {
+        let Some(batch) = feed.next(position)? else {
+            for r in runs.iter_mut().filter(|r| !r.done) {
+                r.end_of_stream()?;
+                r.ran_out(position)?;
+            }
+            break;
         };
-        trainer.counters.batches_consumed += 1;
-        check_finite(&rows, d_in, step, &ckpt_root)?;
-        let mut x = Tensor::from_vec(&device, &[batch, d_in], rows)?;
-        if let Some(f) = trainer.counters.scaling_factor {
+        for (i, r) in runs.iter_mut().enumerate() {
+            if !r.done && position >= r.consumed() {
+                r.feed(feed.rows(&batch, i)?)?;
+            }
+        }
+        position += 1;
+        let r0 = &runs[0];
+        bar.set_position(r0.tokens());
+        if let Some(l) = r0.last_loss {
+            if r0.steps_done().is_multiple_of(100) {
+                bar.set_message(format!("loss {l:.4}"));
+            }
+        }
+        if interrupted.load(Ordering::Relaxed) {
+            let mut saved = Vec::new();
+            for r in runs.iter_mut().filter(|r| !r.done) {
+                saved.push(r.interrupt()?);
+            }
+            bail!("interrupted at {} (resume with --resume)", saved.join("; "));
+        }
+    }
+    bar.finish_and_clear();
+    // An upstream is read to its end, so its server knows this consumer is done.
+    let extra = feed.drain()?;
+    if extra > 0 {
+        eprintln!("note: the upstream had {extra} batches more than these runs needed; the shuffler's --max-batches can stop it at {position}");
+    }
+    runs.into_iter().map(|r| r.summary()).collect()
+}
+
+/// The batches of a position, as the runs need them.
+enum Feed {
+    Files(Box<Batches>),
+    Stream {
+        src: Box<dyn pipeline::BatchSource>,
+        /// Per run: the column index and width.
+        cols: Vec<(usize, usize)>,
+        batch: usize,
+    },
+}
+
+/// What one position delivers.
+enum Delivered {
+    Rows(Vec<f32>),
+    Batch(pipeline::RecordBatch),
+}
+
+impl Feed {
+    fn open(input: &Input, cfgs: &[TrainConfig], paths: &[PathBuf]) -> Result<Feed> {
+        match input {
+            Input::Files(spec) => {
+                // One mixing buffer feeds every run: what shapes the stream must agree.
+                let c0 = &cfgs[0];
+                for (c, p) in cfgs.iter().zip(paths).skip(1) {
+                    for (field, same) in [
+                        ("hook_name", c.hook_name == c0.hook_name),
+                        (
+                            "train_batch_size_tokens",
+                            c.train_batch_size_tokens == c0.train_batch_size_tokens,
+                        ),
+                        ("shuffle", c.shuffle == c0.shuffle),
+                        (
+                            "n_batches_in_buffer",
+                            c.n_batches_in_buffer == c0.n_batches_in_buffer,
+                        ),
+                        ("seed", c.seed == c0.seed),
+                    ] {
+                        if !same {
+                            bail!(
+                                "{} and {}: '{field}' differs; runs reading --activations share one stream, so they must agree (read a shuffler's stream with --upstream to vary it)",
+                                paths[0].display(),
+                                p.display()
+                            );
+                        }
+                    }
+                }
+                let source = pipeline::open(spec, c0.hook_name.as_deref())?;
+                Ok(Feed::Files(Box::new(Batches::new(
+                    source,
+                    c0.train_batch_size_tokens,
+                    c0.shuffle,
+                    c0.n_batches_in_buffer,
+                    c0.seed,
+                ))))
+            }
+            Input::Upstream {
+                spec,
+                client,
+                consumer,
+            } => {
+                let c0 = &cfgs[0];
+                if let Some((c, p)) = cfgs
+                    .iter()
+                    .zip(paths)
+                    .find(|(c, _)| c.train_batch_size_tokens != c0.train_batch_size_tokens)
+                {
+                    bail!(
+                        "{} has train_batch_size_tokens {} and {} has {}: runs on one stream step on the same batches",
+                        paths[0].display(),
+                        c0.train_batch_size_tokens,
+                        p.display(),
+                        c.train_batch_size_tokens
+                    );
+                }
+                let mut names: Vec<String> = Vec::new();
+                for (c, p) in cfgs.iter().zip(paths) {
+                    let Some(h) = &c.hook_name else {
+                        bail!(
+                            "{}: hook_name is needed to read a stream (it names the column)",
+                            p.display()
+                        );
+                    };
+                    if !names.contains(h) {
+                        names.push(h.clone());
+                    }
+                }
+                let opts = pipeline::OpenOptions {
+                    position: 0,
+                    columns: None,
+                    consumer: consumer.clone(),
+                    column_hint: None,
+                    client: client.clone(),
+                };
+                // Opened at position 0 to read the schema; `seek` reopens if resuming.
+                let src = pipeline::open_source(spec, &opts)?;
+                let schema = src.schema();
+                let mut cols = Vec::new();
+                for (c, p) in cfgs.iter().zip(paths) {
+                    let h = c.hook_name.as_deref().expect("checked");
+                    cols.push(
+                        pipeline::source::activation_column(spec, &schema, h)
+                            .with_context(|| format!("{} (hook_name {h})", p.display()))?,
+                    );
+                }
+                Ok(Feed::Stream {
+                    src,
+                    cols,
+                    batch: c0.train_batch_size_tokens,
+                })
+            }
+        }
+    }
+
+    /// Reads a stream to its end; returns the batches left unused.
+    fn drain(&mut self) -> Result<u64> {
+        let mut n = 0;
+        if let Feed::Stream { src, .. } = self {
+            while src.next_batch()?.is_some() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn d_in(&self, run: usize) -> usize {
+        match self {
+            Feed::Files(b) => b.d_in(),
+            Feed::Stream { cols, .. } => cols[run].1,
+        }
+    }
+
+    /// Starts at batch `position`.
+    fn seek(&mut self, position: u64) -> Result<()> {
+        match self {
+            Feed::Files(b) => b.skip(position)?,
+            Feed::Stream { src, .. } => {
+                while src.position() < position {
+                    if src.next_batch()?.is_none() {
+                        bail!(
+                            "{} ended at batch {} before the resume position {position}",
+                            src.describe(),
+                            src.position()
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn next(&mut self, position: u64) -> Result<Option<Delivered>> {
+        match self {
+            Feed::Files(b) => Ok(b.next_batch()?.map(Delivered::Rows)),
+            Feed::Stream { src, batch, .. } => {
+                let Some(b) = src.next_batch()? else {
+                    return Ok(None);
+                };
+                if b.num_rows() != *batch {
+                    bail!(
+                        "{}: batch {position} has {} rows; train_batch_size_tokens is {batch} (the shuffler's batches must be the trainer's)",
+                        src.describe(),
+                        b.num_rows()
+                    );
+                }
+                Ok(Some(Delivered::Batch(b)))
+            }
+        }
+    }
+
+    fn rows(&self, d: &Delivered, run: usize) -> Result<Vec<f32>> {
+        match (self, d) {
+            (_, Delivered::Rows(r)) => Ok(r.clone()),
+            (Feed::Stream { src, cols, .. }, Delivered::Batch(b)) => {
+                let (i, w) = cols[run];
+                Ok(pipeline::source::batch_rows(&src.describe(), b, i, w)?)
+            }
+            (Feed::Files(_), Delivered::Batch(_)) => unreachable!("files deliver rows"),
+        }
+    }
+}
+
+/// What a run is doing with the batches it is given.
+enum Phase {
+    /// Estimating the norm scaling factor: sum of row norms, rows, batches left.
+    Norm(f64, usize, usize),
+    /// Holding the first buffer's batches to initialise `b_dec` from.
+    Peek(Vec<Vec<f32>>),
+    Train,
+}
+
+/// One SAE being trained.
+struct Run {
+    out: PathBuf,
+    trainer: Trainer,
+    yaml: String,
+    phase: Phase,
+    device: Device,
+    d_in: usize,
+    steps: u64,
+    ckpt_root: PathBuf,
+    metrics: std::io::BufWriter<std::fs::File>,
+    thresholds: Vec<u64>,
+    first_step: u64,
+    started: Instant,
+    last_loss: Option<f64>,
+    done: bool,
+}
+
+impl Run {
+    fn new(
+        cfg: &TrainConfig,
+        path: &Path,
+        d_in: usize,
+        out: PathBuf,
+        resume: Option<&PathBuf>,
+        overwrite: bool,
+    ) -> Result<Run> {
+        let device = Device::parse(&cfg.device)?;
+        if cfg.autocast {
+            set_matmul(&device, "bf16").context("autocast: true")?;
+        }
+        if let Some(d) = cfg.d_in {
+            if d != d_in {
+                bail!(
+                    "{}: d_in is {d}, but the activations ({}) have {d_in}",
+                    path.display(),
+                    cfg.hook_name.as_deref().unwrap_or("the activation column")
+                );
+            }
+        }
+        let (trainer, yaml, phase) = match resume {
+            Some(ckpt) => {
+                let (t, yaml) = Trainer::load_checkpoint(ckpt, &device)?;
+                if t.sae.cfg().d_in != d_in {
+                    bail!(
+                        "the checkpoint's SAE has d_in = {}, the activations have {d_in}",
+                        t.sae.cfg().d_in
+                    );
+                }
+                (t, yaml, Phase::Train)
+            }
+            None => {
+                let (t, yaml) = start(cfg, d_in, &device)?;
+                let phase = if t.sae.cfg().normalize_activations
+                    == NormalizeActivations::ExpectedAverageOnlyIn
+                {
+                    Phase::Norm(0.0, 0, cfg.n_batches_for_norm_estimate)
+                } else {
+                    after_norm(&t)?
+                };
+                (t, yaml, phase)
+            }
+        };
+        if overwrite && resume.is_none() {
+            clear_output(&out)?;
+        }
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        io::atomic_write(&out.join(CONFIG), yaml.as_bytes())?;
+        let cfg = trainer.cfg.clone();
+        let steps = cfg.total_training_steps();
+        let ckpt_root = checkpoint_root(&out, &cfg);
+        let metrics = open_metrics(&out, trainer.counters.n_training_steps)?;
+        // SAELens: checkpoints after passing each of n evenly spaced token counts.
+        let total_tokens = steps * cfg.train_batch_size_tokens as u64;
+        let mut thresholds: Vec<u64> = if cfg.n_checkpoints > 0 {
+            let every = total_tokens.div_ceil(cfg.n_checkpoints + 1).max(1);
+            (1..)
+                .map(|i| i * every)
+                .take_while(|&t| t < total_tokens)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        thresholds.retain(|&t| t >= trainer.counters.n_training_tokens);
+        let first_step = trainer.counters.n_training_steps;
+        let mut r = Run {
+            out,
+            trainer,
+            yaml,
+            phase,
+            device,
+            d_in,
+            steps,
+            ckpt_root,
+            metrics,
+            thresholds,
+            first_step,
+            started: Instant::now(),
+            last_loss: None,
+            done: false,
+        };
+        if r.trainer.counters.n_training_steps >= r.steps {
+            r.finish()?;
+        }
+        Ok(r)
+    }
+
+    /// Stream batches this run is done with (norm estimate and trained).
+    fn consumed(&self) -> u64 {
+        self.trainer.counters.batches_consumed
+    }
+
+    fn tokens(&self) -> u64 {
+        self.trainer.counters.n_training_tokens
+    }
+
+    fn steps_done(&self) -> u64 {
+        self.trainer.counters.n_training_steps
+    }
+
+    fn total_tokens(&self) -> u64 {
+        self.steps * self.trainer.cfg.train_batch_size_tokens as u64
+    }
+
+    /// Takes the stream's next batch.
+    fn feed(&mut self, rows: Vec<f32>) -> Result<()> {
+        match &mut self.phase {
+            Phase::Norm(sum, count, left) => {
+                check_finite(&rows, self.d_in, 0, Path::new(""))?;
+                for r in rows.chunks(self.d_in) {
+                    *sum += r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                }
+                *count += rows.len() / self.d_in;
+                *left -= 1;
+                self.trainer.counters.batches_consumed += 1;
+                if *left == 0 {
+                    self.end_norm()?;
+                }
+                Ok(())
+            }
+            Phase::Peek(held) => {
+                held.push(rows);
+                if held.len() >= self.trainer.cfg.n_batches_in_buffer.max(1) {
+                    self.end_peek()?;
+                }
+                Ok(())
+            }
+            Phase::Train => self.step(rows),
+        }
+    }
+
+    fn end_norm(&mut self) -> Result<()> {
+        let Phase::Norm(sum, count, _) = self.phase else {
+            return Ok(());
+        };
+        if count == 0 {
+            bail!("no activations to estimate the norm scaling factor from");
+        }
+        self.trainer.counters.scaling_factor =
+            Some(sae::norm_scaling_factor(self.d_in, sum / count as f64));
+        self.phase = after_norm(&self.trainer)?;
+        Ok(())
+    }
+
+    /// The stream has ended: a run still estimating or holding batches uses what it has.
+    fn end_of_stream(&mut self) -> Result<()> {
+        if matches!(self.phase, Phase::Norm(..)) {
+            self.end_norm()?;
+        }
+        if matches!(self.phase, Phase::Peek(_)) {
+            self.end_peek()?;
+        }
+        Ok(())
+    }
+
+    /// Initialises `b_dec` from the batches held, then trains on them.
+    fn end_peek(&mut self) -> Result<()> {
+        let Phase::Peek(held) = std::mem::replace(&mut self.phase, Phase::Train) else {
+            return Ok(());
+        };
+        let method = self.trainer.cfg.b_dec_init()?;
+        {
+            let rows: Vec<f32> = held.concat();
+            if rows.is_empty() {
+                bail!("no activations to initialise b_dec from");
+            }
+            check_finite(&rows, self.d_in, 0, Path::new(""))?;
+            let n = rows.len() / self.d_in;
+            let mut x = Tensor::from_vec(&self.device, &[n, self.d_in], rows)?;
+            if let Some(f) = self.trainer.counters.scaling_factor {
+                ops::scale(&mut x, f as f32);
+            }
+            self.trainer.sae.initialize_b_dec(method, &x)?;
+        }
+        for rows in held {
+            if self.done {
+                break;
+            }
+            self.step(rows)?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, rows: Vec<f32>) -> Result<()> {
+        let step = self.trainer.counters.n_training_steps;
+        let cfg = &self.trainer.cfg;
+        let batch = cfg.train_batch_size_tokens;
+        let log_frequency = cfg.log_frequency;
+        self.trainer.counters.batches_consumed += 1;
+        check_finite(&rows, self.d_in, step, &self.ckpt_root)?;
+        let mut x = Tensor::from_vec(&self.device, &[batch, self.d_in], rows)?;
+        if let Some(f) = self.trainer.counters.scaling_factor {
             ops::scale(&mut x, f as f32);
         }
-        let rec = trainer.step(&x)?;
+        let rec = self.trainer.step(&x)?;
         if !rec.out.loss.is_finite() {
             bail!(
-                "the loss is {} at step {step}; stopping{}",
+                "{}: the loss is {} at step {step}; stopping{}",
+                self.out.display(),
                 rec.out.loss,
-                last_checkpoint_hint(&ckpt_root)
+                last_checkpoint_hint(&self.ckpt_root)
             );
         }
         if let Some(log) = &rec.sparsity_log {
             let mut line = log.clone();
             line.insert("step".into(), json!(step));
-            writeln!(metrics, "{}", Value::Object(line))?;
+            writeln!(self.metrics, "{}", Value::Object(line))?;
         }
-        if (step + 1).is_multiple_of(cfg.log_frequency) || step + 1 == steps {
-            writeln!(metrics, "{}", Value::Object(trainer.log_line(&x, &rec)))?;
-            metrics.flush()?;
+        if (step + 1).is_multiple_of(log_frequency) || step + 1 == self.steps {
+            writeln!(
+                self.metrics,
+                "{}",
+                Value::Object(self.trainer.log_line(&x, &rec))
+            )?;
+            self.metrics.flush()?;
         }
-        if thresholds
+        if self
+            .thresholds
             .first()
-            .is_some_and(|&t| trainer.counters.n_training_tokens > t)
+            .is_some_and(|&t| self.trainer.counters.n_training_tokens > t)
         {
-            thresholds.remove(0);
+            self.thresholds.remove(0);
             // every metrics line up to a checkpoint is on disk before the checkpoint
-            metrics.flush()?;
-            trainer.save_checkpoint(
-                &ckpt_root.join(trainer.counters.n_training_tokens.to_string()),
-                &yaml,
+            self.metrics.flush()?;
+            self.trainer.save_checkpoint(
+                &self
+                    .ckpt_root
+                    .join(self.trainer.counters.n_training_tokens.to_string()),
+                &self.yaml,
             )?;
         }
-        bar.set_position(trainer.counters.n_training_tokens);
-        if step % 100 == 0 {
-            bar.set_message(format!("loss {:.4}", rec.out.loss));
+        self.last_loss = Some(rec.out.loss);
+        if self.trainer.counters.n_training_steps >= self.steps {
+            self.finish()?;
         }
-        last = Some(rec.out);
-        if interrupted.load(Ordering::Relaxed) {
-            let dir = ckpt_root.join(trainer.counters.n_training_tokens.to_string());
-            metrics.flush()?;
-            trainer.save_checkpoint(&dir, &yaml)?;
-            bail!(
-                "interrupted at step {}; checkpoint saved to {} (resume with --resume)",
-                step + 1,
-                dir.display()
-            );
-        }
+        Ok(())
     }
-    bar.finish_and_clear();
-    metrics.flush()?;
-    let secs = started.elapsed().as_secs_f64();
 
-    // The last density window is logged even if incomplete.
-    writeln!(metrics, "{}", {
-        let mut line = trainer.sparsity_log();
-        line.insert("step".into(), json!(steps));
-        Value::Object(line)
-    })?;
-    if let Some(f) = trainer.counters.scaling_factor {
-        trainer.sae.fold_activation_norm_scaling_factor(f);
-    }
-    for f in [SAE_CFG, SAE_WEIGHTS, SPARSITY] {
-        let p = a.output.join(f);
-        if p.exists() {
-            std::fs::remove_file(&p)?;
+    /// The stream ended at `position`: a run still short of its steps is an error.
+    fn ran_out(&self, position: u64) -> Result<()> {
+        if self.done {
+            return Ok(());
         }
+        let cfg = &self.trainer.cfg;
+        bail!(
+            "{}: the activations ran out after {position} batches of {} tokens; this config needs {} batches{}",
+            self.out.display(),
+            cfg.train_batch_size_tokens,
+            self.steps + n_norm_batches(cfg, self.trainer.sae.cfg()),
+            last_checkpoint_hint(&self.ckpt_root)
+        )
     }
-    io::save_inference(&trainer.sae, &a.output, false)?;
-    io::save_sparsity(&a.output, &trainer.log_feature_sparsity(), false)?;
-    let trained = steps - first_step;
-    Ok(json!({
-        "output": a.output.display().to_string(),
-        "run_name": cfg.run_name_for(trainer.sae.cfg().d_sae),
-        "architecture": trainer.sae.cfg().architecture.as_str(),
-        "d_in": d_in,
-        "d_sae": trainer.sae.cfg().d_sae,
-        "steps": steps,
-        "tokens": trainer.counters.n_training_tokens,
-        "final_loss": last.as_ref().map(|o| o.loss),
-        "seconds": secs,
-        "tokens_per_second": trained as f64 * batch as f64 / secs,
-    }))
+
+    /// Saves a checkpoint at an interrupt; says where.
+    fn interrupt(&mut self) -> Result<String> {
+        let dir = self
+            .ckpt_root
+            .join(self.trainer.counters.n_training_tokens.to_string());
+        self.metrics.flush()?;
+        self.trainer.save_checkpoint(&dir, &self.yaml)?;
+        Ok(format!(
+            "step {}; checkpoint saved to {}",
+            self.trainer.counters.n_training_steps,
+            dir.display()
+        ))
+    }
+
+    /// Writes the trained SAE and its sparsity.
+    fn finish(&mut self) -> Result<()> {
+        self.done = true;
+        self.metrics.flush()?;
+        // The last density window is logged even if incomplete.
+        writeln!(self.metrics, "{}", {
+            let mut line = self.trainer.sparsity_log();
+            line.insert("step".into(), json!(self.steps));
+            Value::Object(line)
+        })?;
+        self.metrics.flush()?;
+        if let Some(f) = self.trainer.counters.scaling_factor {
+            self.trainer.sae.fold_activation_norm_scaling_factor(f);
+        }
+        for f in [SAE_CFG, SAE_WEIGHTS, SPARSITY] {
+            let p = self.out.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p)?;
+            }
+        }
+        io::save_inference(&self.trainer.sae, &self.out, false)?;
+        io::save_sparsity(&self.out, &self.trainer.log_feature_sparsity(), false)?;
+        Ok(())
+    }
+
+    fn summary(self) -> Result<Value> {
+        let secs = self.started.elapsed().as_secs_f64();
+        let cfg = &self.trainer.cfg;
+        let trained = self.steps - self.first_step;
+        Ok(json!({
+            "output": self.out.display().to_string(),
+            "run_name": cfg.run_name_for(self.trainer.sae.cfg().d_sae),
+            "architecture": self.trainer.sae.cfg().architecture.as_str(),
+            "d_in": self.d_in,
+            "d_sae": self.trainer.sae.cfg().d_sae,
+            "steps": self.steps,
+            "tokens": self.trainer.counters.n_training_tokens,
+            "final_loss": self.last_loss,
+            "seconds": secs,
+            "tokens_per_second": trained as f64 * cfg.train_batch_size_tokens as f64 / secs,
+        }))
+    }
 }
 
-/// A fresh trainer: the SAE (new or `from_pretrained_path`), the norm-scaling
-/// estimate and the `b_dec` initialisation. Returns it with the resolved config.
-fn start(
-    cfg: &TrainConfig,
-    activations: &str,
-    d_in: usize,
-    device: &Device,
-    batches: &mut Batches,
-) -> Result<(Trainer, String)> {
+/// What a fresh run does after the norm estimate: hold the first buffer if `b_dec` is
+/// initialised from data, else train.
+fn after_norm(t: &Trainer) -> Result<Phase> {
+    let method = t.cfg.b_dec_init()?;
+    Ok(
+        if t.cfg.from_pretrained_path.is_none() && method != BDecInitMethod::Zeros {
+            Phase::Peek(Vec::new())
+        } else {
+            Phase::Train
+        },
+    )
+}
+
+/// A fresh trainer: the SAE (new or `from_pretrained_path`). Returns it with the
+/// resolved config.
+fn start(cfg: &TrainConfig, d_in: usize, device: &Device) -> Result<(Trainer, String)> {
     let sae = match &cfg.from_pretrained_path {
         Some(p) => {
             let mut sae = io::load(Path::new(p), device)
@@ -264,55 +743,7 @@ fn start(
     resolved.d_sae = Some(sae.cfg().d_sae);
     resolved.expansion_factor = None;
     let yaml = resolved.to_yaml();
-    let mut t = Trainer::new(resolved, sae);
-    let batch = cfg.train_batch_size_tokens;
-    if t.sae.cfg().normalize_activations == NormalizeActivations::ExpectedAverageOnlyIn {
-        // SAELens estimates the mean norm on batches it then does not train on.
-        let (mut sum, mut count) = (0f64, 0usize);
-        for _ in 0..cfg.n_batches_for_norm_estimate {
-            let Some(rows) = batches.next_batch()? else {
-                break;
-            };
-            t.counters.batches_consumed += 1;
-            check_finite(&rows, d_in, 0, Path::new(""))?;
-            for r in rows.chunks(d_in) {
-                sum += r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-            }
-            count += rows.len() / d_in;
-        }
-        if count == 0 {
-            bail!("no activations to estimate the norm scaling factor from");
-        }
-        t.counters.scaling_factor = Some(sae::norm_scaling_factor(d_in, sum / count as f64));
-    }
-    let method = cfg.b_dec_init()?;
-    if cfg.from_pretrained_path.is_none() && method != BDecInitMethod::Zeros {
-        // From a separate read of the first buffer, so the training stream is untouched.
-        let mut first = Batches::new(
-            pipeline::open(activations, cfg.hook_name.as_deref())?,
-            batch,
-            false,
-            1,
-            0,
-        );
-        let mut rows = Vec::new();
-        for _ in 0..cfg.n_batches_in_buffer.max(1) {
-            match first.next_batch()? {
-                Some(b) => rows.extend(b),
-                None => break,
-            }
-        }
-        if rows.is_empty() {
-            bail!("no activations to initialise b_dec from");
-        }
-        let n = rows.len() / d_in;
-        let mut x = Tensor::from_vec(device, &[n, d_in], rows)?;
-        if let Some(f) = t.counters.scaling_factor {
-            ops::scale(&mut x, f as f32);
-        }
-        t.sae.initialize_b_dec(method, &x)?;
-    }
-    Ok((t, yaml))
+    Ok((Trainer::new(resolved, sae), yaml))
 }
 
 fn n_norm_batches(cfg: &TrainConfig, sae: &schemas::SaeConfig) -> u64 {

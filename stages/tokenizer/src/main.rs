@@ -23,10 +23,12 @@ enum Command {
     /// PretokenizeRunner): writes a Parquet dataset with an `input_ids` column and
     /// `sae_lens.json`, loadable by HF datasets and SAELens. Prints a JSON summary.
     Pretokenize(PretokenizeArgs),
-    /// Write the `tokens` stream (context_size windows, tokenization in the schema
-    /// metadata) to an Arrow IPC file. Reads text, or a pretokenized dataset, which is
-    /// checked against its sae_lens.json and sliced to context_size as SAELens does.
-    Stream(StreamArgs),
+    /// The `tokens` stream (context_size windows, tokenization in the schema metadata):
+    /// served over Flight (--listen), cached as shards (--output DIR), or written to
+    /// one Arrow IPC file (--output FILE.arrow). Reads text, or a pretokenized dataset,
+    /// which is checked against its sae_lens.json and sliced to context_size as SAELens
+    /// does.
+    Stream(Box<StreamArgs>),
     /// Train a byte-level BPE tokenizer on a dataset's text; writes an HF tokenizer
     /// directory (tokenizer.json + tokenizer_config.json).
     Train(TrainArgs),

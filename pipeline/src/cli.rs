@@ -1,0 +1,198 @@
+//! Flags every stage shares (clap), so reaching, serving and caching a stream are spelled
+//! the same in each binary: [`ClientArgs`] for upstreams, [`ServeArgs`] for the stream a
+//! stage serves, and the small helpers they need.
+
+use crate::flight::{read_token, ClientConfig, ServerConfig, DEFAULT_MAX_MESSAGE};
+use anyhow::{bail, Result};
+use schemas::streams::Mode;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to reach Flight servers.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ClientArgs {
+    /// CA certificate (PEM) to verify a `grpc+tls://` server with.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify in the server's certificate (default: the URL's host).
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+    /// File holding the shared token the servers require.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Keep retrying a refused connection this long (seconds).
+    #[arg(long, default_value_t = 30.0)]
+    pub connect_timeout: f64,
+    /// Largest Flight message (one record batch) accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE)]
+    pub max_message_bytes: usize,
+    /// After a broken connection, reconnect and continue from the last position.
+    #[arg(long)]
+    pub reconnect: bool,
+    /// Batches received ahead of the reader, at most this many bytes.
+    #[arg(long, value_parser = parse_bytes, default_value = "64MiB")]
+    pub queue_bytes: usize,
+}
+
+impl ClientArgs {
+    pub fn config(&self) -> Result<ClientConfig> {
+        if !(self.connect_timeout.is_finite() && self.connect_timeout >= 0.0) {
+            anyhow::bail!(
+                "--connect-timeout must be a number of seconds, not {}",
+                self.connect_timeout
+            );
+        }
+        Ok(ClientConfig {
+            tls_ca: self.tls_ca.clone(),
+            tls_domain: self.tls_domain.clone(),
+            token: self.token_file.as_deref().map(read_token).transpose()?,
+            connect_timeout: Duration::from_secs_f64(self.connect_timeout),
+            max_message_bytes: self.max_message_bytes,
+            reconnect: self.reconnect,
+            queue_bytes: self.queue_bytes,
+        })
+    }
+}
+
+/// Reads a size such as `4096`, `64KiB`, `16MiB`, `1GiB` (also KB/MB/GB, powers of 1000).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("'{s}': expected a size such as 4096, 64KiB or 16MiB"))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "'{s}': unknown unit '{u}' (B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Flags that the process's interrupt handlers set (SIGINT, SIGTERM).
+pub fn interrupt_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+/// A progress bar on stderr, hidden when stderr is not a terminal.
+pub fn progress(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {what}: {{pos}} batches, {{msg}} [{{elapsed_precise}}]"
+        ))
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// How a stage serves its output stream over Flight.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Serve the output stream on HOST:PORT (port 0: a free port; the first line on
+    /// stdout is `{"listening": .., "stream": ..}`). Loopback unless TLS + token.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// The consumers of the served stream, as names (`t0,t1`) or a count (`2` = `0,1`);
+    /// each receives every batch.
+    #[arg(long, default_value = "1")]
+    pub consumers: String,
+    /// The most bytes of batches the server holds (the slowest consumer sets the pace).
+    #[arg(long, value_parser = parse_bytes, default_value = "256MiB")]
+    pub window_bytes: usize,
+    /// Serve with TLS: the certificate (PEM).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Serve with TLS: the certificate's private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Allow a non-loopback --listen address without TLS and a token.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl ServeArgs {
+    /// The server to start, if `--listen` was given.
+    pub fn server(
+        &self,
+        client: &ClientConfig,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Option<(ServerConfig, Vec<String>)>> {
+        let Some(listen) = &self.listen else {
+            return Ok(None);
+        };
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("--tls-cert and --tls-key go together");
+        }
+        Ok(Some((
+            ServerConfig {
+                listen: listen.clone(),
+                tls_cert: self.tls_cert.clone(),
+                tls_key: self.tls_key.clone(),
+                token: client.token.clone(),
+                insecure: self.insecure,
+                max_message_bytes: client.max_message_bytes,
+                cancel,
+            },
+            consumer_names(&self.consumers)?,
+        )))
+    }
+}
+
+/// Consumer names from `a,b,c` or a count `n` (= `0..n`).
+pub fn consumer_names(s: &str) -> Result<Vec<String>> {
+    if let Ok(n) = s.parse::<usize>() {
+        if n == 0 {
+            bail!("--consumers: at least one");
+        }
+        return Ok((0..n).map(|i| i.to_string()).collect());
+    }
+    let names: Vec<String> = s.split(',').map(|x| x.trim().to_string()).collect();
+    if names.iter().any(|n| n.is_empty()) {
+        bail!("--consumers '{s}': names must not be empty");
+    }
+    Ok(names)
+}
+
+/// `broadcast` or `partition`.
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s {
+        "broadcast" => Ok(Mode::Broadcast),
+        "partition" => Ok(Mode::Partition),
+        _ => Err(format!("'{s}': expected broadcast or partition")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_bytes("4096"), Ok(4096));
+        assert_eq!(super::parse_bytes("16MiB"), Ok(16 << 20));
+        assert_eq!(super::parse_bytes("2GB"), Ok(2_000_000_000));
+        assert!(super::parse_bytes("3 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+    }
+}
