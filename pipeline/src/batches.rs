@@ -51,6 +51,15 @@ impl Batches {
         self.d
     }
 
+    pub fn describe(&self) -> String {
+        self.source.describe()
+    }
+
+    /// Tokens per sequence, where the source records it (a SAELens cache).
+    pub fn context_size(&self) -> Option<i64> {
+        self.source.context_size()
+    }
+
     /// The next `[batch, d_in]` batch, or `None` when the source has run out (a final
     /// partial batch is dropped, as SAELens does).
     pub fn next_batch(&mut self) -> Result<Option<Vec<f32>>, SourceError> {

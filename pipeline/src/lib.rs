@@ -14,6 +14,7 @@ pub mod merge;
 pub mod mixer;
 pub mod output;
 pub mod queue;
+pub mod saelens_cache;
 pub mod shards;
 pub mod source;
 pub mod staging;

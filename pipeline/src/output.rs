@@ -19,16 +19,30 @@ pub struct OutputSpec {
     /// A Flight server to start, and the consumers it expects.
     pub serve: Option<(ServerConfig, Vec<String>)>,
     pub window_bytes: usize,
-    /// A shard directory to write.
-    pub cache: Option<(PathBuf, ShardOptions)>,
+    /// A cache directory to write.
+    pub cache: Option<Cache>,
     /// The position of the first batch (a resumed stage's).
     pub first_position: u64,
+}
+
+/// How a stream is cached.
+pub enum Cache {
+    /// Our shards (`manifest.json` + `shard-NNNNN.arrow`).
+    Shards(PathBuf, ShardOptions),
+    /// SAELens's cache layout (whole sequences of this many tokens), replacing an
+    /// existing directory only if `overwrite`.
+    Saelens {
+        dir: PathBuf,
+        context: usize,
+        shard_bytes: u64,
+        overwrite: bool,
+    },
 }
 
 pub struct Output {
     name: String,
     server: Option<(Server, ServedStream)>,
-    shards: Option<(PathBuf, ShardWriter)>,
+    shards: Option<(PathBuf, Box<dyn BatchSink>)>,
     position: u64,
     rows: u64,
 }
@@ -43,8 +57,8 @@ impl Output {
                 "nowhere to send the output: give --listen ADDR, --output DIR, or both".into(),
             ));
         }
-        let shards = match spec.cache {
-            Some((dir, opts)) => {
+        let shards: Option<(PathBuf, Box<dyn BatchSink>)> = match spec.cache {
+            Some(Cache::Shards(dir, opts)) => {
                 let w = ShardWriter::create(&dir, schema.clone(), opts)?;
                 if w.position() != spec.first_position {
                     return Err(StreamError::Other(format!(
@@ -54,7 +68,28 @@ impl Output {
                         spec.first_position
                     )));
                 }
-                Some((dir, w))
+                Some((dir, Box::new(w)))
+            }
+            Some(Cache::Saelens {
+                dir,
+                context,
+                shard_bytes,
+                overwrite,
+            }) => {
+                if spec.first_position != 0 {
+                    return Err(StreamError::Other(format!(
+                        "{}: a SAELens cache is written whole; it cannot continue a run",
+                        dir.display()
+                    )));
+                }
+                let w = crate::saelens_cache::SaelensCacheWriter::create(
+                    &dir,
+                    &schema,
+                    context,
+                    shard_bytes,
+                    overwrite,
+                )?;
+                Some((dir, Box::new(w)))
             }
             None => None,
         };
@@ -112,7 +147,6 @@ impl Output {
         if let Some((dir, w)) = &mut self.shards {
             w.finish()?;
             summary["output"] = json!(dir);
-            summary["shards"] = json!(w.manifest().shards.len());
         }
         if let Some((server, mut served)) = self.server.take() {
             served.finish()?;

@@ -12,6 +12,14 @@ pub trait RowSource: Send {
     fn d_in(&self) -> usize;
     /// The next rows (a multiple of `d_in` values), or `None` at the end.
     fn next_chunk(&mut self) -> Result<Option<Vec<f32>>, SourceError>;
+    /// What is read (for messages).
+    fn describe(&self) -> String {
+        String::new()
+    }
+    /// Tokens per sequence, where the source records it (a SAELens cache).
+    fn context_size(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// Opens `spec` (anything [`open_source`] opens: a file, a safetensors `FILE:TENSOR`, a
@@ -141,6 +149,18 @@ impl Rows {
 impl RowSource for Rows {
     fn d_in(&self) -> usize {
         self.d
+    }
+
+    fn describe(&self) -> String {
+        self.src.describe()
+    }
+
+    fn context_size(&self) -> Option<i64> {
+        self.src
+            .schema()
+            .metadata()
+            .get(schemas::streams::meta::CONTEXT_SIZE)
+            .and_then(|c| c.parse().ok())
     }
 
     fn next_chunk(&mut self) -> Result<Option<Vec<f32>>, SourceError> {

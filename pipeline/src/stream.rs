@@ -86,6 +86,11 @@ pub fn open_source(spec: &str, opts: &OpenOptions) -> Result<Box<dyn BatchSource
         let path = Path::new(spec);
         if crate::shards::is_shard_dir(path)? {
             Box::new(crate::shards::ShardReader::open(path, opts.position)?)
+        } else if crate::saelens_cache::is_saelens_cache(path) {
+            Box::new(crate::saelens_cache::SaelensCache::open(
+                path,
+                opts.position,
+            )?)
         } else {
             crate::files::open(spec, opts.column_hint.as_deref(), opts.position)?
         }

@@ -40,6 +40,8 @@ pub mod meta {
     pub const HEAD_INDEX: &str = "saestream.hook_head_index";
     /// The shuffler's seed (`batches`).
     pub const SHUFFLE_SEED: &str = "saestream.shuffle_seed";
+    /// Tokens per sequence, where a source knows it (a SAELens cache).
+    pub const CONTEXT_SIZE: &str = "saestream.context_size";
     /// Batch size in rows (`batches`).
     pub const BATCH_ROWS: &str = "saestream.batch_rows";
     /// Marks a generated stream (`pipeline bench-flight`, tests).

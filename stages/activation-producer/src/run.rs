@@ -10,7 +10,7 @@ use lm::{Capture, HookedTransformer, TokenBatch, Workspace};
 use pipeline::acts::{activations_batch, activations_schema, ActsMeta};
 use pipeline::cli::{interrupt_flag, progress, ClientArgs, ServeArgs};
 use pipeline::convert::{convert_batch, convert_schema, ActDtype};
-use pipeline::output::{Output, OutputSpec};
+use pipeline::output::{Cache, Output, OutputSpec};
 use pipeline::shards::{Existing, ShardOptions};
 use pipeline::tokens::TokenStream;
 use pipeline::{BatchSink, OpenOptions};
@@ -67,6 +67,11 @@ pub struct RunArgs {
     /// Also (or only) cache the stream as shards in this directory.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// The cache's layout: `shards` (ours: manifest + Arrow IPC shards, resumable) or
+    /// `saelens` (what SAELens's CacheActivationsRunner writes; its
+    /// `cached_activations_path` loads it; whole sequences, float32).
+    #[arg(long, value_enum, default_value = "shards")]
+    pub format: CacheFormat,
     #[arg(long, value_parser = pipeline::cli::parse_bytes, default_value = "256MiB")]
     pub shard_bytes: usize,
     #[arg(long)]
@@ -76,6 +81,12 @@ pub struct RunArgs {
     pub device: String,
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheFormat {
+    Shards,
+    Saelens,
 }
 
 /// `I/N` with `I < N`.
@@ -160,8 +171,14 @@ pub fn run(a: &RunArgs) -> Result<Value> {
             name: schemas::streams::ACTIVATIONS.into(),
             serve: a.serve.server(&client, cancel.clone())?,
             window_bytes: a.serve.window_bytes,
-            cache: a.output.clone().map(|d| {
-                (
+            cache: a.output.clone().map(|d| match a.format {
+                CacheFormat::Saelens => Cache::Saelens {
+                    dir: d,
+                    context: seq_len,
+                    shard_bytes: a.shard_bytes as u64,
+                    overwrite: a.overwrite,
+                },
+                CacheFormat::Shards => Cache::Shards(
                     d,
                     ShardOptions {
                         shard_bytes: a.shard_bytes as u64,
@@ -174,7 +191,7 @@ pub fn run(a: &RunArgs) -> Result<Value> {
                         },
                         ..Default::default()
                     },
-                )
+                ),
             }),
             first_position: a.position,
         },

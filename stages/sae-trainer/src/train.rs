@@ -114,6 +114,7 @@ pub fn run(a: &TrainArgs) -> Result<Vec<Value>> {
         check_output(out, a.overwrite, !a.resume.is_empty())?;
     }
     let mut feed = Feed::open(&a.input, &cfgs, &a.configs)?;
+    feed.check_context(&cfgs, &a.configs)?;
     let mut runs = Vec::new();
     for (i, cfg) in cfgs.iter().enumerate() {
         let d_in = feed.d_in(i);
@@ -289,6 +290,33 @@ impl Feed {
                 })
             }
         }
+    }
+
+    /// A source that knows its sequences' length (a SAELens cache) must agree with each
+    /// config's `context_size`, as SAELens checks `cached_activations_path`.
+    fn check_context(&self, cfgs: &[TrainConfig], paths: &[PathBuf]) -> Result<()> {
+        let (what, ctx) = match self {
+            Feed::Files(b) => (b.describe(), b.context_size()),
+            Feed::Stream { src, .. } => (
+                src.describe(),
+                src.schema()
+                    .metadata()
+                    .get(schemas::streams::meta::CONTEXT_SIZE)
+                    .and_then(|c| c.parse::<i64>().ok()),
+            ),
+        };
+        if let Some(ctx) = ctx {
+            for (c, p) in cfgs.iter().zip(paths) {
+                if c.context_size != ctx {
+                    bail!(
+                        "{}: context_size is {}, but {what} holds sequences of {ctx} tokens",
+                        p.display(),
+                        c.context_size
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads a stream to its end; returns the batches left unused.

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use pipeline::cli::{interrupt_flag, parse_bytes, progress, ClientArgs, ServeArgs};
 use pipeline::mixer::{read_snapshot_state, Mixer};
-use pipeline::output::{Output, OutputSpec};
+use pipeline::output::{Cache, Output, OutputSpec};
 use pipeline::shards::{Existing, ShardOptions};
 use pipeline::{open_sources, BatchSink, OpenOptions, RecordBatch};
 use schemas::streams::{self, meta};
@@ -183,7 +183,7 @@ fn run(a: &RunArgs) -> Result<serde_json::Value> {
             serve: a.serve.server(&client, cancel.clone())?,
             window_bytes: a.serve.window_bytes,
             cache: a.output.clone().map(|d| {
-                (
+                Cache::Shards(
                     d,
                     ShardOptions {
                         shard_bytes: a.shard_bytes as u64,

@@ -10,7 +10,7 @@ use crate::windows::{Grouping, TokensArgs};
 use anyhow::{bail, Result};
 use pipeline::cli::{interrupt_flag, ClientArgs, ServeArgs};
 use pipeline::files::IpcFileSink;
-use pipeline::output::{Output, OutputSpec};
+use pipeline::output::{Cache, Output, OutputSpec};
 use pipeline::shards::{Existing, ShardOptions};
 use pipeline::tokens::{tokens_batch, tokens_schema};
 use pipeline::BatchSink;
@@ -83,7 +83,7 @@ pub fn run(a: &StreamArgs) -> Result<Value> {
                 serve: a.serve.server(&a.client.config()?, cancel.clone())?,
                 window_bytes: a.serve.window_bytes,
                 cache: a.output.clone().map(|d| {
-                    (
+                    Cache::Shards(
                         d,
                         ShardOptions {
                             shard_bytes: a.shard_bytes as u64,
