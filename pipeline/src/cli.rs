@@ -160,6 +160,27 @@ impl ServeArgs {
     }
 }
 
+/// Compute stages that run side by side in a chain (the activation producer and the
+/// SAE trainer; the tokenizer and the shuffler are light and take one thread each).
+pub const COMPUTE_STAGES: usize = 2;
+
+/// The threads a stage computes with. The rule: `--threads` if given; else a stage
+/// that streams (reads or serves a Flight stream, so other stages run beside it) takes
+/// its share of the cores, `cores / COMPUTE_STAGES` (at least 1); a stage working on
+/// files alone takes every core. The stage's transport runtime gets `min(threads, 2)`
+/// threads. So a producer and a trainer on a 2-core machine use one core each.
+pub fn stage_threads(explicit: Option<usize>, streaming: bool) -> Result<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let t = match explicit {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) => t,
+        None if streaming => (cores / COMPUTE_STAGES).max(1),
+        None => cores,
+    };
+    crate::flight::set_runtime_threads(t.min(2));
+    Ok(t)
+}
+
 /// Consumer names from `a,b,c` or a count `n` (= `0..n`).
 pub fn consumer_names(s: &str) -> Result<Vec<String>> {
     if let Ok(n) = s.parse::<usize>() {

@@ -28,7 +28,7 @@ enum Command {
     Run {
         #[command(flatten)]
         args: Box<activation_producer::run::RunArgs>,
-        /// CPU threads (default: all cores).
+        /// CPU threads (default: all cores; half of them when streaming, see README).
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -138,10 +138,8 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let summary = match cli.command {
         Command::Run { args, threads } => {
-            set_threads(threads)?;
-            if let Some(t) = threads {
-                pipeline::flight::set_runtime_threads(t);
-            }
+            let streaming = pipeline::flight::is_url(&args.tokens) || args.serve.listen.is_some();
+            set_threads(Some(pipeline::cli::stage_threads(threads, streaming)?))?;
             pipeline::sys::tune_allocator();
             activation_producer::run::run(&args)?
         }

@@ -142,7 +142,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads,
             client,
         } => {
-            set_threads(threads)?;
+            let streaming = upstream.as_deref().is_some_and(pipeline::flight::is_url);
+            set_threads(Some(pipeline::cli::stage_threads(threads, streaming)?))?;
             pipeline::sys::tune_allocator();
             let input = match (activations, upstream) {
                 (Some(a), _) => Input::Files(a),

@@ -265,9 +265,10 @@ impl Feed {
                         names.push(h.clone());
                     }
                 }
+                // Only the columns these runs train on cross the wire.
                 let opts = pipeline::OpenOptions {
                     position: 0,
-                    columns: None,
+                    columns: Some(names.clone()),
                     consumer: consumer.clone(),
                     column_hint: None,
                     client: client.clone(),

@@ -87,7 +87,7 @@ struct RunArgs {
     overwrite: bool,
     #[command(flatten)]
     client: ClientArgs,
-    /// Threads for the transport (the mixing itself is one thread).
+    /// Threads for the transport (default 1; the mixing itself is one thread).
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -108,12 +108,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(a: &RunArgs) -> Result<serde_json::Value> {
-    if let Some(t) = a.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        pipeline::flight::set_runtime_threads(t);
-    }
+    // Mixing is one thread; --threads sizes the transport (default 1).
+    pipeline::cli::stage_threads(Some(a.threads.unwrap_or(1)), true)?;
     pipeline::sys::tune_allocator();
     let batch = a.train_batch_size_tokens;
     if batch == 0 {

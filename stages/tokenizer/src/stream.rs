@@ -40,6 +40,10 @@ pub struct StreamArgs {
     pub serve: ServeArgs,
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Tokenizing threads (default: all cores; 1 when serving, as the tokenizer is
+    /// light beside the model and the trainer).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 enum Sink {
@@ -51,6 +55,15 @@ pub fn run(a: &StreamArgs) -> Result<Value> {
     if a.batch_sequences == 0 {
         bail!("--batch-sequences must be at least 1");
     }
+    let serving = a.serve.listen.is_some();
+    let threads = match a.threads {
+        None if serving => 1,
+        t => pipeline::cli::stage_threads(t, false)?,
+    };
+    pipeline::flight::set_runtime_threads(threads.min(2));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()?;
     let ipc_file = a
         .output
         .as_ref()
