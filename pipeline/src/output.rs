@@ -39,6 +39,28 @@ pub enum Cache {
     },
 }
 
+impl Cache {
+    /// Our shards in `dir`: an existing directory is refused, replaced (`overwrite`) or
+    /// continued (`resume`, a stage restarted at a position).
+    pub fn shards(dir: PathBuf, shard_bytes: usize, overwrite: bool, resume: bool) -> Cache {
+        let existing = if overwrite {
+            crate::shards::Existing::Overwrite
+        } else if resume {
+            crate::shards::Existing::Resume
+        } else {
+            crate::shards::Existing::Refuse
+        };
+        Cache::Shards(
+            dir,
+            ShardOptions {
+                shard_bytes: shard_bytes as u64,
+                existing,
+                ..Default::default()
+            },
+        )
+    }
+}
+
 pub struct Output {
     name: String,
     server: Option<(Server, ServedStream)>,

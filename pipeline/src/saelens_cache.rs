@@ -533,7 +533,7 @@ impl BatchSink for SaelensCacheWriter {
             .column_by_name(columns::POS)
             .and_then(|c| c.as_primitive_opt::<arrow_array::types::UInt32Type>())
             .ok_or_else(|| file_err(&self.dir, "the stream has no 'pos' column"))?;
-        if b.num_rows() % ctx != 0
+        if !b.num_rows().is_multiple_of(ctx)
             || pos
                 .values()
                 .iter()

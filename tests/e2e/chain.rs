@@ -268,3 +268,130 @@ fn four_processes_train_what_one_file_trains() {
         "explained variance {ev:?}"
     );
 }
+
+/// A trainer killed after a checkpoint resumes from it, and the shuffler from its
+/// snapshot at the checkpoint's batch: the run ends with the SAE of the uninterrupted one.
+#[test]
+fn the_chain_resumes_from_a_trainer_checkpoint_and_a_shuffler_snapshot() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    let (topk, _) = write_configs(root);
+    let text = std::fs::read_to_string(&topk).unwrap() + "n_checkpoints: 1\n";
+    std::fs::write(&topk, text).unwrap();
+    // an activation cache to replay: tokenizer -> producer, as files
+    let tokens = root.join("tokens");
+    let o = run_of(
+        &workspace_bin("tokenizer"),
+        &[
+            "stream",
+            "--dataset",
+            s(&fx().join("pretok/corpus.jsonl")),
+            "--tokenizer",
+            s(&fx().join("tiny-gpt2")),
+            "--context-size",
+            CONTEXT,
+            "--output",
+            s(&tokens),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let acts = root.join("acts");
+    let o = run_of(
+        &workspace_bin("activation-producer"),
+        &[
+            "run",
+            "--tokens",
+            s(&tokens),
+            "--model",
+            s(&fx().join("tiny-gpt2")),
+            "--hooks",
+            HOOK,
+            "--store-batch-size-prompts",
+            PROMPTS,
+            "--max-batches",
+            "60",
+            "--output",
+            s(&acts),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let every: Vec<String> = (1..=42).map(|p| p.to_string()).collect();
+    let snaps = root.join("snapshots");
+    let shuffler = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--upstream",
+            s(&acts),
+            "--train-batch-size-tokens",
+            "128",
+            "--n-batches-in-buffer",
+            "4",
+            "--seed",
+            "7",
+            "--max-batches",
+            BATCHES,
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        spawn_of(&workspace_bin("shuffler"), &args)
+    };
+    let trainer = workspace_bin("sae-trainer");
+
+    let joined = every.join(",");
+    let mut sh = shuffler(&["--snapshot-at", &joined, "--snapshots", s(&snaps)]);
+    let url = sh.served_url();
+    let whole = root.join("whole");
+    let o = run_of(
+        &trainer,
+        &[
+            "train",
+            "--upstream",
+            &url,
+            "--config",
+            s(&topk),
+            "--output",
+            s(&whole),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sh.finish_json();
+
+    let ckpt = std::fs::read_dir(whole.join("checkpoints"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap())
+            .unwrap();
+    let at = state["counters"]["batches_consumed"].as_u64().unwrap();
+    assert!(at > 2 && at < 42, "checkpoint at batch {at}");
+
+    let mut sh = shuffler(&["--resume", s(&snaps.join(at.to_string()))]);
+    let url = sh.served_url();
+    let resumed = root.join("resumed");
+    let o = run_of(
+        &trainer,
+        &[
+            "train",
+            "--upstream",
+            &url,
+            "--config",
+            s(&topk),
+            "--output",
+            s(&resumed),
+            "--resume",
+            s(&ckpt),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sh.finish_json();
+    for f in ["sae_weights.safetensors", "sparsity.safetensors"] {
+        assert!(
+            std::fs::read(whole.join(f)).unwrap() == std::fs::read(resumed.join(f)).unwrap(),
+            "{f}: the resumed run differs from the whole run"
+        );
+    }
+}

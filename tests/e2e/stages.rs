@@ -510,3 +510,42 @@ fn stage_errors_name_what_is_wrong() {
     );
     assert!(!d.path().join("r").join("sae_weights.safetensors").exists());
 }
+
+#[test]
+fn the_tokenizer_serves_from_any_position() {
+    let d = tempfile::tempdir().unwrap();
+    let tok = workspace_bin("tokenizer");
+    let (corpus, tokenizer) = (fx().join("pretok/corpus.jsonl"), fx().join("tiny-gpt2"));
+    let base = [
+        "stream",
+        "--dataset",
+        s(&corpus),
+        "--tokenizer",
+        s(&tokenizer),
+        "--context-size",
+        "64",
+        "--batch-sequences",
+        "10",
+    ];
+    let full = d.path().join("full");
+    let mut args = base.to_vec();
+    args.extend(["--output", s(&full)]);
+    let o = run_of(&tok, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let all = batches(s(&full));
+    assert!(all.len() > 5 && all[..all.len() - 1].iter().all(|b| b.num_rows() == 10));
+    // served from batch 3 (= sequence 30): a client reading from 3 gets batches 3..
+    let mut args = base.to_vec();
+    args.extend(["--position", "3", "--listen", "127.0.0.1:0"]);
+    let mut server = spawn_of(&tok, &args);
+    let url = server.served_url();
+    let part = d.path().join("part");
+    let v = run_json(&["copy", &url, s(&part), "--position", "3"]);
+    assert_eq!(
+        v["batches_written"].as_u64(),
+        Some(all.len() as u64 - 3),
+        "{v}"
+    );
+    server.finish_json();
+    assert_eq!(batches(s(&part)), all[3..].to_vec());
+}

@@ -11,7 +11,6 @@ use pipeline::acts::{activations_batch, activations_schema, ActsMeta};
 use pipeline::cli::{interrupt_flag, progress, ClientArgs, ServeArgs};
 use pipeline::convert::{convert_batch, convert_schema, ActDtype};
 use pipeline::output::{Cache, Output, OutputSpec};
-use pipeline::shards::{Existing, ShardOptions};
 use pipeline::tokens::TokenStream;
 use pipeline::{BatchSink, OpenOptions};
 use serde_json::{json, Value};
@@ -178,20 +177,7 @@ pub fn run(a: &RunArgs) -> Result<Value> {
                     shard_bytes: a.shard_bytes as u64,
                     overwrite: a.overwrite,
                 },
-                CacheFormat::Shards => Cache::Shards(
-                    d,
-                    ShardOptions {
-                        shard_bytes: a.shard_bytes as u64,
-                        existing: if a.overwrite {
-                            Existing::Overwrite
-                        } else if a.position > 0 {
-                            Existing::Resume
-                        } else {
-                            Existing::Refuse
-                        },
-                        ..Default::default()
-                    },
-                ),
+                CacheFormat::Shards => Cache::shards(d, a.shard_bytes, a.overwrite, a.position > 0),
             }),
             first_position: a.position,
         },

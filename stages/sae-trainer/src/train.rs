@@ -113,7 +113,20 @@ pub fn run(a: &TrainArgs) -> Result<Vec<Value>> {
     for (out, _) in a.outputs.iter().zip(&cfgs) {
         check_output(out, a.overwrite, !a.resume.is_empty())?;
     }
-    let mut feed = Feed::open(&a.input, &cfgs, &a.configs)?;
+    // Where the data starts: the earliest batch a resumed run still needs (0 if any run
+    // is fresh). A stream is opened there; a resumed shuffler serves from there.
+    let start = if a.resume.is_empty() {
+        0
+    } else {
+        a.resume
+            .iter()
+            .map(|c| Trainer::checkpoint_batches(c))
+            .collect::<Result<Vec<u64>>>()?
+            .into_iter()
+            .min()
+            .unwrap_or(0)
+    };
+    let mut feed = Feed::open(&a.input, &cfgs, &a.configs, start)?;
     feed.check_context(&cfgs, &a.configs)?;
     let mut runs = Vec::new();
     for (i, cfg) in cfgs.iter().enumerate() {
@@ -132,7 +145,6 @@ pub fn run(a: &TrainArgs) -> Result<Vec<Value>> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&interrupted))?;
     }
-    let start = runs.iter().map(|r| r.consumed()).min().unwrap_or(0);
     feed.seek(start)?;
     let total: u64 = runs.iter().map(|r| r.total_tokens()).max().unwrap_or(0);
     let bar = ProgressBar::new(total);
@@ -197,7 +209,7 @@ enum Delivered {
 }
 
 impl Feed {
-    fn open(input: &Input, cfgs: &[TrainConfig], paths: &[PathBuf]) -> Result<Feed> {
+    fn open(input: &Input, cfgs: &[TrainConfig], paths: &[PathBuf], start: u64) -> Result<Feed> {
         match input {
             Input::Files(spec) => {
                 // One mixing buffer feeds every run: what shapes the stream must agree.
@@ -267,13 +279,12 @@ impl Feed {
                 }
                 // Only the columns these runs train on cross the wire.
                 let opts = pipeline::OpenOptions {
-                    position: 0,
+                    position: start,
                     columns: Some(names.clone()),
                     consumer: consumer.clone(),
                     column_hint: None,
                     client: client.clone(),
                 };
-                // Opened at position 0 to read the schema; `seek` reopens if resuming.
                 let src = pipeline::open_source(spec, &opts)?;
                 let schema = src.schema();
                 let mut cols = Vec::new();

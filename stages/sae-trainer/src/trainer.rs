@@ -436,6 +436,18 @@ impl Trainer {
         Ok(())
     }
 
+    /// The batches of data a checkpoint's run had used (where its data resumes).
+    pub fn checkpoint_batches(dir: &Path) -> Result<u64> {
+        let path = dir.join(TRAINER_STATE_JSON);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{} is not a checkpoint directory", dir.display()))?;
+        let state: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        state["counters"]["batches_consumed"]
+            .as_u64()
+            .with_context(|| format!("{}: no counters.batches_consumed", path.display()))
+    }
+
     /// Rebuilds a trainer from a checkpoint written by [`Trainer::save_checkpoint`].
     pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<(Trainer, String)> {
         let json_path = dir.join(TRAINER_STATE_JSON);

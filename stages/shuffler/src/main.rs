@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use pipeline::cli::{interrupt_flag, parse_bytes, progress, ClientArgs, ServeArgs};
 use pipeline::mixer::{read_snapshot_state, Mixer};
 use pipeline::output::{Cache, Output, OutputSpec};
-use pipeline::shards::{Existing, ShardOptions};
 use pipeline::{open_sources, BatchSink, OpenOptions, RecordBatch};
 use schemas::streams::{self, meta};
 use serde_json::json;
@@ -178,22 +177,10 @@ fn run(a: &RunArgs) -> Result<serde_json::Value> {
             name: streams::BATCHES.into(),
             serve: a.serve.server(&client, cancel.clone())?,
             window_bytes: a.serve.window_bytes,
-            cache: a.output.clone().map(|d| {
-                Cache::Shards(
-                    d,
-                    ShardOptions {
-                        shard_bytes: a.shard_bytes as u64,
-                        existing: if a.overwrite {
-                            Existing::Overwrite
-                        } else if a.resume.is_some() {
-                            Existing::Resume
-                        } else {
-                            Existing::Refuse
-                        },
-                        ..Default::default()
-                    },
-                )
-            }),
+            cache: a
+                .output
+                .clone()
+                .map(|d| Cache::shards(d, a.shard_bytes, a.overwrite, a.resume.is_some())),
             first_position: first,
         },
         out_schema.clone(),

@@ -11,7 +11,6 @@ use anyhow::{bail, Result};
 use pipeline::cli::{interrupt_flag, ClientArgs, ServeArgs};
 use pipeline::files::IpcFileSink;
 use pipeline::output::{Cache, Output, OutputSpec};
-use pipeline::shards::{Existing, ShardOptions};
 use pipeline::tokens::{tokens_batch, tokens_schema};
 use pipeline::BatchSink;
 use serde_json::{json, Value};
@@ -95,22 +94,10 @@ pub fn run(a: &StreamArgs) -> Result<Value> {
                 name: schemas::streams::TOKENS.into(),
                 serve: a.serve.server(&a.client.config()?, cancel.clone())?,
                 window_bytes: a.serve.window_bytes,
-                cache: a.output.clone().map(|d| {
-                    Cache::Shards(
-                        d,
-                        ShardOptions {
-                            shard_bytes: a.shard_bytes as u64,
-                            existing: if a.overwrite {
-                                Existing::Overwrite
-                            } else if a.position > 0 {
-                                Existing::Resume
-                            } else {
-                                Existing::Refuse
-                            },
-                            ..Default::default()
-                        },
-                    )
-                }),
+                cache: a
+                    .output
+                    .clone()
+                    .map(|d| Cache::shards(d, a.shard_bytes, a.overwrite, a.position > 0)),
                 first_position: a.position,
             },
             schema.clone(),
