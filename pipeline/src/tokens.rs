@@ -400,16 +400,55 @@ impl TokenStream {
     /// Opens `spec`: a `grpc[+tls]://` URL or a shard directory as a stream, anything
     /// else as a token file ([`read_tokens`]).
     pub fn open(spec: &str, opts: &crate::OpenOptions) -> Result<TokenStream, SourceError> {
+        Self::open_at(spec, opts, 0)
+    }
+
+    /// Opens `spec` where sequence `first` (or the batch holding it) begins: a stream
+    /// whose schema records its batch size (`saestream.batch_rows`, as `tokenizer
+    /// stream` writes) is opened at that batch, so a producer resuming at a later
+    /// position reads from a tokenizer resumed there too; otherwise from the start.
+    pub fn open_at(
+        spec: &str,
+        opts: &crate::OpenOptions,
+        first: u64,
+    ) -> Result<TokenStream, SourceError> {
         let streamed = crate::flight::is_url(spec) || crate::shards::is_shard_dir(Path::new(spec))?;
-        if !streamed {
-            let rows = read_tokens(Path::new(spec))?;
-            return Ok(TokenStream {
-                what: spec.to_string(),
-                seq_len: rows.seq_len,
-                inner: TokenInner::Rows(rows),
-                next: 0,
+        if streamed && first > 0 {
+            let schema = if crate::flight::is_url(spec) {
+                let url = crate::flight::FlightUrl::parse(spec)?;
+                crate::flight::remote_streams(spec, &opts.client)?
+                    .into_iter()
+                    .find(|r| Some(&r.name) == url.stream.as_ref())
+                    .map(|r| r.schema)
+            } else {
+                Some(crate::open_source(spec, opts)?.schema())
+            };
+            let k: Option<u64> = schema.and_then(|s| {
+                s.metadata()
+                    .get(schemas::streams::meta::BATCH_ROWS)
+                    .and_then(|v| v.parse().ok())
             });
+            if let Some(k) = k.filter(|&k| k > 0) {
+                let mut o = opts.clone();
+                o.position = first / k;
+                let mut t = Self::open_streamed(spec, &o)?;
+                t.next = o.position * k;
+                return Ok(t);
+            }
         }
+        if streamed {
+            return Self::open_streamed(spec, opts);
+        }
+        let rows = read_tokens(Path::new(spec))?;
+        Ok(TokenStream {
+            what: spec.to_string(),
+            seq_len: rows.seq_len,
+            inner: TokenInner::Rows(rows),
+            next: 0,
+        })
+    }
+
+    fn open_streamed(spec: &str, opts: &crate::OpenOptions) -> Result<TokenStream, SourceError> {
         let src = crate::open_source(spec, opts)?;
         let schema = src.schema();
         let (col, f) = schema.column_with_name(INPUT_IDS).ok_or_else(|| {

@@ -549,3 +549,86 @@ fn the_tokenizer_serves_from_any_position() {
     server.finish_json();
     assert_eq!(batches(s(&part)), all[3..].to_vec());
 }
+
+/// A producer restarted at output position J reads a tokenizer restarted at the batch
+/// holding its first sequence, and emits what the uninterrupted producer emitted from J.
+#[test]
+fn a_producer_resumes_on_a_resumed_tokenizer() {
+    let d = tempfile::tempdir().unwrap();
+    let (corpus, tokenizer) = (fx().join("pretok/corpus.jsonl"), fx().join("tiny-gpt2"));
+    let tok = |extra: &[&str]| {
+        let mut args = vec![
+            "stream",
+            "--dataset",
+            s(&corpus),
+            "--tokenizer",
+            s(&tokenizer),
+            "--context-size",
+            "32",
+            "--batch-sequences",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        args.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let toks = d.path().join("tokens");
+    let args = tok(&["--output", s(&toks)]);
+    let o = run_of(
+        &workspace_bin("tokenizer"),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let producer_args = |tokens: &str, extra: &[&str]| {
+        let mut a = vec![
+            "run".to_string(),
+            "--tokens".into(),
+            tokens.into(),
+            "--model".into(),
+            model(),
+            "--hooks".into(),
+            "blocks.0.hook_resid_pre".into(),
+            "--store-batch-size-prompts".into(),
+            "2".into(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let full = d.path().join("full");
+    let a = producer_args(s(&toks), &["--max-batches", "8", "--output", s(&full)]);
+    let o = run_of(
+        &producer(),
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = batches(s(&full));
+
+    // tokenizer from its batch 3 (sequences 12..), producer from its batch 6 (sequences 12, 13)
+    let args = tok(&["--position", "3", "--listen", "127.0.0.1:0"]);
+    let mut t = spawn_of(
+        &workspace_bin("tokenizer"),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let url = t.served_url();
+    let a = producer_args(
+        &url,
+        &[
+            "--position",
+            "6",
+            "--max-batches",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut p = spawn_of(
+        &producer(),
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let acts = p.served_url();
+    let part = d.path().join("part");
+    let v = run_json(&["copy", &acts, s(&part), "--position", "6"]);
+    assert_eq!(v["batches_written"], 2, "{v}");
+    p.finish_json();
+    t.finish_json();
+    assert_eq!(batches(s(&part)), want[6..8].to_vec());
+}

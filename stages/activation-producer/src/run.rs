@@ -118,13 +118,16 @@ pub fn run(a: &RunArgs) -> Result<Value> {
     let device = Device::parse(&a.device)?;
     let model = HookedTransformer::load(&a.model, &device)
         .with_context(|| format!("cannot load the model in {}", a.model.display()))?;
-    let mut tokens = TokenStream::open(
+    // Our first LM batch is global batch position*N + I: its first sequence.
+    let first_seq = (a.position * n_prod + me) * b as u64;
+    let mut tokens = TokenStream::open_at(
         &a.tokens,
         &OpenOptions {
             consumer: a.consumer.clone(),
             client: client.clone(),
             ..Default::default()
         },
+        first_seq,
     )?;
     let seq_len = tokens.seq_len();
     let seqpos = a
