@@ -309,7 +309,7 @@ fn a_killed_producer_is_named_downstream_and_leaves_no_half_file() {
     let d = tempfile::tempdir().unwrap();
     let cache = d.path().join("cache");
     // small windows: the producer blocks once the shuffler stops reading
-    // 700 sequences, one per LM batch: far more than the windows and queues hold
+    // 700 sequences, 88 LM batches of 540 KB: far more than the windows and queues hold
     let tokens = fx().join("pretok/tokens_all.npy");
     let mut p = spawn_of(
         &producer(),
@@ -322,7 +322,7 @@ fn a_killed_producer_is_named_downstream_and_leaves_no_half_file() {
             "--hooks",
             "blocks.1.hook_resid_pre",
             "--store-batch-size-prompts",
-            "1",
+            "8",
             "--listen",
             "127.0.0.1:0",
             "--window-bytes",
@@ -349,12 +349,14 @@ fn a_killed_producer_is_named_downstream_and_leaves_no_half_file() {
             "--window-bytes",
             "100KiB",
             "--queue-bytes",
-            "256KiB",
+            "1MiB",
         ],
     );
     let batches_url = sh.served_url();
     // once the shuffler's window is full (3 batches of 64 × 528 bytes in 100 KiB) it
-    // blocks until a trainer reads, so it cannot see the producer die before then
+    // blocks until a trainer reads: each upstream batch (8 × 128 rows) leaves a dozen
+    // more batches ready in its buffer, so it is blocked sending, not reading upstream,
+    // and cannot see the producer die before a trainer drains them
     wait_for("the shuffler's window to fill", || {
         run_json(&["inspect", &batches_url])["streams"][0]["status"]["batches"] == 3
     });
