@@ -186,7 +186,6 @@ fn run(a: &RunArgs) -> Result<serde_json::Value> {
         out_schema.clone(),
     )?;
     let bar = progress("shuffle");
-    let mut failure = None;
     let mut ended = false;
     let result: Result<()> = (|| {
         let emit = |b: RecordBatch, out: &mut Output| -> Result<()> {
@@ -239,12 +238,14 @@ fn run(a: &RunArgs) -> Result<serde_json::Value> {
         Ok(())
     })();
     bar.finish_and_clear();
-    if let Err(e) = &result {
-        failure = Some(format!("shuffler: {e:#}"));
-    }
     let upstream_position = src.position();
     drop(src);
-    let summary = out.close(failure.map_or(Ok(()), Err));
+    let summary = out.close(
+        result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| format!("shuffler: {e:#}")),
+    );
     result?;
     let mut summary = summary?;
     summary["upstream_position"] = json!(upstream_position);

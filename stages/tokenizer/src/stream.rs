@@ -54,12 +54,9 @@ pub fn run(a: &StreamArgs) -> Result<Value> {
     if a.batch_sequences == 0 {
         bail!("--batch-sequences must be at least 1");
     }
+    // Serving, the tokenizer is light beside the model and the trainer: one thread.
     let serving = a.serve.listen.is_some();
-    let threads = match a.threads {
-        None if serving => 1,
-        t => pipeline::cli::stage_threads(t, false)?,
-    };
-    pipeline::flight::set_runtime_threads(threads.min(2));
+    let threads = pipeline::cli::stage_threads(a.threads.or(serving.then_some(1)), false)?;
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()?;
