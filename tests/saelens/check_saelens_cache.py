@@ -3,7 +3,7 @@
 Not part of `cargo test`. Run it by hand after `cargo build --workspace --bins`:
 
     python3 -m venv /tmp/slenv && /tmp/slenv/bin/pip install sae-lens==6.54.12
-    /tmp/slenv/bin/python tests/saelens/check_saelens_cache.py $CARGO_TARGET_DIR/debug
+    HF_HUB_OFFLINE=1 /tmp/slenv/bin/python tests/saelens/check_saelens_cache.py $CARGO_TARGET_DIR/debug
 
 1. ours -> SAELens: `activation-producer run --format saelens` writes a cache of the fixture
    tiny GPT-2 at `blocks.1.hook_resid_pre`; HF `datasets.load_from_disk` opens it with the
@@ -55,29 +55,40 @@ def main(bindir: Path) -> int:
     print(f"datasets.load_from_disk reads our cache: 32 rows, max |ours - TransformerLens| = {err:.2e}")
 
     try:
-        import torch  # noqa: F401
+        import torch
         import sae_lens  # noqa: F401
     except ImportError:
         print("sae_lens (and torch) not installed: SAELens's own loading and writing skipped")
         return 0
 
-    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+    from sae_lens import (CacheActivationsRunner, CacheActivationsRunnerConfig,
+                          StandardTrainingSAEConfig)
     from sae_lens.training.activations_store import ActivationsStore
     from transformer_lens import HookedTransformer
-    from transformers import AutoModelForCausalLM
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config, get_pretrained_state_dict)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(FIXTURES / "tiny-gpt2")
-    model = HookedTransformer.from_pretrained_no_processing(
-        "gpt2", hf_model=hf, n_layers=hf.config.n_layer, d_model=hf.config.n_embd,
-        n_heads=hf.config.n_head, d_vocab=hf.config.vocab_size, n_ctx=hf.config.n_positions)
+    # The local checkpoint as make_lm_fixtures.py loads it (no hub access).
+    path = str(FIXTURES / "tiny-gpt2")
+    tl_cfg = get_pretrained_model_config(path, fold_ln=False, device="cpu", dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = HookedTransformer(tl_cfg, tokenizer=AutoTokenizer.from_pretrained(path))
+    model.load_and_process_state_dict(
+        get_pretrained_state_dict(path, tl_cfg, hf_model=hf, dtype=torch.float32),
+        fold_ln=False, center_writing_weights=False, center_unembed=False,
+        fold_value_biases=False, refactor_factored_attn_matrices=False)
+    model.eval()
 
     # 1b. SAELens serves training batches from our cache
-    cfg = dict(model_name="tiny-gpt2", hook_name=HOOK, hook_layer=1, d_in=128,
+    cfg = dict(sae=StandardTrainingSAEConfig(d_in=128, d_sae=256),
+               model_name="tiny-gpt2", hook_name=HOOK,
                dataset_path=str(FIXTURES / "pretok" / "saelens_dataset"), context_size=128,
                store_batch_size_prompts=4, train_batch_size_tokens=256, n_batches_in_buffer=2,
                training_tokens=4096, use_cached_activations=True,
                cached_activations_path=str(ours), device="cpu")
-    store = ActivationsStore.from_config(model, _runner_cfg(cfg))
+    dataset = load_from_disk(str(FIXTURES / "pretok" / "saelens_dataset"))
+    store = ActivationsStore.from_config(model, _runner_cfg(cfg), override_dataset=dataset)
     batch = store.next_batch().reshape(-1, 128).numpy()
     flat = acts.reshape(-1, 128)
     hits = sum(bool((np.abs(flat - r).max(axis=1) == 0).any()) for r in batch)
@@ -86,11 +97,14 @@ def main(bindir: Path) -> int:
 
     # 2. SAELens's own runner writes a cache; we read every row
     theirs = tmp / "theirs"
+    # The runner loads `model_name` from the hub; point it at the local model instead.
+    import sae_lens.cache_activations_runner as car
+    car.load_model = lambda *a, **k: model
     CacheActivationsRunner(CacheActivationsRunnerConfig(
         dataset_path=str(FIXTURES / "pretok" / "saelens_dataset"), model_name="tiny-gpt2",
         model_batch_size=4, hook_name=HOOK, d_in=128, training_tokens=32 * 128,
         context_size=128, new_cached_activations_path=str(theirs), shuffle=False,
-        buffer_size_gb=0.001, device="cpu"), override_model=model).run()
+        buffer_size_gb=0.001, device="cpu"), override_dataset=dataset).run()
     out = subprocess.run([str(bindir / "pipeline"), "copy", str(theirs), "-"], check=True,
                          capture_output=True, text=True)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
