@@ -74,9 +74,9 @@ run)
     # The README's training run on the GPU against the same run on the CPU: the final
     # losses agree up to the drift that rounding (summation order, near-tied top-k picks)
     # builds over 152 steps: 2e-2 relative.
-    cp examples/tiny-topk.yaml /tmp/tiny-topk-cuda.yaml && echo "device: cuda" >> /tmp/tiny-topk-cuda.yaml
-    acts=examples/data/tiny-gpt2.blocks.1.hook_resid_pre.safetensors
-    timeout 60 device-bin/sae-trainer train --config examples/tiny-topk.yaml --activations $acts \
+    cp tests/fixtures/tiny-acts/tiny-topk.yaml /tmp/tiny-topk-cuda.yaml && echo "device: cuda" >> /tmp/tiny-topk-cuda.yaml
+    acts=tests/fixtures/tiny-acts/tiny-gpt2.blocks.1.hook_resid_pre.safetensors
+    timeout 60 device-bin/sae-trainer train --config tests/fixtures/tiny-acts/tiny-topk.yaml --activations $acts \
         --output /tmp/run-cpu --overwrite > "$out/train-cpu.json" || rc=1
     timeout 60 device-bin/sae-trainer train --config /tmp/tiny-topk-cuda.yaml --activations $acts \
         --output /tmp/run-cuda --overwrite > "$out/train-cuda.json" || rc=1

@@ -1,5 +1,5 @@
-//! `pipeline`: look at, copy, serve and benchmark the pipeline's streams. (The
-//! orchestrator, `pipeline run`, arrives with the streaming stages.)
+//! `pipeline`: run a whole SAELens training run or sweep (`run`), and look at, copy,
+//! serve and benchmark the pipeline's streams.
 
 mod cmd;
 
@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "pipeline",
     version,
-    about = "Streams of Arrow record batches between saestream's stages: inspect, copy, serve, benchmark"
+    about = "Train SAEs with saestream's stages (`pipeline run sweep.yaml`); inspect, copy, serve and benchmark the streams between them"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -18,6 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train every SAE of a sweep.yaml (or a SAELens runner_cfg.json) on one activation
+    /// stream: checks everything, starts tokenizer → activation-producer ×P → shuffler
+    /// → sae-trainer ×N on loopback, then runs SAELens's evals per SAE. Writes the run
+    /// directory: sweep.yaml (resolved), plan.json, logs/, saes/<point>/ (SAELens SAE,
+    /// runner_cfg.json, metrics.jsonl, evals.json), summary.json.
+    Run(cmd::run::Args),
     /// Describe a stream: its schema and metadata, batches, rows and position. For a
     /// Flight endpoint (`grpc://HOST:PORT` lists every stream it serves, with each
     /// consumer's position); for a shard directory (every shard's checksum is verified);
@@ -49,6 +55,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let res = match cli.command {
+        Command::Run(a) => cmd::run::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Copy(a) => cmd::copy::run(a),
         Command::BenchFlight(a) => cmd::bench::run(a),

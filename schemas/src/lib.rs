@@ -4,7 +4,9 @@
 //! is spelled. Everything else refers to the constants and types defined here.
 
 pub mod sae_cfg;
+pub mod seqpos;
 pub mod streams;
+pub mod sweep;
 pub mod tokens;
 pub mod train_cfg;
 

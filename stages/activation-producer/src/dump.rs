@@ -42,7 +42,7 @@ pub fn run(a: &DumpArgs) -> Result<Value> {
         positions,
         sel,
     } = plan(
-        &model,
+        cfg,
         &a.hooks,
         a.stop_at_layer,
         a.hook_head_index,

@@ -1,6 +1,7 @@
 //! Library part of the `activation-producer` stage (the binary is a thin `main` over it).
 
 pub mod bench;
+pub mod check;
 pub mod dump;
 pub mod eval;
 pub mod run;
@@ -9,6 +10,8 @@ use anyhow::{bail, Context, Result};
 use kernels::{Device, Tensor};
 use lm::{HookPoint, HookedTransformer, TokenBatch};
 use std::path::Path;
+
+pub use schemas::seqpos::SeqposSlice;
 
 /// Loads the model and the token file, checking the tokens against the model.
 pub fn load_model_and_tokens(
@@ -44,7 +47,7 @@ pub struct Selection {
 
 /// Checks the hooks, `stop_at_layer`, head index and seqpos slice against the model.
 pub fn plan(
-    model: &HookedTransformer,
+    cfg: &lm::LmConfig,
     names: &[String],
     stop_at_layer: Option<usize>,
     hook_head_index: Option<usize>,
@@ -54,12 +57,20 @@ pub fn plan(
     if names.is_empty() {
         bail!("--hooks: name at least one hook");
     }
-    let cfg = model.cfg();
-    let hooks = model.hooks(names)?;
+    let hooks = names
+        .iter()
+        .map(|n| HookPoint::parse(n, cfg))
+        .collect::<lm::Result<Vec<_>>>()?;
     let needed = lm::hooks::stop_at_layer_for(&hooks, cfg.n_layers);
     let stop = match (stop_at_layer, needed) {
         (Some(s), _) => {
-            model.check_stop_at_layer(s)?;
+            if s > cfg.n_layers {
+                return Err(lm::LmError::StopAtLayer {
+                    stop: s,
+                    n_layers: cfg.n_layers,
+                }
+                .into());
+            }
             if let Some(h) = hooks
                 .iter()
                 .find(|h| needed.is_none() || h.blocks_needed() > s)
@@ -128,61 +139,6 @@ pub fn select(
     }
 }
 
-/// Python slice semantics (`slice(start, stop, step)`, negative indices from the end)
-/// over `0..len`, positive steps only.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SeqposSlice {
-    pub start: Option<i64>,
-    pub stop: Option<i64>,
-    pub step: Option<i64>,
-}
-
-impl SeqposSlice {
-    /// Parses `START:STOP[:STEP]`, each part optional (`1:`, `:-1`, `::2`).
-    pub fn parse(s: &str) -> Result<SeqposSlice> {
-        let parts: Vec<&str> = s.split(':').collect();
-        if !(2..=3).contains(&parts.len()) {
-            bail!(
-                "--seqpos-slice '{s}': expected START:STOP or START:STOP:STEP (parts may be empty)"
-            );
-        }
-        let num = |p: &str, what: &str| -> Result<Option<i64>> {
-            let p = p.trim();
-            if p.is_empty() {
-                return Ok(None);
-            }
-            p.parse()
-                .map(Some)
-                .with_context(|| format!("--seqpos-slice '{s}': {what} '{p}' is not an integer"))
-        };
-        let out = SeqposSlice {
-            start: num(parts[0], "START")?,
-            stop: num(parts[1], "STOP")?,
-            step: match parts.get(2) {
-                Some(p) => num(p, "STEP")?,
-                None => None,
-            },
-        };
-        if out.step.is_some_and(|st| st <= 0) {
-            bail!("--seqpos-slice '{s}': STEP must be positive");
-        }
-        Ok(out)
-    }
-
-    /// The positions selected out of `0..len`.
-    pub fn positions(&self, len: usize) -> Vec<usize> {
-        let n = len as i64;
-        let clamp = |v: i64| if v < 0 { (v + n).max(0) } else { v.min(n) };
-        let start = self.start.map_or(0, clamp);
-        let stop = self.stop.map_or(n, clamp);
-        let step = self.step.unwrap_or(1);
-        (start..stop)
-            .step_by(step as usize)
-            .map(|p| p as usize)
-            .collect()
-    }
-}
-
 /// Refuses to replace an existing output unless asked.
 pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
     if path.exists() && !overwrite {
@@ -197,29 +153,4 @@ pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn seqpos_slice_follows_python() {
-        let p = |s: &str, n| SeqposSlice::parse(s).unwrap().positions(n);
-        assert_eq!(p("1:", 5), vec![1, 2, 3, 4]);
-        assert_eq!(p(":-1", 5), vec![0, 1, 2, 3]);
-        assert_eq!(p("::2", 5), vec![0, 2, 4]);
-        assert_eq!(p("-3:10:2", 5), vec![2, 4]);
-        assert_eq!(p("4:2", 5), Vec::<usize>::new());
-        assert_eq!(p(":", 3), vec![0, 1, 2]);
-        assert!(SeqposSlice::parse("1").is_err());
-        assert!(SeqposSlice::parse("a:2")
-            .unwrap_err()
-            .to_string()
-            .contains("START 'a'"));
-        assert!(SeqposSlice::parse("::0")
-            .unwrap_err()
-            .to_string()
-            .contains("positive"));
-    }
 }

@@ -114,6 +114,10 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Check hooks, head index and seqpos slice against a checkpoint's config (no
+    /// weights loaded) and print each hook's width as JSON (what `pipeline run` asks
+    /// before it starts anything).
+    Check(activation_producer::check::CheckArgs),
     /// Forward throughput to --stop-at-layer on a random GPT-2-shaped checkpoint
     /// written by the bench (GPT-2 small by default); prints one JSON line.
     Bench {
@@ -210,6 +214,7 @@ fn run(cli: Cli) -> Result<()> {
                 device,
             })?
         }
+        Command::Check(args) => activation_producer::check::run(&args)?,
         Command::Bench { args, threads } => {
             set_threads(threads)?;
             bench::run(&args)?

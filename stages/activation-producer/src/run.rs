@@ -140,7 +140,14 @@ pub fn run(a: &RunArgs) -> Result<Value> {
         stop,
         positions,
         sel,
-    } = plan(&model, &a.hooks, None, a.hook_head_index, seqpos, seq_len)?;
+    } = plan(
+        model.cfg(),
+        &a.hooks,
+        None,
+        a.hook_head_index,
+        seqpos,
+        seq_len,
+    )?;
     if let Some(s) = sel.iter().find(|s| !s.hook.per_position()) {
         bail!(
             "'{}' is an attention pattern [n_heads, q_pos, k_pos], not one row per token: the activations stream carries per-position hooks",

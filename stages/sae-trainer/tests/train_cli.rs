@@ -751,15 +751,15 @@ fn finetuning_trains_only_its_parameters() {
     }
 }
 
-/// The README's training example (examples/) runs and learns.
+/// The single-SAE training example (tests/fixtures/tiny-acts) runs and learns.
 #[test]
-fn readme_example_trains() {
+fn tiny_acts_example_trains() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("tiny-topk");
-    let acts = root.join("examples/data/tiny-gpt2.blocks.1.hook_resid_pre.safetensors");
+    let acts = root.join("tests/fixtures/tiny-acts/tiny-gpt2.blocks.1.hook_resid_pre.safetensors");
     let summary = ok(train(
-        &root.join("examples/tiny-topk.yaml"),
+        &root.join("tests/fixtures/tiny-acts/tiny-topk.yaml"),
         acts.to_str().unwrap(),
         &out,
         &[],

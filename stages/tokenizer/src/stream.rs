@@ -33,6 +33,13 @@ pub struct StreamArgs {
     /// Start at this batch (sequence position × batch_sequences), for resume.
     #[arg(long, default_value_t = 0)]
     pub position: u64,
+    /// Stop after this many batches.
+    #[arg(long)]
+    pub max_batches: Option<u64>,
+    /// Only check: open the dataset and the tokenizer, tokenize the first documents,
+    /// print what was found (JSON) and write nothing.
+    #[arg(long)]
+    pub check: bool,
     #[arg(long, value_parser = pipeline::cli::parse_bytes, default_value = "256MiB")]
     pub shard_bytes: usize,
     #[command(flatten)]
@@ -72,6 +79,24 @@ pub fn run(a: &StreamArgs) -> Result<Value> {
     }
     // As SAELens's ActivationsStore: one continuous packing.
     let mut windows = a.tokens.open(Grouping::CONTINUOUS)?;
+    if a.check {
+        let first = windows.next().transpose()?.map_or(0, |c| c.len());
+        if first == 0 {
+            bail!(
+                "{}: no {}-token sequence could be made from it",
+                a.tokens.dataset.display(),
+                a.tokens.context_size
+            );
+        }
+        return Ok(json!({
+            "check": "ok",
+            "dataset": a.tokens.dataset.display().to_string(),
+            "pretokenized": windows.is_pretokenized(),
+            "first_sequences": first,
+            "context_size": a.tokens.context_size,
+            "warnings": windows.warnings,
+        }));
+    }
     let mut md = tokens_schema(&windows.metadata).metadata().clone();
     md.insert(
         schemas::streams::meta::STREAM.into(),
@@ -122,6 +147,11 @@ pub fn run(a: &StreamArgs) -> Result<Value> {
                     write(&mut sink, &tokens_batch(&schema, &pending)?)?;
                     written += pending.len() as u64;
                     pending.clear();
+                    if a.max_batches
+                        .is_some_and(|m| written >= m * a.batch_sequences as u64)
+                    {
+                        return Ok(());
+                    }
                 }
             }
         }

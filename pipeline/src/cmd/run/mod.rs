@@ -1,0 +1,820 @@
+//! `pipeline run sweep.yaml`: a whole SAELens training run, or a sweep of them, from one
+//! command. Checks everything before starting anything (each stage binary checks its
+//! own part), starts tokenizer → activation-producer ×P → shuffler → sae-trainer ×N on
+//! loopback, supervises them (one failing stops the rest), then runs SAELens's evals
+//! per SAE and writes `summary.json`.
+
+mod procs;
+
+use anyhow::{anyhow, bail, Context, Result};
+use procs::{find_bin, stop_all, Stage, GRACE};
+use schemas::sweep::{ExcludeSpecialTokens, SpecialToken, Sweep};
+use schemas::{NormalizeActivations, TrainConfig};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The run file: a sweep.yaml (SAELens's LanguageModelSAERunnerConfig fields plus
+    /// `sweep:`, `saes:`, `pipeline:`), or a SAELens `runner_cfg.json`. Relative paths
+    /// in it are relative to its directory.
+    file: PathBuf,
+    /// The run directory (default: runs/<the file's name>).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Replace an existing run directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// Only check the run and print its plan; start nothing, write nothing.
+    #[arg(long)]
+    check: bool,
+    /// Seconds between progress lines.
+    #[arg(long, default_value_t = 10.0)]
+    progress_every: f64,
+}
+
+/// Shuffler buffer cap when `pipeline.max_buffer_bytes` is not set (the shuffler's).
+const DEFAULT_MAX_BUFFER: usize = 4 << 30;
+/// Sequences per `tokens` batch.
+const TOKEN_BATCH: usize = 64;
+
+struct Bins {
+    tokenizer: PathBuf,
+    producer: PathBuf,
+    shuffler: PathBuf,
+    trainer: PathBuf,
+}
+
+/// Everything decided before a process starts.
+struct Plan {
+    model: PathBuf,
+    dataset: Option<PathBuf>,
+    /// Activation caches to replay, in merge order (use_cached_activations).
+    replay: Vec<PathBuf>,
+    hooks: Vec<(String, usize)>,
+    /// Batches the shuffler serves: the most any SAE reads.
+    batches: u64,
+    /// LM batches each producer runs.
+    lm_batches_per_producer: u64,
+    buffer_bytes: usize,
+    max_buffer_bytes: usize,
+    memory_bytes: u64,
+    /// Points per trainer process.
+    trainers: Vec<Vec<usize>>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let started = Instant::now();
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?;
+    let is_json = a.file.extension().is_some_and(|e| e == "json");
+    let sweep = if is_json {
+        Sweep::from_json(&text)
+    } else {
+        Sweep::from_yaml(&text)
+    }
+    .map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
+    for n in &sweep.notices {
+        eprintln!("notice: {n}");
+    }
+    let base = a.file.parent().unwrap_or(Path::new("")).to_path_buf();
+    let run_dir = a.output.clone().unwrap_or_else(|| {
+        let stem = a
+            .file
+            .file_stem()
+            .map_or("run".into(), |s| s.to_string_lossy().to_string());
+        PathBuf::from("runs").join(stem)
+    });
+    if run_dir.exists() && !a.overwrite && !a.check {
+        bail!(
+            "the run directory {} already exists; pass --overwrite to replace it, or --output another",
+            run_dir.display()
+        );
+    }
+    let bins = Bins {
+        tokenizer: find_bin("tokenizer")?,
+        producer: find_bin("activation-producer")?,
+        shuffler: find_bin("shuffler")?,
+        trainer: find_bin("sae-trainer")?,
+    };
+    let plan = check_all(&sweep, &base, &bins)?;
+    let plan_json = plan_json(&sweep, &plan);
+    if a.check {
+        println!("{}", serde_json::to_string_pretty(&plan_json)?);
+        return Ok(());
+    }
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir)
+            .with_context(|| format!("cannot remove {} (--overwrite)", run_dir.display()))?;
+    }
+    for d in ["logs", "saes", "configs"] {
+        std::fs::create_dir_all(run_dir.join(d))
+            .with_context(|| format!("cannot create {}", run_dir.join(d).display()))?;
+    }
+    write_atomic(
+        &run_dir.join("sweep.yaml"),
+        serde_norway::to_string(&sweep.resolved())?.as_bytes(),
+    )?;
+    let cancel = pipeline::cli::interrupt_flag()?;
+    let mut stages = Vec::new();
+    let res = train(
+        &sweep,
+        &plan,
+        &bins,
+        &run_dir,
+        &mut stages,
+        &cancel,
+        a.progress_every,
+    );
+    let mut plan_json = plan_json;
+    plan_json["stages"] = json!(stages
+        .iter()
+        .map(|s| json!({"name": s.name, "stream": s.url, "log": s.log}))
+        .collect::<Vec<_>>());
+    write_atomic(
+        &run_dir.join("plan.json"),
+        serde_json::to_string_pretty(&plan_json)?.as_bytes(),
+    )?;
+    if let Err(e) = res {
+        if cancel.load(Ordering::SeqCst) {
+            eprintln!("interrupted: every stage stopped (trainers write a checkpoint on SIGTERM); logs in {}", run_dir.join("logs").display());
+            std::process::exit(130);
+        }
+        return Err(e);
+    }
+    let trained: BTreeMap<String, Value> = stages
+        .iter()
+        .filter(|s| s.name.starts_with("trainer"))
+        .flat_map(|s| s.summaries())
+        .filter_map(|v| {
+            let out = PathBuf::from(v["output"].as_str()?);
+            Some((out.file_name()?.to_string_lossy().to_string(), v))
+        })
+        .collect();
+    let evals = run_evals(&sweep, &plan, &bins, &run_dir, &cancel)?;
+    let mut rows = Vec::new();
+    for (i, p) in sweep.points.iter().enumerate() {
+        let dir = run_dir.join("saes").join(&p.name);
+        let d_in = plan
+            .hooks
+            .iter()
+            .find(|(h, _)| Some(h) == p.train.hook_name.as_ref())
+            .map(|(_, d)| *d)
+            .expect("planned");
+        let rc = sweep.runner_cfg_json(p, d_in)?;
+        write_atomic(
+            &dir.join("runner_cfg.json"),
+            serde_json::to_string_pretty(&rc)?.as_bytes(),
+        )?;
+        let t = trained.get(&p.name).cloned().unwrap_or(Value::Null);
+        let last = last_metrics(&dir);
+        let e = evals.get(i).cloned().unwrap_or(Value::Null);
+        rows.push(json!({
+            "point": p.name,
+            "hook_name": p.train.hook_name,
+            "architecture": p.train.architecture,
+            "d_sae": t["d_sae"],
+            "steps": t["steps"],
+            "final_loss": t["final_loss"],
+            "mse_loss": last["losses/mse_loss"],
+            "l0": last["metrics/l0"],
+            "explained_variance": last["metrics/explained_variance"],
+            "dead_features": last["sparsity/dead_features"],
+            "dead_fraction": last["sparsity/dead_features"].as_f64().zip(t["d_sae"].as_f64()).map(|(d, n)| d / n),
+            "ce_loss_score": e["metrics"]["model_performance_preservation"]["ce_loss_score"],
+            "kl_div_score": e["metrics"]["model_behavior_preservation"]["kl_div_score"],
+            "eval_explained_variance": e["metrics"]["reconstruction_quality"]["explained_variance"],
+            "eval_mse": e["metrics"]["reconstruction_quality"]["mse"],
+            "eval_l0": e["metrics"]["sparsity"]["l0"],
+            "eval_l1": e["metrics"]["sparsity"]["l1"],
+            "tokens_per_second": t["tokens_per_second"],
+            "train_seconds": t["seconds"],
+        }));
+    }
+    let summary = json!({
+        "run_dir": run_dir,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "points": rows,
+    });
+    write_atomic(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    print_table(&summary);
+    Ok(())
+}
+
+/// Resolves a path of the run file against its directory.
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = PathBuf::from(p);
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+/// Every check, before anything starts: each SAE's config, the model and hooks (by the
+/// producer binary, config only), d_in against the hook, the dataset (by the tokenizer
+/// binary), the buffer cap, the machine's memory.
+fn check_all(sweep: &Sweep, base: &Path, bins: &Bins) -> Result<Plan> {
+    let st = sweep.stream();
+    let r = &sweep.runner;
+    let model = resolve(base, st.model_name.as_deref().expect("validated"));
+    if !model.join("config.json").is_file() {
+        bail!(
+            "model_name: {} is not an HF checkpoint directory (no config.json; models are read from local directories)",
+            model.display()
+        );
+    }
+    let slice = sweep.seqpos_slice()?;
+    let ctx = st.context_size as usize;
+    let hook_names = sweep.hooks();
+    let mut args = vec![
+        "check".to_string(),
+        "--model".into(),
+        s(&model),
+        "--hooks".into(),
+        hook_names.join(","),
+        "--context-size".into(),
+        ctx.to_string(),
+        "--seqpos-slice".into(),
+        slice.to_arg(),
+    ];
+    if let Some(h) = st.hook_head_index {
+        args.extend(["--hook-head-index".into(), h.to_string()]);
+    }
+    let mc = procs::check(&bins.producer, &args, "hook_name")?;
+    let hooks: Vec<(String, usize)> = mc["hooks"]
+        .as_array()
+        .ok_or_else(|| anyhow!("the model check printed no hooks"))?
+        .iter()
+        .map(|h| {
+            (
+                h["hook"].as_str().unwrap_or_default().to_string(),
+                h["d"].as_u64().unwrap_or(0) as usize,
+            )
+        })
+        .collect();
+    let positions = mc["positions"].as_u64().unwrap_or(ctx as u64) as usize;
+    let width = |h: &str| {
+        hooks
+            .iter()
+            .find(|(n, _)| n == h)
+            .map(|(_, d)| *d)
+            .expect("checked")
+    };
+    let mut sae_bytes = 0u64;
+    for p in &sweep.points {
+        let d_in = width(p.train.hook_name.as_deref().expect("validated"));
+        let c = p
+            .train
+            .sae_config(d_in)
+            .map_err(|e| anyhow!("{e} (SAE '{}', hook width {d_in})", p.name))?;
+        // Weights, gradients and Adam's two moments, f32.
+        sae_bytes += 4 * 4 * (2 * c.d_in * c.d_sae + c.d_in + c.d_sae) as u64
+            + 4 * (st.train_batch_size_tokens * (c.d_sae + 2 * c.d_in)) as u64;
+    }
+    let (dataset, replay) = if r.use_cached_activations {
+        let c = resolve(
+            base,
+            r.cached_activations_path.as_deref().expect("validated"),
+        );
+        (None, replay_sources(&c)?)
+    } else {
+        let d = resolve(base, st.dataset_path.as_deref().expect("validated"));
+        let mut targs = tokenizer_args(sweep, &d, &model);
+        targs.push("--check".into());
+        procs::check(&bins.tokenizer, &targs, "dataset_path")?;
+        (Some(d), Vec::new())
+    };
+    let batches = sweep.points.iter().map(batches_read).max().unwrap_or(0);
+    let t = st.train_batch_size_tokens;
+    let rows_per_lm_batch = (r.store_batch_size_prompts * positions) as u64;
+    let mut lm_batches = (batches * t as u64).div_ceil(rows_per_lm_batch);
+    if r.exclude_special_tokens != ExcludeSpecialTokens::Flag(false) {
+        // Excluded tokens leave fewer rows per LM batch: run half again as many (the
+        // shuffler stops at its count; the producers' surplus is drained unused).
+        lm_batches += lm_batches / 2 + 1;
+    }
+    let p = sweep.pipeline.producers as u64;
+    let row_bytes: usize = hooks.iter().map(|(_, d)| 4 * d).sum::<usize>() + 16;
+    let buffer_bytes = st.n_batches_in_buffer * t * row_bytes;
+    let max_buffer_bytes = match &sweep.pipeline.max_buffer_bytes {
+        Some(b) => {
+            crate::cmd::parse_bytes(b).map_err(|e| anyhow!("pipeline.max_buffer_bytes: {e}"))?
+        }
+        None => DEFAULT_MAX_BUFFER,
+    };
+    if buffer_bytes > max_buffer_bytes {
+        bail!(
+            "n_batches_in_buffer: {} batches of {t} tokens × {row_bytes} bytes = {buffer_bytes} bytes, over the buffer cap of {max_buffer_bytes} bytes (pipeline.max_buffer_bytes)",
+            st.n_batches_in_buffer
+        );
+    }
+    let weights = mc["weights_bytes"].as_u64().unwrap_or(0);
+    // Per producer: the weights and a few LM batches of activations; the shuffler's
+    // buffer; the trainers' SAEs; the Flight windows between stages.
+    let memory_bytes = p * (weights + 8 * rows_per_lm_batch * row_bytes as u64)
+        + 2 * buffer_bytes as u64
+        + sae_bytes
+        + (3 + p) * 64 * 1024 * 1024;
+    let total = memory_total()?;
+    if memory_bytes > total {
+        bail!(
+            "the run needs about {:.1} GiB ({p} producers × {:.1} GiB of weights, a {:.1} GiB buffer, {:.1} GiB of SAEs and optimizer state), more than this machine's {:.1} GiB",
+            gib(memory_bytes),
+            gib(weights),
+            gib(buffer_bytes as u64),
+            gib(sae_bytes),
+            gib(total)
+        );
+    }
+    let k = sweep.pipeline.trainers;
+    let mut trainers = vec![Vec::new(); k];
+    for i in 0..sweep.points.len() {
+        trainers[i % k].push(i);
+    }
+    Ok(Plan {
+        model,
+        dataset,
+        replay,
+        hooks,
+        batches,
+        lm_batches_per_producer: lm_batches.div_ceil(p),
+        buffer_bytes,
+        max_buffer_bytes,
+        memory_bytes,
+        trainers,
+    })
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+fn memory_total() -> Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| anyhow!("no MemTotal in /proc/meminfo"))
+}
+
+/// Batches a trainer reads for this SAE: the norm estimate's, then one per step.
+fn batches_read(p: &schemas::sweep::Point) -> u64 {
+    let t: &TrainConfig = &p.train;
+    let norm = NormalizeActivations::parse(&t.normalize_activations)
+        .is_ok_and(|n| n == NormalizeActivations::ExpectedAverageOnlyIn);
+    t.total_training_steps()
+        + if norm {
+            t.n_batches_for_norm_estimate as u64
+        } else {
+            0
+        }
+}
+
+/// The caches to replay: a shard directory or SAELens cache, or a run's `cache/` of
+/// `producer-I` shard directories (merged in that order, as the producers were).
+fn replay_sources(c: &Path) -> Result<Vec<PathBuf>> {
+    if !c.is_dir() {
+        bail!(
+            "cached_activations_path: {} is not a directory",
+            c.display()
+        );
+    }
+    let mut parts: Vec<(usize, PathBuf)> = std::fs::read_dir(c)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            let i = n.strip_prefix("producer-")?.parse().ok()?;
+            Some((i, e.path()))
+        })
+        .collect();
+    parts.sort();
+    if parts.is_empty() {
+        return Ok(vec![c.to_path_buf()]);
+    }
+    Ok(parts.into_iter().map(|(_, p)| p).collect())
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn tokenizer_args(sweep: &Sweep, dataset: &Path, model: &Path) -> Vec<String> {
+    let st = sweep.stream();
+    let r = &sweep.runner;
+    let mut v = vec![
+        "stream".to_string(),
+        "--dataset".into(),
+        s(dataset),
+        "--tokenizer".into(),
+        s(model),
+        "--context-size".into(),
+        st.context_size.to_string(),
+        // SAELens's ActivationsStore: BOS first in each batch when prepend_bos, the
+        // separator between documents, nothing at each document's start.
+        "--begin-batch-token".into(),
+        if st.prepend_bos { "bos" } else { "none" }.into(),
+        "--begin-sequence-token".into(),
+        "none".into(),
+        "--sequence-separator-token".into(),
+        SpecialToken::to_arg(&r.sequence_separator_token),
+    ];
+    if r.disable_concat_sequences {
+        v.push("--disable-concat-sequences".into());
+    }
+    v
+}
+
+fn threads(v: Option<usize>) -> Vec<String> {
+    v.map_or(Vec::new(), |t| vec!["--threads".into(), t.to_string()])
+}
+
+/// Starts the stages and supervises them until the trainers are done.
+fn train(
+    sweep: &Sweep,
+    plan: &Plan,
+    bins: &Bins,
+    run_dir: &Path,
+    stages: &mut Vec<Stage>,
+    cancel: &std::sync::atomic::AtomicBool,
+    every: f64,
+) -> Result<()> {
+    let res = start_and_wait(sweep, plan, bins, run_dir, stages, cancel, every);
+    if res.is_err() {
+        stop_all(stages, GRACE);
+    }
+    res
+}
+
+fn start_and_wait(
+    sweep: &Sweep,
+    plan: &Plan,
+    bins: &Bins,
+    run_dir: &Path,
+    stages: &mut Vec<Stage>,
+    cancel: &std::sync::atomic::AtomicBool,
+    every: f64,
+) -> Result<()> {
+    let st = sweep.stream();
+    let r = &sweep.runner;
+    let th = &sweep.pipeline.threads;
+    let logs = run_dir.join("logs");
+    let loopback = "127.0.0.1:0".to_string();
+    let n_prod = sweep.pipeline.producers;
+    let mut upstreams: Vec<String> = plan.replay.iter().map(|p| s(p)).collect();
+    if let Some(dataset) = &plan.dataset {
+        let names: Vec<String> = (0..n_prod).map(|i| format!("p{i}")).collect();
+        let mut args = tokenizer_args(sweep, dataset, &plan.model);
+        args.extend([
+            "--batch-sequences".into(),
+            TOKEN_BATCH.to_string(),
+            "--listen".into(),
+            loopback.clone(),
+            "--consumers".into(),
+            names.join(","),
+        ]);
+        args.extend(threads(th.tokenizer));
+        stages.push(Stage::start(
+            "tokenizer",
+            &bins.tokenizer,
+            &args,
+            &logs,
+            true,
+        )?);
+        let tokens = stages[0].url.clone().expect("served");
+        let hooks: Vec<&str> = plan.hooks.iter().map(|(h, _)| h.as_str()).collect();
+        for (i, name) in names.iter().enumerate() {
+            let mut args = vec![
+                "run".to_string(),
+                "--tokens".into(),
+                tokens.clone(),
+                "--consumer".into(),
+                name.clone(),
+                "--model".into(),
+                s(&plan.model),
+                "--hooks".into(),
+                hooks.join(","),
+                "--store-batch-size-prompts".into(),
+                r.store_batch_size_prompts.to_string(),
+                "--seqpos-slice".into(),
+                sweep.seqpos_slice()?.to_arg(),
+                "--producer".into(),
+                format!("{i}/{n_prod}"),
+                "--max-batches".into(),
+                plan.lm_batches_per_producer.to_string(),
+                "--listen".into(),
+                loopback.clone(),
+            ];
+            if let Some(h) = st.hook_head_index {
+                args.extend(["--hook-head-index".into(), h.to_string()]);
+            }
+            match &r.exclude_special_tokens {
+                ExcludeSpecialTokens::Flag(false) => {}
+                ExcludeSpecialTokens::Flag(true) => args.push("--exclude-special-tokens".into()),
+                ExcludeSpecialTokens::Ids(ids) => args.push(format!(
+                    "--exclude-special-tokens={}",
+                    ids.iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )),
+            }
+            if let Some(c) = &sweep.pipeline.cache {
+                args.extend([
+                    "--output".into(),
+                    s(&run_dir.join(c).join(format!("producer-{i}"))),
+                ]);
+            }
+            args.extend(threads(th.producer));
+            let stage = Stage::start(&format!("producer-{i}"), &bins.producer, &args, &logs, true)?;
+            upstreams.push(stage.url.clone().expect("served"));
+            stages.push(stage);
+        }
+    }
+    let consumers: Vec<String> = (0..plan.trainers.len()).map(|i| format!("t{i}")).collect();
+    let mut args = vec!["run".to_string(), "--upstream".into()];
+    args.extend(upstreams);
+    args.extend([
+        "--train-batch-size-tokens".into(),
+        st.train_batch_size_tokens.to_string(),
+        "--n-batches-in-buffer".into(),
+        st.n_batches_in_buffer.to_string(),
+        "--seed".into(),
+        st.seed.to_string(),
+        "--max-batches".into(),
+        plan.batches.to_string(),
+        "--max-buffer-bytes".into(),
+        plan.max_buffer_bytes.to_string(),
+        "--listen".into(),
+        loopback.clone(),
+        "--consumers".into(),
+        consumers.join(","),
+    ]);
+    if !st.shuffle {
+        args.push("--no-shuffle".into());
+    }
+    args.extend(threads(th.shuffler));
+    let shuffler = Stage::start("shuffler", &bins.shuffler, &args, &logs, true)?;
+    let batches = shuffler.url.clone().expect("served");
+    stages.push(shuffler);
+    for (k, points) in plan.trainers.iter().enumerate() {
+        let mut args = vec![
+            "train".to_string(),
+            "--upstream".into(),
+            batches.clone(),
+            "--consumer".into(),
+            consumers[k].clone(),
+        ];
+        for &i in points {
+            let p = &sweep.points[i];
+            let cfg = run_dir.join("configs").join(format!("{}.yaml", p.name));
+            write_atomic(&cfg, p.train.to_yaml().as_bytes())?;
+            args.extend([
+                "--config".into(),
+                s(&cfg),
+                "--output".into(),
+                s(&run_dir.join("saes").join(&p.name)),
+            ]);
+        }
+        args.extend(threads(th.trainer));
+        stages.push(Stage::start(
+            &format!("trainer-{k}"),
+            &bins.trainer,
+            &args,
+            &logs,
+            false,
+        )?);
+    }
+    supervise(sweep, run_dir, stages, cancel, every)
+}
+
+/// Waits for every stage; the first to fail stops the rest. Prints progress.
+fn supervise(
+    sweep: &Sweep,
+    run_dir: &Path,
+    stages: &mut [Stage],
+    cancel: &std::sync::atomic::AtomicBool,
+    every: f64,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let mut last = Instant::now();
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            stop_all(stages, GRACE);
+            bail!("interrupted");
+        }
+        let mut done = true;
+        for i in 0..stages.len() {
+            done &= stages[i].poll()?;
+            if stages[i].failed() {
+                // Let the others notice too, then report the first to fail.
+                let msg = stages[i].failure();
+                stop_all(stages, GRACE);
+                bail!("{msg}");
+            }
+        }
+        if done {
+            return Ok(());
+        }
+        if last.elapsed().as_secs_f64() >= every {
+            last = Instant::now();
+            progress(sweep, run_dir, stages, t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One line per SAE: step, loss, L0, explained variance; and which stages still run.
+fn progress(sweep: &Sweep, run_dir: &Path, stages: &[Stage], elapsed: Duration) {
+    let running: Vec<&str> = stages
+        .iter()
+        .filter(|s| s.running())
+        .map(|s| s.name.as_str())
+        .collect();
+    eprintln!(
+        "[{:>5.0}s] running: {}",
+        elapsed.as_secs_f64(),
+        running.join(", ")
+    );
+    for p in &sweep.points {
+        let m = last_metrics(&run_dir.join("saes").join(&p.name));
+        if m.is_null() {
+            eprintln!("    {:<32} waiting for data", p.name);
+            continue;
+        }
+        eprintln!(
+            "    {:<32} step {:>6}/{}  loss {:>10.4}  L0 {:>7.2}  EV {:>6.3}",
+            p.name,
+            m["step"].as_u64().map_or(0, |s| s + 1),
+            p.train.total_training_steps(),
+            m["losses/overall_loss"].as_f64().unwrap_or(f64::NAN),
+            m["metrics/l0"].as_f64().unwrap_or(f64::NAN),
+            m["metrics/explained_variance"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+}
+
+/// The last training-step line of `DIR/metrics.jsonl` (Null when there is none yet).
+fn last_metrics(dir: &Path) -> Value {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .ok()
+        .and_then(|t| {
+            t.lines().rev().find_map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .filter(|v| v.get("metrics/explained_variance").is_some())
+            })
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// SAELens's `run_evals` for every SAE: `n_eval_batches` batches of
+/// `eval_batch_size_prompts` sequences, from the start of the dataset.
+fn run_evals(
+    sweep: &Sweep,
+    plan: &Plan,
+    bins: &Bins,
+    run_dir: &Path,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<Value>> {
+    let r = &sweep.runner;
+    let Some(dataset) = &plan.dataset else {
+        eprintln!("notice: no evals: the run replayed cached activations and names no dataset");
+        return Ok(Vec::new());
+    };
+    if r.n_eval_batches == 0 {
+        return Ok(Vec::new());
+    }
+    let e = sweep.eval_batch_size_prompts();
+    let tokens = run_dir.join("eval_tokens.arrow");
+    let mut args = tokenizer_args(sweep, dataset, &plan.model);
+    args.extend([
+        "--batch-sequences".into(),
+        e.to_string(),
+        "--max-batches".into(),
+        r.n_eval_batches.to_string(),
+        "--output".into(),
+        s(&tokens),
+    ]);
+    procs::check(&bins.tokenizer, &args, "eval tokens")?;
+    let mut out = Vec::new();
+    for p in &sweep.points {
+        if cancel.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        let dir = run_dir.join("saes").join(&p.name);
+        eprintln!("evals: {}", p.name);
+        let args = vec![
+            "eval".to_string(),
+            "--model".into(),
+            s(&plan.model),
+            "--sae".into(),
+            s(&dir),
+            "--tokens".into(),
+            s(&tokens),
+            "--batch-size-prompts".into(),
+            e.to_string(),
+            "--n-eval-reconstruction-batches".into(),
+            r.n_eval_batches.to_string(),
+            "--n-eval-sparsity-variance-batches".into(),
+            r.n_eval_batches.to_string(),
+            "--output".into(),
+            s(&dir.join("evals.json")),
+        ];
+        let v = procs::check(&bins.producer, &args, &format!("evals of {}", p.name))?;
+        out.push(v);
+    }
+    Ok(out)
+}
+
+fn plan_json(sweep: &Sweep, plan: &Plan) -> Value {
+    json!({
+        "model": plan.model,
+        "dataset": plan.dataset,
+        "replay": plan.replay,
+        "hooks": plan.hooks.iter().map(|(h, d)| json!({"hook": h, "d_in": d})).collect::<Vec<_>>(),
+        "shuffler_batches": plan.batches,
+        "producers": sweep.pipeline.producers,
+        "lm_batches_per_producer": plan.lm_batches_per_producer,
+        "buffer_bytes": plan.buffer_bytes,
+        "max_buffer_bytes": plan.max_buffer_bytes,
+        "memory_estimate_bytes": plan.memory_bytes,
+        "points": sweep.points.iter().map(|p| json!({
+            "name": p.name,
+            "hook_name": p.train.hook_name,
+            "steps": p.train.total_training_steps(),
+            "overrides": p.overrides,
+        })).collect::<Vec<_>>(),
+        "trainers": plan.trainers.iter().map(|ps| ps.iter().map(|&i| sweep.points[i].name.clone()).collect::<Vec<_>>()).collect::<Vec<_>>(),
+    })
+}
+
+/// The points, best first: by CE loss score when evals ran, else explained variance.
+fn print_table(summary: &Value) {
+    let mut rows: Vec<&Value> = summary["points"]
+        .as_array()
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    let by_ce = rows.iter().all(|r| r["ce_loss_score"].is_number());
+    let key = |r: &Value| {
+        if by_ce {
+            r["ce_loss_score"].as_f64()
+        } else {
+            r["explained_variance"].as_f64()
+        }
+        .unwrap_or(f64::NEG_INFINITY)
+    };
+    rows.sort_by(|a, b| key(b).total_cmp(&key(a)));
+    println!(
+        "best first by {}:",
+        if by_ce {
+            "CE loss score (evals)"
+        } else {
+            "explained variance (last training step)"
+        }
+    );
+    println!(
+        "{:<34} {:>10} {:>8} {:>8} {:>8} {:>7} {:>10}",
+        "point", "mse", "L0", "EV", "CE score", "dead %", "tokens/s"
+    );
+    let f = |v: &Value, prec: usize| {
+        v.as_f64()
+            .map_or("-".to_string(), |x| format!("{x:.prec$}"))
+    };
+    for r in rows {
+        println!(
+            "{:<34} {:>10} {:>8} {:>8} {:>8} {:>7} {:>10}",
+            r["point"].as_str().unwrap_or("?"),
+            f(&r["mse_loss"], 4),
+            f(&r["l0"], 2),
+            f(&r["explained_variance"], 3),
+            f(&r["ce_loss_score"], 3),
+            r["dead_fraction"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{:.1}", 100.0 * x)),
+            f(&r["tokens_per_second"], 0),
+        );
+    }
+    println!(
+        "summary: {}",
+        summary["run_dir"]
+            .as_str()
+            .map_or(String::new(), |d| format!("{d}/summary.json"))
+    );
+}
+
+/// Writes to a temporary name beside `path`, then renames.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! The stage processes of a run: started with their output going to `logs/<stage>.log`,
+//! the address a server bound read from its first stdout line, stopped together.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a stage may take to bind its server (it loads its model first).
+const BIND_LIMIT: Duration = Duration::from_secs(600);
+/// How long a stopped stage gets between SIGTERM and SIGKILL (trainers checkpoint).
+pub const GRACE: Duration = Duration::from_secs(30);
+
+pub struct Stage {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+    /// The stream it serves, from its first stdout line.
+    pub url: Option<String>,
+    /// Every JSON line it printed on stdout after the first (its summaries).
+    pub json: Arc<Mutex<Vec<Value>>>,
+    pub status: Option<ExitStatus>,
+}
+
+/// A stage binary: beside this executable, else on `PATH`.
+pub fn find_bin(name: &str) -> Result<PathBuf> {
+    let here = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)));
+    if let Some(p) = here.filter(|p| p.is_file()) {
+        return Ok(p);
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("the stage binary `{name}` is neither beside this `pipeline` nor on PATH (build the workspace: cargo build --workspace --bins)")
+}
+
+/// Runs a stage binary to completion (its check mode); returns its last stdout JSON
+/// line, or its own error message.
+pub fn check(bin: &Path, args: &[String], what: &str) -> Result<Value> {
+    let out = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let msg = err
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or(err.trim());
+        bail!("{what}: {}", msg.trim_start_matches("error: "));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| anyhow!("{what}: {} printed no JSON", bin.display()))
+}
+
+impl Stage {
+    /// Starts `bin args`; with `serves`, waits for the `{"listening": ..}` line.
+    pub fn start(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        logs: &Path,
+        serves: bool,
+    ) -> Result<Stage> {
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        writeln!(&file, "# {} {}", bin.display(), args.join(" "))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(file.try_clone()?));
+        // SAFETY: prctl is async-signal-safe; it makes the stage die with `pipeline`
+        // (a `kill -9` of the orchestrator leaves no stage behind).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let json = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let json = json.clone();
+            let mut file = file;
+            std::thread::spawn(move || {
+                let mut first = true;
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let _ = writeln!(file, "{line}");
+                    let v: Option<Value> = serde_json::from_str(&line).ok();
+                    if first {
+                        first = false;
+                        if let Some(u) = v.as_ref().and_then(|v| v["stream"].as_str()) {
+                            let _ = tx.send(u.to_string());
+                            continue;
+                        }
+                    }
+                    if let Some(v) = v {
+                        json.lock().expect("not poisoned").push(v);
+                    }
+                }
+            });
+        }
+        let mut stage = Stage {
+            name: name.to_string(),
+            child,
+            log,
+            url: None,
+            json,
+            status: None,
+        };
+        if serves {
+            let t0 = Instant::now();
+            loop {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(u) => {
+                        stage.url = Some(u);
+                        break;
+                    }
+                    Err(_) if t0.elapsed() > BIND_LIMIT => {
+                        bail!("stage `{name}` did not report its address within {BIND_LIMIT:?}")
+                    }
+                    Err(_) => {
+                        if let Some(st) = stage.child.try_wait()? {
+                            stage.status = Some(st);
+                            bail!("{}", stage.failure());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(stage)
+    }
+
+    pub fn running(&self) -> bool {
+        self.status.is_none()
+    }
+
+    /// Polls the process; true once it has exited.
+    pub fn poll(&mut self) -> Result<bool> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait()?;
+        }
+        Ok(self.status.is_some())
+    }
+
+    pub fn failed(&self) -> bool {
+        self.status.is_some_and(|s| !s.success())
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if self.status.is_none() {
+            // SAFETY: a plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(self.child.id() as i32, sig);
+            }
+        }
+    }
+
+    /// "stage `x` failed (exit status 1); the end of its log …".
+    pub fn failure(&self) -> String {
+        let status = match self.status {
+            Some(s) => s.to_string(),
+            None => "still running".into(),
+        };
+        format!(
+            "stage `{}` failed ({status}); the end of {}:\n{}",
+            self.name,
+            self.log.display(),
+            tail(&self.log, 12)
+        )
+    }
+
+    /// Its JSON summary lines so far.
+    pub fn summaries(&self) -> Vec<Value> {
+        self.json.lock().expect("not poisoned").clone()
+    }
+}
+
+/// The last `n` lines of a file, indented.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// SIGTERM to every running stage, then SIGKILL to those still running after `grace`.
+pub fn stop_all(stages: &mut [Stage], grace: Duration) {
+    for s in stages.iter() {
+        s.signal(libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < grace {
+        let mut alive = false;
+        for s in stages.iter_mut() {
+            alive |= !s.poll().unwrap_or(true);
+        }
+        if !alive {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for s in stages.iter_mut() {
+        s.signal(libc::SIGKILL);
+        let _ = s.child.wait().map(|st| s.status = Some(st));
+    }
+}
