@@ -27,6 +27,11 @@ pub mod files {
     pub const SPARSITY: &str = "sparsity.safetensors";
     /// The tensor name inside [`SPARSITY`].
     pub const SPARSITY_TENSOR: &str = "sparsity";
+    /// A trainer checkpoint's counters and scalars (`counters.batches_consumed` is the
+    /// stream position it resumes at).
+    pub const TRAINER_STATE_JSON: &str = "trainer_state.json";
+    /// A trainer checkpoint's tensors (SAE, Adam moments, dead-latent counters).
+    pub const TRAINER_STATE_TENSORS: &str = "trainer_state.safetensors";
 }
 
 /// Column and tensor names of token files (pretokenized datasets, SAELens's `input_ids`).

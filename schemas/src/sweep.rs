@@ -104,6 +104,9 @@ pub struct PipelineConfig {
     pub cache: Option<String>,
     /// The shuffler's hard cap on its buffer (`4GiB`, `512MiB`, bytes).
     pub max_buffer_bytes: Option<String>,
+    /// Bytes of batches each serving stage holds for its consumers (default 256MiB):
+    /// how far a stage may run ahead of the next.
+    pub window_bytes: Option<String>,
 }
 
 impl Default for PipelineConfig {
@@ -114,6 +117,7 @@ impl Default for PipelineConfig {
             threads: StageThreads::default(),
             cache: None,
             max_buffer_bytes: None,
+            window_bytes: None,
         }
     }
 }
@@ -600,14 +604,20 @@ impl Sweep {
             .unwrap_or(self.runner.store_batch_size_prompts)
     }
 
-    /// The resolved run file: shared fields, runner fields, pipeline, and every point
-    /// with its full training config.
+    /// The resolved run file, itself a run file that reads back as this sweep: the
+    /// stream's and the runner's fields at the top, `pipeline:`, and every point in
+    /// `saes:` with its whole training config and its name as `run_name`.
     pub fn resolved(&self) -> Value {
         let mut out = Map::new();
-        out.insert(
-            "runner".into(),
-            serde_json::to_value(&self.runner).expect("serialises"),
-        );
+        let stream = serde_json::to_value(self.stream()).expect("serialises");
+        for k in STREAM_FIELDS {
+            if let Some(v) = stream.get(*k) {
+                out.insert(k.to_string(), v.clone());
+            }
+        }
+        if let Value::Object(r) = serde_json::to_value(&self.runner).expect("serialises") {
+            out.extend(r);
+        }
         out.insert(
             "pipeline".into(),
             serde_json::to_value(&self.pipeline).expect("serialises"),
@@ -616,14 +626,16 @@ impl Sweep {
             .points
             .iter()
             .map(|p| {
-                serde_json::json!({
-                    "name": p.name,
-                    "overrides": p.overrides,
-                    "config": serde_json::to_value(&p.train).expect("serialises"),
-                })
+                let mut m = match serde_json::to_value(&p.train).expect("serialises") {
+                    Value::Object(m) => m,
+                    _ => unreachable!("a config is a map"),
+                };
+                m.retain(|k, _| !STREAM_FIELDS.contains(&k.as_str()));
+                m.insert("run_name".into(), p.name.clone().into());
+                Value::Object(m)
             })
             .collect();
-        out.insert("points".into(), Value::Array(points));
+        out.insert("saes".into(), Value::Array(points));
         Value::Object(out)
     }
 

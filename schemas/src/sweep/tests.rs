@@ -133,3 +133,33 @@ fn saelens_runner_cfg_json_reads() {
     assert_eq!(again.points[0].train.lr, t.lr);
     assert_eq!(again.runner, s.runner);
 }
+
+#[test]
+fn the_resolved_file_reads_back_as_the_same_sweep() {
+    let s = Sweep::from_yaml(&format!(
+        "{BASE}store_batch_size_prompts: 8\nsweep:\n  k: [16, 32]\nsaes:\n  - {{architecture: standard, l1_coefficient: 5}}\npipeline:\n  trainers: 2\n"
+    ))
+    .unwrap();
+    let text = serde_norway::to_string(&s.resolved()).unwrap();
+    let again = Sweep::from_yaml(&text).unwrap();
+    assert_eq!(
+        again.points,
+        s.points
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p.train.run_name = Some(p.name.clone());
+                p.overrides = again
+                    .points
+                    .iter()
+                    .find(|q| q.name == p.name)
+                    .unwrap()
+                    .overrides
+                    .clone();
+                p
+            })
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(again.runner, s.runner);
+    assert_eq!(again.pipeline, s.pipeline);
+}

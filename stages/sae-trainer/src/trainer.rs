@@ -16,8 +16,7 @@ use serde_json::{json, Map, Value};
 use std::path::Path;
 
 /// File names inside a checkpoint directory (besides the SAE's own).
-pub const TRAINER_STATE_JSON: &str = "trainer_state.json";
-pub const TRAINER_STATE_TENSORS: &str = "trainer_state.safetensors";
+pub use schemas::files::{TRAINER_STATE_JSON, TRAINER_STATE_TENSORS};
 
 /// Counters and scalars of a run (a checkpoint's `trainer_state.json`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -21,7 +21,12 @@ pub struct Args {
     /// The run file: a sweep.yaml (SAELens's LanguageModelSAERunnerConfig fields plus
     /// `sweep:`, `saes:`, `pipeline:`), or a SAELens `runner_cfg.json`. Relative paths
     /// in it are relative to its directory.
-    file: PathBuf,
+    #[arg(required_unless_present = "resume")]
+    file: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from the last checkpoint every process holds (the
+    /// trainers' planned checkpoints and the shuffler's snapshots at the same batch).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["file", "output", "overwrite"])]
+    resume: Option<PathBuf>,
     /// The run directory (default: runs/<the file's name>).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -68,27 +73,39 @@ struct Plan {
 
 pub fn run(a: Args) -> Result<()> {
     let started = Instant::now();
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("cannot read {}", a.file.display()))?;
-    let is_json = a.file.extension().is_some_and(|e| e == "json");
-    let sweep = if is_json {
+    let (file, run_dir) = match (&a.resume, &a.file) {
+        (Some(rd), _) => (rd.join(RESOLVED), rd.clone()),
+        (None, Some(f)) => {
+            let run_dir = a.output.clone().unwrap_or_else(|| {
+                let stem = f
+                    .file_stem()
+                    .map_or("run".into(), |s| s.to_string_lossy().to_string());
+                PathBuf::from("runs").join(stem)
+            });
+            (f.clone(), run_dir)
+        }
+        (None, None) => bail!("give the run file, or --resume RUN_DIR"),
+    };
+    if a.resume.is_some() && !file.is_file() {
+        bail!(
+            "--resume {}: not a run directory of `pipeline run` (no {RESOLVED})",
+            run_dir.display()
+        );
+    }
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let is_json = file.extension().is_some_and(|e| e == "json");
+    let mut sweep = if is_json {
         Sweep::from_json(&text)
     } else {
         Sweep::from_yaml(&text)
     }
-    .map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
+    .map_err(|e| anyhow!("{}: {e}", file.display()))?;
     for n in &sweep.notices {
         eprintln!("notice: {n}");
     }
-    let base = a.file.parent().unwrap_or(Path::new("")).to_path_buf();
-    let run_dir = a.output.clone().unwrap_or_else(|| {
-        let stem = a
-            .file
-            .file_stem()
-            .map_or("run".into(), |s| s.to_string_lossy().to_string());
-        PathBuf::from("runs").join(stem)
-    });
-    if run_dir.exists() && !a.overwrite && !a.check {
+    absolutize(&mut sweep, file.parent().unwrap_or(Path::new("")))?;
+    if a.resume.is_none() && run_dir.exists() && !a.overwrite && !a.check {
         bail!(
             "the run directory {} already exists; pass --overwrite to replace it, or --output another",
             run_dir.display()
@@ -100,40 +117,57 @@ pub fn run(a: Args) -> Result<()> {
         shuffler: find_bin("shuffler")?,
         trainer: find_bin("sae-trainer")?,
     };
-    let plan = check_all(&sweep, &base, &bins)?;
-    let plan_json = plan_json(&sweep, &plan);
+    let plan = check_all(&sweep, &bins)?;
+    let mut plan_json = plan_json(&sweep, &plan);
     if a.check {
         println!("{}", serde_json::to_string_pretty(&plan_json)?);
         return Ok(());
     }
-    if run_dir.exists() {
-        std::fs::remove_dir_all(&run_dir)
-            .with_context(|| format!("cannot remove {} (--overwrite)", run_dir.display()))?;
-    }
-    for d in ["logs", "saes", "configs"] {
-        std::fs::create_dir_all(run_dir.join(d))
-            .with_context(|| format!("cannot create {}", run_dir.join(d).display()))?;
+    let start = if a.resume.is_some() {
+        resume_point(&sweep, &run_dir)?
+    } else {
+        if run_dir.exists() {
+            std::fs::remove_dir_all(&run_dir)
+                .with_context(|| format!("cannot remove {} (--overwrite)", run_dir.display()))?;
+        }
+        for d in ["logs", "saes", "configs"] {
+            std::fs::create_dir_all(run_dir.join(d))
+                .with_context(|| format!("cannot create {}", run_dir.join(d).display()))?;
+        }
+        write_atomic(
+            &run_dir.join(RESOLVED),
+            serde_norway::to_string(&sweep.resolved())?.as_bytes(),
+        )?;
+        Start::fresh(sweep.points.len())
+    };
+    if start.position > 0 {
+        eprintln!(
+            "resuming at batch {} of the training stream ({} SAEs already done)",
+            start.position,
+            start.done.iter().filter(|d| **d).count()
+        );
     }
     write_atomic(
-        &run_dir.join("sweep.yaml"),
-        serde_norway::to_string(&sweep.resolved())?.as_bytes(),
+        &run_dir.join("plan.json"),
+        serde_json::to_string_pretty(&plan_json)?.as_bytes(),
     )?;
     let cancel = pipeline::cli::interrupt_flag()?;
     let mut stages = Vec::new();
-    let res = train(
-        &sweep,
-        &plan,
-        &bins,
-        &run_dir,
-        &mut stages,
-        &cancel,
-        a.progress_every,
-    );
-    let mut plan_json = plan_json;
-    plan_json["stages"] = json!(stages
-        .iter()
-        .map(|s| json!({"name": s.name, "stream": s.url, "log": s.log}))
-        .collect::<Vec<_>>());
+    let res = if start.done.iter().all(|d| *d) {
+        Ok(())
+    } else {
+        let ctx = Ctx {
+            sweep: &sweep,
+            plan: &plan,
+            start: &start,
+            bins: &bins,
+            run_dir: &run_dir,
+            cancel: &cancel,
+            every: a.progress_every,
+        };
+        train(&ctx, &mut stages)
+    };
+    plan_json["stages"] = stages_json(&stages);
     write_atomic(
         &run_dir.join("plan.json"),
         serde_json::to_string_pretty(&plan_json)?.as_bytes(),
@@ -207,23 +241,144 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Resolves a path of the run file against its directory.
-fn resolve(base: &Path, p: &str) -> PathBuf {
-    let p = PathBuf::from(p);
-    if p.is_absolute() {
-        p
-    } else {
-        base.join(p)
+/// The resolved run file in a run directory (what `--resume` reads).
+const RESOLVED: &str = "sweep.yaml";
+/// Where the shuffler keeps its snapshots, one directory per batch position.
+const SNAPSHOTS: &str = "snapshots";
+
+/// The run file's paths made absolute (relative ones are relative to its directory), so
+/// that the resolved file in the run directory names the same files.
+fn absolutize(sweep: &mut Sweep, base: &Path) -> Result<()> {
+    let abs = |p: &str| -> Result<String> {
+        Ok(std::path::absolute(base.join(p))
+            .with_context(|| format!("cannot resolve {p}"))?
+            .display()
+            .to_string())
+    };
+    for p in &mut sweep.points {
+        if let Some(m) = &p.train.model_name {
+            p.train.model_name = Some(abs(m)?);
+        }
+        if let Some(d) = &p.train.dataset_path {
+            p.train.dataset_path = Some(abs(d)?);
+        }
     }
+    if let Some(c) = &sweep.runner.cached_activations_path {
+        sweep.runner.cached_activations_path = Some(abs(c)?);
+    }
+    Ok(())
+}
+
+fn stages_json(stages: &[Stage]) -> Value {
+    json!(stages
+        .iter()
+        .map(|s| json!({"name": s.name, "pid": s.child.id(), "stream": s.url, "log": s.log}))
+        .collect::<Vec<_>>())
+}
+
+/// Where the training stream starts and what each SAE starts from.
+struct Start {
+    /// The shuffler's output position (0: from the beginning).
+    position: u64,
+    /// The snapshot's merged upstream position.
+    upstream_position: u64,
+    /// Per point: the checkpoint to resume from.
+    checkpoint: Vec<Option<PathBuf>>,
+    /// Per point: already trained (its SAE is written).
+    done: Vec<bool>,
+}
+
+impl Start {
+    fn fresh(n: usize) -> Start {
+        Start {
+            position: 0,
+            upstream_position: 0,
+            checkpoint: vec![None; n],
+            done: vec![false; n],
+        }
+    }
+}
+
+/// The last batch position at which the shuffler holds a snapshot and every unfinished
+/// SAE a checkpoint (from the beginning if there is none).
+fn resume_point(sweep: &Sweep, run_dir: &Path) -> Result<Start> {
+    let mut start = Start::fresh(sweep.points.len());
+    let mut ckpts: Vec<BTreeMap<u64, PathBuf>> = Vec::new();
+    for (i, p) in sweep.points.iter().enumerate() {
+        let dir = run_dir.join("saes").join(&p.name);
+        start.done[i] = dir.join(schemas::files::SAE_WEIGHTS).is_file();
+        let mut m = BTreeMap::new();
+        let root = dir.join(&p.train.checkpoint_path);
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let state = e.path().join(schemas::files::TRAINER_STATE_JSON);
+            let Ok(text) = std::fs::read_to_string(&state) else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", state.display()))?;
+            if let Some(b) = v["counters"]["batches_consumed"].as_u64() {
+                m.insert(b, e.path());
+            }
+        }
+        ckpts.push(m);
+    }
+    let mut snaps: Vec<u64> = std::fs::read_dir(run_dir.join(SNAPSHOTS))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.path()
+                .join(schemas::streams::SNAPSHOT_STATE_FILE)
+                .is_file()
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    snaps.sort();
+    let common = snaps
+        .into_iter()
+        .rev()
+        .find(|&s| (0..sweep.points.len()).all(|i| start.done[i] || ckpts[i].contains_key(&s)));
+    if let Some(s) = common {
+        start.position = s;
+        start.upstream_position =
+            pipeline::mixer::read_snapshot_state(&run_dir.join(SNAPSHOTS).join(s.to_string()))?
+                .upstream_position;
+        for i in 0..sweep.points.len() {
+            if !start.done[i] {
+                start.checkpoint[i] = ckpts[i].get(&s).cloned();
+            }
+        }
+    } else if start.done.iter().any(|d| !d) {
+        eprintln!("no checkpoint common to every unfinished SAE and the shuffler: those SAEs start again from the beginning");
+    }
+    Ok(start)
+}
+
+/// The stream positions at which this SAE's trainer checkpoints (SAELens's
+/// `n_checkpoints`, evenly spaced in tokens): the shuffler snapshots at the same batches.
+fn checkpoint_positions(t: &TrainConfig) -> Vec<u64> {
+    if t.n_checkpoints == 0 {
+        return Vec::new();
+    }
+    let b = t.train_batch_size_tokens as u64;
+    let total = t.total_training_steps() * b;
+    let every = total.div_ceil(t.n_checkpoints + 1).max(1);
+    let norm = norm_batches(t);
+    (1..)
+        .map(|i| i * every)
+        .take_while(|&x| x < total)
+        // the checkpoint follows the first step whose token count passes x
+        .map(|x| norm + x / b + 1)
+        .collect()
 }
 
 /// Every check, before anything starts: each SAE's config, the model and hooks (by the
 /// producer binary, config only), d_in against the hook, the dataset (by the tokenizer
 /// binary), the buffer cap, the machine's memory.
-fn check_all(sweep: &Sweep, base: &Path, bins: &Bins) -> Result<Plan> {
+fn check_all(sweep: &Sweep, bins: &Bins) -> Result<Plan> {
     let st = sweep.stream();
     let r = &sweep.runner;
-    let model = resolve(base, st.model_name.as_deref().expect("validated"));
+    let model = PathBuf::from(st.model_name.as_deref().expect("validated"));
     if !model.join("config.json").is_file() {
         bail!(
             "model_name: {} is not an HF checkpoint directory (no config.json; models are read from local directories)",
@@ -279,13 +434,10 @@ fn check_all(sweep: &Sweep, base: &Path, bins: &Bins) -> Result<Plan> {
             + 4 * (st.train_batch_size_tokens * (c.d_sae + 2 * c.d_in)) as u64;
     }
     let (dataset, replay) = if r.use_cached_activations {
-        let c = resolve(
-            base,
-            r.cached_activations_path.as_deref().expect("validated"),
-        );
+        let c = PathBuf::from(r.cached_activations_path.as_deref().expect("validated"));
         (None, replay_sources(&c)?)
     } else {
-        let d = resolve(base, st.dataset_path.as_deref().expect("validated"));
+        let d = PathBuf::from(st.dataset_path.as_deref().expect("validated"));
         let mut targs = tokenizer_args(sweep, &d, &model);
         targs.push("--check".into());
         procs::check(&bins.tokenizer, &targs, "dataset_path")?;
@@ -309,6 +461,9 @@ fn check_all(sweep: &Sweep, base: &Path, bins: &Bins) -> Result<Plan> {
         }
         None => DEFAULT_MAX_BUFFER,
     };
+    if let Some(w) = &sweep.pipeline.window_bytes {
+        crate::cmd::parse_bytes(w).map_err(|e| anyhow!("pipeline.window_bytes: {e}"))?;
+    }
     if buffer_bytes > max_buffer_bytes {
         bail!(
             "n_batches_in_buffer: {} batches of {t} tokens × {row_bytes} bytes = {buffer_bytes} bytes, over the buffer cap of {max_buffer_bytes} bytes (pipeline.max_buffer_bytes)",
@@ -367,15 +522,18 @@ fn memory_total() -> Result<u64> {
 
 /// Batches a trainer reads for this SAE: the norm estimate's, then one per step.
 fn batches_read(p: &schemas::sweep::Point) -> u64 {
-    let t: &TrainConfig = &p.train;
+    norm_batches(&p.train) + p.train.total_training_steps()
+}
+
+/// Batches the norm estimate reads first (`expected_average_only_in`).
+fn norm_batches(t: &TrainConfig) -> u64 {
     let norm = NormalizeActivations::parse(&t.normalize_activations)
         .is_ok_and(|n| n == NormalizeActivations::ExpectedAverageOnlyIn);
-    t.total_training_steps()
-        + if norm {
-            t.n_batches_for_norm_estimate as u64
-        } else {
-            0
-        }
+    if norm {
+        t.n_batches_for_norm_estimate as u64
+    } else {
+        0
+    }
 }
 
 /// The caches to replay: a shard directory or SAELens cache, or a run's `cache/` of
@@ -436,32 +594,28 @@ fn threads(v: Option<usize>) -> Vec<String> {
     v.map_or(Vec::new(), |t| vec!["--threads".into(), t.to_string()])
 }
 
-/// Starts the stages and supervises them until the trainers are done.
-fn train(
-    sweep: &Sweep,
-    plan: &Plan,
-    bins: &Bins,
-    run_dir: &Path,
-    stages: &mut Vec<Stage>,
-    cancel: &std::sync::atomic::AtomicBool,
+/// What the training phase works from.
+struct Ctx<'a> {
+    sweep: &'a Sweep,
+    plan: &'a Plan,
+    start: &'a Start,
+    bins: &'a Bins,
+    run_dir: &'a Path,
+    cancel: &'a std::sync::atomic::AtomicBool,
     every: f64,
-) -> Result<()> {
-    let res = start_and_wait(sweep, plan, bins, run_dir, stages, cancel, every);
+}
+
+/// Starts the stages and supervises them until the trainers are done.
+fn train(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
+    let res = start_and_wait(c, stages);
     if res.is_err() {
         stop_all(stages, GRACE);
     }
     res
 }
 
-fn start_and_wait(
-    sweep: &Sweep,
-    plan: &Plan,
-    bins: &Bins,
-    run_dir: &Path,
-    stages: &mut Vec<Stage>,
-    cancel: &std::sync::atomic::AtomicBool,
-    every: f64,
-) -> Result<()> {
+fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
+    let (sweep, plan, start, bins, run_dir) = (c.sweep, c.plan, c.start, c.bins, c.run_dir);
     let st = sweep.stream();
     let r = &sweep.runner;
     let th = &sweep.pipeline.threads;
@@ -469,10 +623,25 @@ fn start_and_wait(
     let loopback = "127.0.0.1:0".to_string();
     let n_prod = sweep.pipeline.producers;
     let mut upstreams: Vec<String> = plan.replay.iter().map(|p| s(p)).collect();
+    let window: Vec<String> = match &sweep.pipeline.window_bytes {
+        Some(w) => vec!["--window-bytes".into(), w.clone()],
+        None => Vec::new(),
+    };
     if let Some(dataset) = &plan.dataset {
         let names: Vec<String> = (0..n_prod).map(|i| format!("p{i}")).collect();
+        // Resuming: each producer continues at its share of the snapshot's upstream
+        // position, and the tokenizer at the batch holding the first sequence they need.
+        let first: Vec<u64> = (0..n_prod)
+            .map(|i| pipeline::merge::upstream_start(start.upstream_position, i, n_prod))
+            .collect();
+        let first_seq = (0..n_prod)
+            .map(|i| (first[i] * n_prod as u64 + i as u64) * r.store_batch_size_prompts as u64)
+            .min()
+            .unwrap_or(0);
         let mut args = tokenizer_args(sweep, dataset, &plan.model);
         args.extend([
+            "--position".into(),
+            (first_seq / TOKEN_BATCH as u64).to_string(),
             "--batch-sequences".into(),
             TOKEN_BATCH.to_string(),
             "--listen".into(),
@@ -481,6 +650,7 @@ fn start_and_wait(
             names.join(","),
         ]);
         args.extend(threads(th.tokenizer));
+        args.extend(window.iter().cloned());
         stages.push(Stage::start(
             "tokenizer",
             &bins.tokenizer,
@@ -507,8 +677,12 @@ fn start_and_wait(
                 sweep.seqpos_slice()?.to_arg(),
                 "--producer".into(),
                 format!("{i}/{n_prod}"),
+                "--position".into(),
+                first[i].to_string(),
                 "--max-batches".into(),
-                plan.lm_batches_per_producer.to_string(),
+                plan.lm_batches_per_producer
+                    .saturating_sub(first[i])
+                    .to_string(),
                 "--listen".into(),
                 loopback.clone(),
             ];
@@ -533,12 +707,33 @@ fn start_and_wait(
                 ]);
             }
             args.extend(threads(th.producer));
+            args.extend(window.iter().cloned());
             let stage = Stage::start(&format!("producer-{i}"), &bins.producer, &args, &logs, true)?;
             upstreams.push(stage.url.clone().expect("served"));
             stages.push(stage);
         }
     }
-    let consumers: Vec<String> = (0..plan.trainers.len()).map(|i| format!("t{i}")).collect();
+    // The trainer processes still to run: the points not yet done.
+    let trainers: Vec<Vec<usize>> = plan
+        .trainers
+        .iter()
+        .map(|ps| {
+            ps.iter()
+                .copied()
+                .filter(|&i| !start.done[i])
+                .collect::<Vec<_>>()
+        })
+        .filter(|ps| !ps.is_empty())
+        .collect();
+    let consumers: Vec<String> = (0..trainers.len()).map(|i| format!("t{i}")).collect();
+    let mut snapshot_at: Vec<u64> = trainers
+        .iter()
+        .flatten()
+        .flat_map(|&i| checkpoint_positions(&sweep.points[i].train))
+        .filter(|&p| p > start.position)
+        .collect();
+    snapshot_at.sort();
+    snapshot_at.dedup();
     let mut args = vec!["run".to_string(), "--upstream".into()];
     args.extend(upstreams);
     args.extend([
@@ -560,11 +755,33 @@ fn start_and_wait(
     if !st.shuffle {
         args.push("--no-shuffle".into());
     }
+    let snapshots = run_dir.join(SNAPSHOTS);
+    if !snapshot_at.is_empty() {
+        args.extend([
+            "--snapshots".into(),
+            s(&snapshots),
+            format!(
+                "--snapshot-at={}",
+                snapshot_at
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        ]);
+    }
+    if start.position > 0 {
+        args.extend([
+            "--resume".into(),
+            s(&snapshots.join(start.position.to_string())),
+        ]);
+    }
     args.extend(threads(th.shuffler));
+    args.extend(window.iter().cloned());
     let shuffler = Stage::start("shuffler", &bins.shuffler, &args, &logs, true)?;
     let batches = shuffler.url.clone().expect("served");
     stages.push(shuffler);
-    for (k, points) in plan.trainers.iter().enumerate() {
+    for (k, points) in trainers.iter().enumerate() {
         let mut args = vec![
             "train".to_string(),
             "--upstream".into(),
@@ -582,6 +799,11 @@ fn start_and_wait(
                 "--output".into(),
                 s(&run_dir.join("saes").join(&p.name)),
             ]);
+            match &start.checkpoint[i] {
+                Some(ck) => args.extend(["--resume".into(), s(ck)]),
+                // a fresh start in a run directory that may hold a partial run
+                None => args.push("--overwrite".into()),
+            }
         }
         args.extend(threads(th.trainer));
         stages.push(Stage::start(
@@ -592,7 +814,14 @@ fn start_and_wait(
             false,
         )?);
     }
-    supervise(sweep, run_dir, stages, cancel, every)
+    let plan_file = run_dir.join("plan.json");
+    if let Ok(text) = std::fs::read_to_string(&plan_file) {
+        if let Ok(mut v) = serde_json::from_str::<Value>(&text) {
+            v["stages"] = stages_json(stages);
+            write_atomic(&plan_file, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        }
+    }
+    supervise(sweep, run_dir, stages, c.cancel, c.every)
 }
 
 /// Waits for every stage; the first to fail stops the rest. Prints progress.
@@ -702,6 +931,7 @@ fn run_evals(
         r.n_eval_batches.to_string(),
         "--output".into(),
         s(&tokens),
+        "--overwrite".into(),
     ]);
     procs::check(&bins.tokenizer, &args, "eval tokens")?;
     let mut out = Vec::new();
@@ -727,6 +957,7 @@ fn run_evals(
             r.n_eval_batches.to_string(),
             "--output".into(),
             s(&dir.join("evals.json")),
+            "--overwrite".into(),
         ];
         let v = procs::check(&bins.producer, &args, &format!("evals of {}", p.name))?;
         out.push(v);

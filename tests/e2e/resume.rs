@@ -1,0 +1,211 @@
+//! `pipeline run --resume`: after `kill -9` of a producer, the shuffler, a trainer or
+//! `pipeline` itself, part-way through a sweep (after the first planned checkpoint), the
+//! resumed run ends with SAEs bit-identical to an uninterrupted run.
+
+#[path = "../../pipeline/tests/support/mod.rs"]
+mod support;
+
+use e2e::s;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// 2 TopK SAEs in 2 trainer processes fed by 2 producers; 300 steps of 256 tokens with
+/// 3 planned checkpoints; small Flight windows so that no stage runs far ahead (every
+/// process is still running when the first checkpoint is written).
+fn sweep_yaml() -> String {
+    format!(
+        "model_name: {}\ndataset_path: {}\nhook_name: blocks.1.hook_resid_post\n\
+context_size: 32\nstore_batch_size_prompts: 8\narchitecture: topk\nk: 8\nd_sae: 512\n\
+normalize_activations: expected_average_only_in\nn_batches_for_norm_estimate: 2\n\
+training_tokens: 76800\ntrain_batch_size_tokens: 256\nn_batches_in_buffer: 4\nlr: 0.003\n\
+log_frequency: 4\nn_checkpoints: 3\nseed: 7\nn_eval_batches: 1\neval_batch_size_prompts: 4\n\
+sweep:\n  k: [8, 16]\npipeline:\n  producers: 2\n  trainers: 2\n  window_bytes: 256KiB\n",
+        examples().join("model").display(),
+        examples().join("corpus.jsonl").display()
+    )
+}
+
+const POINTS: [&str; 2] = ["topk-k8", "topk-k16"];
+/// The first planned checkpoint: 2 norm batches + step 76 (tokens pass 76800 / 4).
+const FIRST_CKPT_TOKENS: &str = "19456";
+
+fn outputs(run: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v = Vec::new();
+    for p in POINTS {
+        for f in [
+            "cfg.json",
+            "sae_weights.safetensors",
+            "sparsity.safetensors",
+            "metrics.jsonl",
+        ] {
+            let path = run.join("saes").join(p).join(f);
+            let b = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            v.push((format!("{p}/{f}"), b));
+        }
+    }
+    v
+}
+
+/// The uninterrupted run, made once for every test of this file.
+fn reference() -> &'static Vec<(String, Vec<u8>)> {
+    static REF: OnceLock<(tempfile::TempDir, Vec<(String, Vec<u8>)>)> = OnceLock::new();
+    &REF.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("sweep.yaml");
+        std::fs::write(&file, sweep_yaml()).unwrap();
+        let run_dir = d.path().join("run");
+        let o = run(&[
+            "run",
+            s(&file),
+            "--output",
+            s(&run_dir),
+            "--progress-every",
+            "1000",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = outputs(&run_dir);
+        (d, out)
+    })
+    .1
+}
+
+/// The pid of a stage, from the run's plan.json.
+fn stage_pid(run_dir: &Path, stage: &str) -> i32 {
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("plan.json")).unwrap()).unwrap();
+    let st = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == stage)
+        .unwrap_or_else(|| panic!("no stage {stage} in {plan}"));
+    st["pid"].as_i64().unwrap() as i32
+}
+
+fn alive(pid: i32) -> bool {
+    // a zombie (exited, not yet reaped) counts as gone
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+}
+
+/// Runs the sweep, kills `victim` (a stage of plan.json, or `pipeline`) with SIGKILL once
+/// every SAE has its first checkpoint and the shuffler its snapshot, then resumes and
+/// compares with the uninterrupted run.
+fn kill_and_resume(victim: &str) {
+    let expected = reference();
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("sweep.yaml");
+    std::fs::write(&file, sweep_yaml()).unwrap();
+    let run_dir = d.path().join("run");
+    let mut p = spawn(&[
+        "run",
+        s(&file),
+        "--output",
+        s(&run_dir),
+        "--progress-every",
+        "1000",
+    ]);
+    let ready = || {
+        run_dir.join("snapshots/78/state.json").is_file()
+            && POINTS.iter().all(|p| {
+                run_dir
+                    .join("saes")
+                    .join(p)
+                    .join("checkpoints")
+                    .join(FIRST_CKPT_TOKENS)
+                    .join("trainer_state.json")
+                    .is_file()
+            })
+    };
+    let deadline = Instant::now() + LIMIT;
+    while !ready() {
+        assert!(Instant::now() < deadline, "no checkpoint within {LIMIT:?}");
+        assert!(
+            p.child.try_wait().unwrap().is_none(),
+            "the run ended early: {}",
+            p.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stages: Vec<i32> = [
+        "tokenizer",
+        "producer-0",
+        "producer-1",
+        "shuffler",
+        "trainer-0",
+        "trainer-1",
+    ]
+    .iter()
+    .map(|n| stage_pid(&run_dir, n))
+    .collect();
+    let target = if victim == "pipeline" {
+        p.child.id() as i32
+    } else {
+        stage_pid(&run_dir, victim)
+    };
+    assert!(
+        alive(target),
+        "{victim} had already exited: nothing to kill"
+    );
+    // SAFETY: kill(2) on a pid of this test's own run.
+    assert_eq!(unsafe { libc_kill(target, 9) }, 0);
+    let (ok, err) = p.wait(LIMIT);
+    assert!(!ok, "the run survived the kill of {victim}");
+    if victim != "pipeline" {
+        assert!(err.contains("failed (signal: 9"), "{err}");
+    }
+    // every stage is gone (with pipeline killed, they die with it)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stages.iter().any(|&p| alive(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "stages left running after the kill of {victim}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = run(&["run", "--resume", s(&run_dir), "--progress-every", "1000"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("resuming at batch"),
+        "did not resume from a checkpoint: {err}"
+    );
+    let got = outputs(&run_dir);
+    for ((f, a), (_, b)) in expected.iter().zip(&got) {
+        assert!(
+            a == b,
+            "after kill -9 of {victim}: {f} differs from the uninterrupted run"
+        );
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn kill_9_of_a_producer_then_resume() {
+    kill_and_resume("producer-1");
+}
+
+#[test]
+fn kill_9_of_the_shuffler_then_resume() {
+    kill_and_resume("shuffler");
+}
+
+#[test]
+fn kill_9_of_a_trainer_then_resume() {
+    kill_and_resume("trainer-1");
+}
+
+#[test]
+fn kill_9_of_pipeline_itself_then_resume() {
+    kill_and_resume("pipeline");
+}
