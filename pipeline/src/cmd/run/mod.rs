@@ -343,9 +343,9 @@ fn resume_point(sweep: &Sweep, run_dir: &Path) -> Result<Start> {
         start.upstream_position =
             pipeline::mixer::read_snapshot_state(&run_dir.join(SNAPSHOTS).join(s.to_string()))?
                 .upstream_position;
-        for i in 0..sweep.points.len() {
-            if !start.done[i] {
-                start.checkpoint[i] = ckpts[i].get(&s).cloned();
+        for ((ck, done), c) in start.checkpoint.iter_mut().zip(&start.done).zip(&ckpts) {
+            if !done {
+                *ck = c.get(&s).cloned();
             }
         }
     } else if start.done.iter().any(|d| !d) {
