@@ -35,7 +35,10 @@ const POINTS: [&str; 2] = ["topk-k8", "topk-k16"];
 /// The first planned checkpoint: 2 norm batches + step 76 (tokens pass 76800 / 4).
 const FIRST_CKPT_TOKENS: &str = "19456";
 
-fn outputs(run: &Path) -> Vec<(String, Vec<u8>)> {
+/// The trained files of a run, named, byte for byte.
+type Files = Vec<(String, Vec<u8>)>;
+
+fn outputs(run: &Path) -> Files {
     let mut v = Vec::new();
     for p in POINTS {
         for f in [
@@ -53,8 +56,8 @@ fn outputs(run: &Path) -> Vec<(String, Vec<u8>)> {
 }
 
 /// The uninterrupted run, made once for every test of this file.
-fn reference() -> &'static Vec<(String, Vec<u8>)> {
-    static REF: OnceLock<(tempfile::TempDir, Vec<(String, Vec<u8>)>)> = OnceLock::new();
+fn reference() -> &'static Files {
+    static REF: OnceLock<(tempfile::TempDir, Files)> = OnceLock::new();
     &REF.get_or_init(|| {
         let d = tempfile::tempdir().unwrap();
         let file = d.path().join("sweep.yaml");
