@@ -104,7 +104,7 @@ pub struct PipelineConfig {
     pub cache: Option<String>,
     /// The shuffler's hard cap on its buffer (`4GiB`, `512MiB`, bytes).
     pub max_buffer_bytes: Option<String>,
-    /// Bytes of batches each serving stage holds for its consumers (default 256MiB):
+    /// Bytes of batches each serving stage holds for its consumers (default 32MiB):
     /// how far a stage may run ahead of the next.
     pub window_bytes: Option<String>,
 }

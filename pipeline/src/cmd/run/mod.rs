@@ -5,6 +5,7 @@
 //! per SAE and writes `summary.json`.
 
 mod procs;
+mod progress;
 
 use anyhow::{anyhow, bail, Context, Result};
 use procs::{find_bin, stop_all, Stage, GRACE};
@@ -45,6 +46,9 @@ pub struct Args {
 const DEFAULT_MAX_BUFFER: usize = 4 << 30;
 /// Sequences per `tokens` batch.
 const TOKEN_BATCH: usize = 64;
+/// Bytes of batches a serving stage holds when `pipeline.window_bytes` is not set: a
+/// few batches of run-ahead; more only costs memory.
+const DEFAULT_WINDOW: &str = "32MiB";
 
 struct Bins {
     tokenizer: PathBuf,
@@ -188,7 +192,10 @@ pub fn run(a: Args) -> Result<()> {
             Some((out.file_name()?.to_string_lossy().to_string(), v))
         })
         .collect();
+    let train_seconds = (!stages.is_empty()).then(|| started.elapsed().as_secs_f64());
+    let t_eval = Instant::now();
     let evals = run_evals(&sweep, &plan, &bins, &run_dir, &cancel)?;
+    let eval_seconds = t_eval.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     for (i, p) in sweep.points.iter().enumerate() {
         let dir = run_dir.join("saes").join(&p.name);
@@ -230,7 +237,12 @@ pub fn run(a: Args) -> Result<()> {
     }
     let summary = json!({
         "run_dir": run_dir,
-        "wall_seconds": started.elapsed().as_secs_f64(),
+        "wall_seconds": train_seconds.unwrap_or(0.0) + eval_seconds,
+        "train_wall_seconds": train_seconds,
+        "eval_wall_seconds": eval_seconds,
+        // the sum over processes of each one's peak (they run at the same time)
+        "peak_rss_mib": stages.iter().map(|s| s.peak_rss_kb).sum::<u64>() as f64 / 1024.0,
+        "stages": stages_json(&stages),
         "points": rows,
     });
     write_atomic(
@@ -272,7 +284,15 @@ fn absolutize(sweep: &mut Sweep, base: &Path) -> Result<()> {
 fn stages_json(stages: &[Stage]) -> Value {
     json!(stages
         .iter()
-        .map(|s| json!({"name": s.name, "pid": s.child.id(), "stream": s.url, "log": s.log}))
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "pid": s.child.id(),
+                "stream": s.url,
+                "log": s.log,
+                "peak_rss_mib": s.peak_rss_kb as f64 / 1024.0,
+            })
+        })
         .collect::<Vec<_>>())
 }
 
@@ -623,10 +643,19 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
     let loopback = "127.0.0.1:0".to_string();
     let n_prod = sweep.pipeline.producers;
     let mut upstreams: Vec<String> = plan.replay.iter().map(|p| s(p)).collect();
-    let window: Vec<String> = match &sweep.pipeline.window_bytes {
-        Some(w) => vec!["--window-bytes".into(), w.clone()],
-        None => Vec::new(),
-    };
+    let window = vec![
+        "--window-bytes".to_string(),
+        sweep
+            .pipeline
+            .window_bytes
+            .clone()
+            .unwrap_or(DEFAULT_WINDOW.into()),
+    ];
+    // Threads, unless the run file sets them: the trainers may take every core (the
+    // producers often finish first or wait on a full queue), the producers share half.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let producer_threads = th.producer.unwrap_or((cores / (2 * n_prod)).max(1));
+    let trainer_threads = th.trainer.unwrap_or((cores / plan.trainers.len()).max(1));
     if let Some(dataset) = &plan.dataset {
         let names: Vec<String> = (0..n_prod).map(|i| format!("p{i}")).collect();
         // Resuming: each producer continues at its share of the snapshot's upstream
@@ -639,9 +668,17 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
             .min()
             .unwrap_or(0);
         let mut args = tokenizer_args(sweep, dataset, &plan.model);
+        // Only the sequences the producers will run: the rest would be tokenized for
+        // nothing (the producers read their upstream to its end).
+        let token_batches = (plan.lm_batches_per_producer
+            * (n_prod * r.store_batch_size_prompts) as u64)
+            .div_ceil(TOKEN_BATCH as u64);
+        let token_start = first_seq / TOKEN_BATCH as u64;
         args.extend([
             "--position".into(),
-            (first_seq / TOKEN_BATCH as u64).to_string(),
+            token_start.to_string(),
+            "--max-batches".into(),
+            token_batches.saturating_sub(token_start).max(1).to_string(),
             "--batch-sequences".into(),
             TOKEN_BATCH.to_string(),
             "--listen".into(),
@@ -706,7 +743,7 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
                     s(&run_dir.join(c).join(format!("producer-{i}"))),
                 ]);
             }
-            args.extend(threads(th.producer));
+            args.extend(threads(Some(producer_threads)));
             args.extend(window.iter().cloned());
             let stage = Stage::start(&format!("producer-{i}"), &bins.producer, &args, &logs, true)?;
             upstreams.push(stage.url.clone().expect("served"));
@@ -799,20 +836,23 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
                 "--output".into(),
                 s(&run_dir.join("saes").join(&p.name)),
             ]);
-            match &start.checkpoint[i] {
-                Some(ck) => args.extend(["--resume".into(), s(ck)]),
-                // a fresh start in a run directory that may hold a partial run
-                None => args.push("--overwrite".into()),
+            if let Some(ck) = &start.checkpoint[i] {
+                args.extend(["--resume".into(), s(ck)]);
             }
         }
-        args.extend(threads(th.trainer));
-        stages.push(Stage::start(
-            &format!("trainer-{k}"),
-            &bins.trainer,
-            &args,
-            &logs,
-            false,
-        )?);
+        // Every SAE of a process resumes, or none does: a fresh start in a run
+        // directory that may hold a partial run replaces what is there.
+        if points.iter().all(|&i| start.checkpoint[i].is_none()) {
+            args.push("--overwrite".into());
+        }
+        args.extend(threads(Some(trainer_threads)));
+        let mut trainer =
+            Stage::start(&format!("trainer-{k}"), &bins.trainer, &args, &logs, false)?;
+        trainer.points = points
+            .iter()
+            .map(|&i| sweep.points[i].name.clone())
+            .collect();
+        stages.push(trainer);
     }
     let plan_file = run_dir.join("plan.json");
     if let Ok(text) = std::fs::read_to_string(&plan_file) {
@@ -824,7 +864,7 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
     supervise(sweep, run_dir, stages, c.cancel, c.every)
 }
 
-/// Waits for every stage; the first to fail stops the rest. Prints progress.
+/// Waits for every stage; the first to fail stops the rest. Shows progress.
 fn supervise(
     sweep: &Sweep,
     run_dir: &Path,
@@ -833,6 +873,8 @@ fn supervise(
     every: f64,
 ) -> Result<()> {
     let t0 = Instant::now();
+    let mut display = progress::Display::new(sweep);
+    let interval = display.interval(every);
     let mut last = Instant::now();
     loop {
         if cancel.load(Ordering::SeqCst) {
@@ -843,7 +885,6 @@ fn supervise(
         for i in 0..stages.len() {
             done &= stages[i].poll()?;
             if stages[i].failed() {
-                // Let the others notice too, then report the first to fail.
                 let msg = stages[i].failure();
                 stop_all(stages, GRACE);
                 bail!("{msg}");
@@ -852,41 +893,11 @@ fn supervise(
         if done {
             return Ok(());
         }
-        if last.elapsed().as_secs_f64() >= every {
+        if last.elapsed() >= interval {
             last = Instant::now();
-            progress(sweep, run_dir, stages, t0.elapsed());
+            display.draw(sweep, run_dir, stages, t0.elapsed());
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// One line per SAE: step, loss, L0, explained variance; and which stages still run.
-fn progress(sweep: &Sweep, run_dir: &Path, stages: &[Stage], elapsed: Duration) {
-    let running: Vec<&str> = stages
-        .iter()
-        .filter(|s| s.running())
-        .map(|s| s.name.as_str())
-        .collect();
-    eprintln!(
-        "[{:>5.0}s] running: {}",
-        elapsed.as_secs_f64(),
-        running.join(", ")
-    );
-    for p in &sweep.points {
-        let m = last_metrics(&run_dir.join("saes").join(&p.name));
-        if m.is_null() {
-            eprintln!("    {:<32} waiting for data", p.name);
-            continue;
-        }
-        eprintln!(
-            "    {:<32} step {:>6}/{}  loss {:>10.4}  L0 {:>7.2}  EV {:>6.3}",
-            p.name,
-            m["step"].as_u64().map_or(0, |s| s + 1),
-            p.train.total_training_steps(),
-            m["losses/overall_loss"].as_f64().unwrap_or(f64::NAN),
-            m["metrics/l0"].as_f64().unwrap_or(f64::NAN),
-            m["metrics/explained_variance"].as_f64().unwrap_or(f64::NAN),
-        );
     }
 }
 

@@ -25,6 +25,10 @@ pub struct Stage {
     /// Every JSON line it printed on stdout after the first (its summaries).
     pub json: Arc<Mutex<Vec<Value>>>,
     pub status: Option<ExitStatus>,
+    /// The most resident memory seen (`VmHWM`, kB), read while it runs.
+    pub peak_rss_kb: u64,
+    /// The SAEs it trains (trainers).
+    pub points: Vec<String>,
 }
 
 /// A stage binary: beside this executable, else on `PATH`.
@@ -132,6 +136,8 @@ impl Stage {
             url: None,
             json,
             status: None,
+            peak_rss_kb: 0,
+            points: Vec::new(),
         };
         if serves {
             let t0 = Instant::now();
@@ -163,6 +169,15 @@ impl Stage {
     /// Polls the process; true once it has exited.
     pub fn poll(&mut self) -> Result<bool> {
         if self.status.is_none() {
+            // Its high-water mark, while /proc still has it.
+            let hwm = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmHWM:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                });
+            self.peak_rss_kb = self.peak_rss_kb.max(hwm.unwrap_or(0));
             self.status = self.child.try_wait()?;
         }
         Ok(self.status.is_some())
