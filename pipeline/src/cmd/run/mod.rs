@@ -643,7 +643,7 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
     let loopback = "127.0.0.1:0".to_string();
     let n_prod = sweep.pipeline.producers;
     let mut upstreams: Vec<String> = plan.replay.iter().map(|p| s(p)).collect();
-    let window = vec![
+    let window = [
         "--window-bytes".to_string(),
         sweep
             .pipeline
