@@ -188,6 +188,55 @@ fn kill_and_resume(victim: &str) {
     }
 }
 
+/// SIGTERM to `pipeline` (what Ctrl-C does to the whole group): every stage stops, the
+/// trainers write a checkpoint, exit status 130; `--resume` then finishes the run with the
+/// uninterrupted run's SAEs.
+#[test]
+fn sigterm_stops_with_130_and_the_run_resumes() {
+    let expected = reference();
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("sweep.yaml");
+    std::fs::write(&file, sweep_yaml()).unwrap();
+    let run_dir = d.path().join("run");
+    let mut p = spawn(&[
+        "run",
+        s(&file),
+        "--output",
+        s(&run_dir),
+        "--progress-every",
+        "1000",
+    ]);
+    let ckpt = run_dir
+        .join("saes/topk-k8/checkpoints")
+        .join(FIRST_CKPT_TOKENS);
+    let deadline = Instant::now() + LIMIT;
+    while !ckpt.join("trainer_state.json").is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint within {LIMIT:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) on this test's child.
+    assert_eq!(unsafe { libc_kill(p.child.id() as i32, 15) }, 0);
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "pipeline ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = p.stderr_text();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let o = run(&["run", "--resume", s(&run_dir), "--progress-every", "1000"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for ((f, a), (_, b)) in expected.iter().zip(&outputs(&run_dir)) {
+        assert!(
+            a == b,
+            "after SIGTERM: {f} differs from the uninterrupted run"
+        );
+    }
+}
+
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;

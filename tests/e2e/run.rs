@@ -277,3 +277,71 @@ fn bad_run_files_are_refused_before_any_process_starts() {
         assert!(!run_dir.exists(), "case {i}: the run directory was made");
     }
 }
+
+/// A cache written by SAELens's own CacheActivationsRunner (tests/fixtures) replays as
+/// `cached_activations_path`: no tokenizer, no LM; the SAE trains on its rows.
+#[test]
+fn a_saelens_cache_replays() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    let fx = e2e::fx();
+    let file = write(
+        root,
+        "replay.yaml",
+        &format!(
+            "model_name: {}\nuse_cached_activations: true\ncached_activations_path: {}\n\
+hook_name: blocks.1.hook_resid_pre\ncontext_size: 128\narchitecture: topk\nk: 8\nd_sae: 256\n\
+training_tokens: 4096\ntrain_batch_size_tokens: 256\nn_batches_in_buffer: 4\nlr: 0.003\n\
+log_frequency: 4\nseed: 7\n",
+            fx.join("tiny-gpt2").display(),
+            fx.join("saelens_cache/cache").display()
+        ),
+    );
+    let run_dir = root.join("run");
+    let o = pipeline_run(&[s(&file), "--output", s(&run_dir)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no evals"), "{}", stderr(&o));
+    assert!(!run_dir.join("logs/tokenizer.log").exists());
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["points"][0]["steps"], 16, "{summary}");
+    assert!(run_dir.join("saes/topk/sae_weights.safetensors").is_file());
+}
+
+/// SAELens's `runner_cfg.json` (as SAELens 6.54.12 saves it beside an SAE; tests/fixtures)
+/// is a run file: the same SAE config, trained here. Only its paths are pointed at this
+/// checkout's example kit (SAELens resolves them against its working directory).
+#[test]
+fn a_saelens_runner_cfg_json_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    let text = std::fs::read_to_string(e2e::fx().join("sweep/runner_cfg.json")).unwrap();
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    v["model_name"] = examples().join("model").display().to_string().into();
+    v["dataset_path"] = examples().join("corpus.jsonl").display().to_string().into();
+    v["training_tokens"] = 4096.into();
+    v["n_eval_batches"] = 1.into();
+    let file = write(root, "runner_cfg.json", &v.to_string());
+    let run_dir = root.join("run");
+    let o = pipeline_run(&[s(&file), "--output", s(&run_dir)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // one notice per field that means nothing here
+    assert!(
+        stderr(&o).contains("notice: `compile_llm` is accepted and ignored"),
+        "{}",
+        stderr(&o)
+    );
+    // the logger's run_name, as SAELens saved it
+    let name = "topk-512-LR-0.001-Tokens-1.638e+04";
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("saes").join(name).join("cfg.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["d_sae"].as_u64(), cfg["k"].as_u64()),
+        (Some(512), Some(16)),
+        "{cfg}"
+    );
+    assert_eq!(cfg["metadata"]["context_size"], 64);
+}
