@@ -141,6 +141,36 @@ fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StreamError> {
     Ok(())
 }
 
+/// Cuts a shard directory back to at most `position` batches, at a shard boundary (the
+/// shards past it are deleted, the manifest rewritten first); returns where the stream
+/// now ends, the position a resumed writer continues at. For a stage resumed at an
+/// earlier position than its cache reached.
+pub fn truncate(dir: &Path, position: u64) -> Result<u64, StreamError> {
+    let mut m = read_manifest(dir)?;
+    let keep = m
+        .shards
+        .iter()
+        .take_while(|s| s.first_position + s.batches <= position)
+        .count();
+    let dropped: Vec<ShardEntry> = m.shards.split_off(keep);
+    if dropped.is_empty() {
+        return Ok(m.batches);
+    }
+    m.batches = m.shards.iter().map(|s| s.batches).sum();
+    m.rows = m.shards.iter().map(|s| s.rows).sum();
+    m.bytes = m.shards.iter().map(|s| s.bytes).sum();
+    m.complete = false;
+    // The manifest no longer lists them before they go: a crash in between leaves
+    // unlisted files, never a listed file that is missing.
+    let json = serde_json::to_vec_pretty(&m).expect("manifest serialises");
+    atomic_write(&dir.join(MANIFEST_FILE), &json)?;
+    for s in dropped {
+        let f = dir.join(&s.file);
+        std::fs::remove_file(&f).map_err(|e| file_err(&f, e))?;
+    }
+    Ok(m.batches)
+}
+
 /// How an existing output directory is treated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Existing {
@@ -696,5 +726,56 @@ mod tests {
         }
         let e = ShardReader::open(&out, 10).err().unwrap().to_string();
         assert!(e.contains("hold 9 batches"), "{e}");
+    }
+
+    #[test]
+    fn truncating_keeps_whole_shards_up_to_the_position_and_resumes_there() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("c");
+        let spec = "tokens?batches=9&rows=5&context=7";
+        let want = all(Synthetic::open(spec, 0).unwrap());
+        let opts = ShardOptions {
+            shard_bytes: 1500,
+            ..Default::default()
+        };
+        let mut w = ShardWriter::create(&out, want[0].schema(), opts.clone()).unwrap();
+        for b in &want {
+            w.write(b).unwrap();
+        }
+        w.finish().unwrap();
+        let m = read_manifest(&out).unwrap();
+        assert!(m.shards.len() >= 3, "{m:?}");
+        let ends: Vec<u64> = m
+            .shards
+            .iter()
+            .map(|s| s.first_position + s.batches)
+            .collect();
+        // past the end: nothing changes
+        assert_eq!(truncate(&out, 20).unwrap(), 9);
+        assert!(read_manifest(&out).unwrap().complete);
+        // inside the second shard: cut back to the end of the first
+        let at = ends[0] + 1;
+        assert_eq!(truncate(&out, at).unwrap(), ends[0]);
+        let m = read_manifest(&out).unwrap();
+        assert!(!m.complete && m.shards.len() == 1 && m.batches == ends[0]);
+        let mut files = vec![m.shards[0].file.clone(), MANIFEST_FILE.to_string()];
+        files.sort();
+        assert_eq!(names(&out), files);
+        // a resumed writer continues there and the stream is whole again
+        let mut w = ShardWriter::create(
+            &out,
+            want[0].schema(),
+            ShardOptions {
+                existing: Existing::Resume,
+                ..opts
+            },
+        )
+        .unwrap();
+        assert_eq!(w.position(), ends[0]);
+        for b in &want[ends[0] as usize..] {
+            w.write(b).unwrap();
+        }
+        w.finish().unwrap();
+        assert_eq!(all(ShardReader::open(&out, 0).unwrap()), want);
     }
 }

@@ -102,6 +102,9 @@ pub struct PipelineConfig {
     /// Also write the activation stream here (relative to the run directory), to replay
     /// it later with `use_cached_activations`.
     pub cache: Option<String>,
+    /// Size of the cache's shard files (default 256MiB); a resumed run continues the
+    /// cache after its last whole shard.
+    pub shard_bytes: Option<String>,
     /// The shuffler's hard cap on its buffer (`4GiB`, `512MiB`, bytes).
     pub max_buffer_bytes: Option<String>,
     /// Bytes of batches each serving stage holds for its consumers (default 32MiB):
@@ -116,6 +119,7 @@ impl Default for PipelineConfig {
             trainers: 1,
             threads: StageThreads::default(),
             cache: None,
+            shard_bytes: None,
             max_buffer_bytes: None,
             window_bytes: None,
         }

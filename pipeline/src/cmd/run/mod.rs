@@ -481,8 +481,13 @@ fn check_all(sweep: &Sweep, bins: &Bins) -> Result<Plan> {
         }
         None => DEFAULT_MAX_BUFFER,
     };
-    if let Some(w) = &sweep.pipeline.window_bytes {
-        crate::cmd::parse_bytes(w).map_err(|e| anyhow!("pipeline.window_bytes: {e}"))?;
+    for (name, v) in [
+        ("pipeline.window_bytes", &sweep.pipeline.window_bytes),
+        ("pipeline.shard_bytes", &sweep.pipeline.shard_bytes),
+    ] {
+        if let Some(v) = v {
+            crate::cmd::parse_bytes(v).map_err(|e| anyhow!("{name}: {e}"))?;
+        }
     }
     if buffer_bytes > max_buffer_bytes {
         bail!(
@@ -660,9 +665,27 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
         let names: Vec<String> = (0..n_prod).map(|i| format!("p{i}")).collect();
         // Resuming: each producer continues at its share of the snapshot's upstream
         // position, and the tokenizer at the batch holding the first sequence they need.
-        let first: Vec<u64> = (0..n_prod)
+        let mut first: Vec<u64> = (0..n_prod)
             .map(|i| pipeline::merge::upstream_start(start.upstream_position, i, n_prod))
             .collect();
+        // A cache being written continues where its complete shards end: cut back to
+        // the resume position, the producer starts there (recomputing up to its share;
+        // the shuffler reads from its share on).
+        if let Some(c) = &sweep.pipeline.cache {
+            for (i, f) in first.iter_mut().enumerate() {
+                let dir = run_dir.join(c).join(format!("producer-{i}"));
+                if pipeline::shards::is_shard_dir(&dir)? {
+                    *f = pipeline::shards::truncate(&dir, *f)?;
+                    if *f == 0 {
+                        std::fs::remove_dir_all(&dir)
+                            .with_context(|| format!("cannot remove {}", dir.display()))?;
+                    }
+                } else if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .with_context(|| format!("cannot remove {}", dir.display()))?;
+                }
+            }
+        }
         let first_seq = (0..n_prod)
             .map(|i| (first[i] * n_prod as u64 + i as u64) * r.store_batch_size_prompts as u64)
             .min()
@@ -742,6 +765,9 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
                     "--output".into(),
                     s(&run_dir.join(c).join(format!("producer-{i}"))),
                 ]);
+                if let Some(b) = &sweep.pipeline.shard_bytes {
+                    args.extend(["--shard-bytes".into(), b.clone()]);
+                }
             }
             args.extend(threads(Some(producer_threads)));
             args.extend(window.iter().cloned());
