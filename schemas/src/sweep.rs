@@ -96,8 +96,10 @@ impl SpecialToken {
 pub struct PipelineConfig {
     /// Activation-producer processes (each takes every N-th LM batch).
     pub producers: usize,
-    /// Trainer processes; the points are dealt out to them in turn.
-    pub trainers: usize,
+    /// Trainer processes; the points are dealt out to them in turn. Default: one per SAE
+    /// up to the machine's cores (small SAEs train faster side by side in processes
+    /// than one after another on shared threads).
+    pub trainers: Option<usize>,
     pub threads: StageThreads,
     /// Also write the activation stream here (relative to the run directory), to replay
     /// it later with `use_cached_activations`.
@@ -116,7 +118,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             producers: 1,
-            trainers: 1,
+            trainers: None,
             threads: StageThreads::default(),
             cache: None,
             shard_bytes: None,
@@ -549,21 +551,17 @@ impl Sweep {
         }
         let p = &self.pipeline;
         for (name, v) in [
-            ("pipeline.producers", p.producers),
+            ("pipeline.producers", Some(p.producers)),
             ("pipeline.trainers", p.trainers),
         ] {
-            if v == 0 {
+            if v == Some(0) {
                 return Err(CfgError::new(name, "must be at least 1"));
             }
         }
-        if p.trainers > self.points.len() {
+        if let Some(t) = p.trainers.filter(|&t| t > self.points.len()) {
             return Err(CfgError::new(
                 "pipeline.trainers",
-                format!(
-                    "{} trainer processes for {} SAEs",
-                    p.trainers,
-                    self.points.len()
-                ),
+                format!("{t} trainer processes for {} SAEs", self.points.len()),
             ));
         }
         for (name, t) in [

@@ -513,7 +513,11 @@ fn check_all(sweep: &Sweep, bins: &Bins) -> Result<Plan> {
             gib(total)
         );
     }
-    let k = sweep.pipeline.trainers;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let k = sweep
+        .pipeline
+        .trainers
+        .unwrap_or(sweep.points.len().min(cores).max(1));
     let mut trainers = vec![Vec::new(); k];
     for i in 0..sweep.points.len() {
         trainers[i % k].push(i);
