@@ -101,15 +101,9 @@ fn alive(pid: i32) -> bool {
         .is_ok_and(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
 }
 
-/// Runs the sweep, kills `victim` (a stage of plan.json, or `pipeline`) with SIGKILL once
-/// every SAE has its first checkpoint and the shuffler its snapshot, then resumes and
-/// compares with the uninterrupted run.
-fn kill_and_resume(victim: &str) -> tempfile::TempDir {
-    kill_and_resume_with(victim, "")
-}
-
-fn kill_and_resume_with(victim: &str, pipeline_extra: &str) -> tempfile::TempDir {
-    let expected = reference();
+/// Starts the sweep in a new directory (`run/` inside it) and waits until the shuffler
+/// holds its first snapshot and every SAE its first checkpoint.
+fn start_until_first_checkpoint(pipeline_extra: &str) -> (tempfile::TempDir, Proc) {
     let d = tempfile::tempdir().unwrap();
     let file = d.path().join("sweep.yaml");
     std::fs::write(&file, sweep_yaml_with(pipeline_extra)).unwrap();
@@ -144,6 +138,20 @@ fn kill_and_resume_with(victim: &str, pipeline_extra: &str) -> tempfile::TempDir
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    (d, p)
+}
+
+/// Runs the sweep, kills `victim` (a stage of plan.json, or `pipeline`) with SIGKILL once
+/// every SAE has its first checkpoint and the shuffler its snapshot, then resumes and
+/// compares with the uninterrupted run.
+fn kill_and_resume(victim: &str) -> tempfile::TempDir {
+    kill_and_resume_with(victim, "")
+}
+
+fn kill_and_resume_with(victim: &str, pipeline_extra: &str) -> tempfile::TempDir {
+    let expected = reference();
+    let (d, mut p) = start_until_first_checkpoint(pipeline_extra);
+    let run_dir = d.path().join("run");
     let stages: Vec<i32> = [
         "tokenizer",
         "producer-0",
@@ -203,26 +211,8 @@ fn kill_and_resume_with(victim: &str, pipeline_extra: &str) -> tempfile::TempDir
 #[test]
 fn sigterm_stops_with_130_and_the_run_resumes() {
     let expected = reference();
-    let d = tempfile::tempdir().unwrap();
-    let file = d.path().join("sweep.yaml");
-    std::fs::write(&file, sweep_yaml()).unwrap();
+    let (d, mut p) = start_until_first_checkpoint("");
     let run_dir = d.path().join("run");
-    let mut p = spawn(&[
-        "run",
-        s(&file),
-        "--output",
-        s(&run_dir),
-        "--progress-every",
-        "1000",
-    ]);
-    let ckpt = run_dir
-        .join("saes/topk-k8/checkpoints")
-        .join(FIRST_CKPT_TOKENS);
-    let deadline = Instant::now() + LIMIT;
-    while !ckpt.join("trainer_state.json").is_file() {
-        assert!(Instant::now() < deadline, "no checkpoint within {LIMIT:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
     // SAFETY: kill(2) on this test's child.
     assert_eq!(unsafe { libc_kill(p.child.id() as i32, 15) }, 0);
     let deadline = Instant::now() + LIMIT;
