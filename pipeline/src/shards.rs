@@ -126,7 +126,7 @@ fn is_tmp(name: &str) -> bool {
 }
 
 /// Writes `bytes` to `path` through a temporary name, fsynced, then renamed.
-fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StreamError> {
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StreamError> {
     let tmp = tmp_name(path);
     let res = (|| -> io::Result<()> {
         let mut f = File::create(&tmp)?;

@@ -422,7 +422,7 @@ fn check_all(sweep: &Sweep, bins: &Bins) -> Result<Plan> {
     if let Some(h) = st.hook_head_index {
         args.extend(["--hook-head-index".into(), h.to_string()]);
     }
-    let mc = procs::check(&bins.producer, &args, "hook_name")?;
+    let mc = procs::run_to_end(&bins.producer, &args, "hook_name")?;
     let hooks: Vec<(String, usize)> = mc["hooks"]
         .as_array()
         .ok_or_else(|| anyhow!("the model check printed no hooks"))?
@@ -460,7 +460,7 @@ fn check_all(sweep: &Sweep, bins: &Bins) -> Result<Plan> {
         let d = PathBuf::from(st.dataset_path.as_deref().expect("validated"));
         let mut targs = tokenizer_args(sweep, &d, &model);
         targs.push("--check".into());
-        procs::check(&bins.tokenizer, &targs, "dataset_path")?;
+        procs::run_to_end(&bins.tokenizer, &targs, "dataset_path")?;
         (Some(d), Vec::new())
     };
     let batches = sweep.points.iter().map(batches_read).max().unwrap_or(0);
@@ -974,7 +974,7 @@ fn run_evals(
         s(&tokens),
         "--overwrite".into(),
     ]);
-    procs::check(&bins.tokenizer, &args, "eval tokens")?;
+    procs::run_to_end(&bins.tokenizer, &args, "eval tokens")?;
     let mut out = Vec::new();
     for p in &sweep.points {
         if cancel.load(Ordering::SeqCst) {
@@ -1000,7 +1000,7 @@ fn run_evals(
             s(&dir.join("evals.json")),
             "--overwrite".into(),
         ];
-        let v = procs::check(&bins.producer, &args, &format!("evals of {}", p.name))?;
+        let v = procs::run_to_end(&bins.producer, &args, &format!("evals of {}", p.name))?;
         out.push(v);
     }
     Ok(out)
@@ -1082,11 +1082,7 @@ fn print_table(summary: &Value) {
     );
 }
 
-/// Writes to a temporary name beside `path`, then renames.
+/// Writes through a temporary name, then renames (the runtime's shard-manifest write).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    Ok(pipeline::shards::atomic_write(path, bytes)?)
 }

@@ -48,9 +48,9 @@ pub fn find_bin(name: &str) -> Result<PathBuf> {
     bail!("the stage binary `{name}` is neither beside this `pipeline` nor on PATH (build the workspace: cargo build --workspace --bins)")
 }
 
-/// Runs a stage binary to completion (its check mode); returns its last stdout JSON
-/// line, or its own error message.
-pub fn check(bin: &Path, args: &[String], what: &str) -> Result<Value> {
+/// Runs a stage binary to completion (a check mode, the eval tokens, an eval); returns
+/// its last stdout JSON line, or its own error message.
+pub fn run_to_end(bin: &Path, args: &[String], what: &str) -> Result<Value> {
     let out = Command::new(bin)
         .args(args)
         .env("RUST_LOG", "warn")
