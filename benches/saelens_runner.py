@@ -59,24 +59,14 @@ def saelens(points: list[tuple[int, str]], tmp: Path) -> dict:
     from datasets import load_dataset
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, TopKTrainingSAEConfig
     from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
-    from transformer_lens import HookedTransformer
-    from transformer_lens.loading_from_pretrained import (
-        get_pretrained_model_config, get_pretrained_state_dict)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    sys.path.insert(0, str(ROOT / "tests" / "saelens"))
+    from local_model import load_local_model
 
     t0 = time.perf_counter()
-    evs = []
     for k, hook in points:
         # What SAELens does per SAE: load the model, stream and tokenize the dataset,
         # fill its buffer, train.
-        path = str(EX / "model")
-        tl_cfg = get_pretrained_model_config(path, fold_ln=False, device="cpu", dtype=torch.float32)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        model = HookedTransformer(tl_cfg, tokenizer=AutoTokenizer.from_pretrained(path))
-        model.load_and_process_state_dict(
-            get_pretrained_state_dict(path, tl_cfg, hf_model=hf, dtype=torch.float32),
-            fold_ln=False, center_writing_weights=False, center_unembed=False,
-            fold_value_biases=False, refactor_factored_attn_matrices=False)
+        model = load_local_model(EX / "model")
         dataset = load_dataset("json", data_files=str(EX / "corpus.jsonl"), split="train")
         cfg = LanguageModelSAERunnerConfig(
             sae=TopKTrainingSAEConfig(

@@ -398,114 +398,60 @@ fn a_killed_producer_is_named_downstream_and_leaves_no_half_file() {
 #[test]
 fn stage_errors_name_what_is_wrong() {
     let d = tempfile::tempdir().unwrap();
-    let e = run_err_of(
-        &producer(),
-        &[
-            "run",
-            "--tokens",
-            &tokens_npy(),
-            "--model",
-            &model(),
-            "--hooks",
-            "blocks.0.hook_resid_middle",
-            "--output",
-            s(&d.path().join("a")),
-        ],
-    );
+    let out = d.path().join("a");
+    // the producer on the fixture tokens and model, with these hooks and flags
+    let producer_err = |hooks: &str, extra: &[&str]| {
+        let (tokens, model) = (tokens_npy(), model());
+        let mut args = vec![
+            "run", "--tokens", &tokens, "--model", &model, "--hooks", hooks,
+        ];
+        args.extend(extra);
+        args.extend(["--output", s(&out)]);
+        run_err_of(&producer(), &args)
+    };
+    let e = producer_err("blocks.0.hook_resid_middle", &[]);
     assert!(
         e.contains("blocks.0.hook_resid_middle") && e.contains("blocks.1.hook_resid_post"),
         "valid names listed: {e}"
     );
-    let e = run_err_of(
-        &producer(),
-        &[
-            "run",
-            "--tokens",
-            &tokens_npy(),
-            "--model",
-            &model(),
-            "--hooks",
-            "blocks.9.hook_resid_pre",
-            "--output",
-            s(&d.path().join("a")),
-        ],
-    );
+    let e = producer_err("blocks.9.hook_resid_pre", &[]);
     assert!(
         e.contains("layer 9 is out of range") && e.contains("2 layers"),
         "{e}"
     );
-    let e = run_err_of(
-        &producer(),
-        &[
-            "run",
-            "--tokens",
-            &tokens_npy(),
-            "--model",
-            &model(),
-            "--hooks",
-            "blocks.0.hook_resid_pre",
-            "--producer",
-            "3/2",
-            "--output",
-            s(&d.path().join("a")),
-        ],
-    );
+    let e = producer_err("blocks.0.hook_resid_pre", &["--producer", "3/2"]);
     assert!(e.contains("'3/2'") && e.contains("0 <= I < N"), "{e}");
-    assert!(!d.path().join("a").exists());
+    assert!(!out.exists());
 
     // a batches stream without the config's hook, or of another width
     let up = "synthetic:batches?batches=4&rows=64&d=8&hooks=1";
     let trainer = workspace_bin("sae-trainer");
-    let cfg = |name: &str, text: &str| {
-        let p = d.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
+    let trainer_err = |name: &str, text: &str| {
+        let c = d.path().join(name);
+        std::fs::write(&c, text).unwrap();
+        let run = d.path().join("r");
+        run_err_of(
+            &trainer,
+            &[
+                "train",
+                "--upstream",
+                up,
+                "--config",
+                s(&c),
+                "--output",
+                s(&run),
+            ],
+        )
     };
-    let c = cfg("a.yaml", "architecture: topk\nk: 2\nd_sae: 16\nhook_name: blocks.3.hook_resid_post\ntrain_batch_size_tokens: 64\ntraining_tokens: 128\n");
-    let e = run_err_of(
-        &trainer,
-        &[
-            "train",
-            "--upstream",
-            up,
-            "--config",
-            s(&c),
-            "--output",
-            s(&d.path().join("r")),
-        ],
-    );
+    let e = trainer_err("a.yaml", "architecture: topk\nk: 2\nd_sae: 16\nhook_name: blocks.3.hook_resid_post\ntrain_batch_size_tokens: 64\ntraining_tokens: 128\n");
     assert!(
         e.contains("blocks.3.hook_resid_post")
             && e.contains("blocks.0.hook_resid_pre, seq, pos, token_id"),
         "{e}"
     );
-    let c = cfg("b.yaml", "architecture: topk\nk: 2\nd_sae: 16\nd_in: 12\nhook_name: blocks.0.hook_resid_pre\ntrain_batch_size_tokens: 64\ntraining_tokens: 128\n");
-    let e = run_err_of(
-        &trainer,
-        &[
-            "train",
-            "--upstream",
-            up,
-            "--config",
-            s(&c),
-            "--output",
-            s(&d.path().join("r")),
-        ],
-    );
+    let e = trainer_err("b.yaml", "architecture: topk\nk: 2\nd_sae: 16\nd_in: 12\nhook_name: blocks.0.hook_resid_pre\ntrain_batch_size_tokens: 64\ntraining_tokens: 128\n");
     assert!(e.contains("d_in is 12") && e.contains("have 8"), "{e}");
-    let c = cfg("c.yaml", "architecture: topk\nk: 2\nd_sae: 16\nhook_name: blocks.0.hook_resid_pre\ntrain_batch_size_tokens: 32\ntraining_tokens: 128\n");
-    let e = run_err_of(
-        &trainer,
-        &[
-            "train",
-            "--upstream",
-            up,
-            "--config",
-            s(&c),
-            "--output",
-            s(&d.path().join("r")),
-        ],
-    );
+    let e = trainer_err("c.yaml", "architecture: topk\nk: 2\nd_sae: 16\nhook_name: blocks.0.hook_resid_pre\ntrain_batch_size_tokens: 32\ntraining_tokens: 128\n");
     assert!(
         e.contains("has 64 rows") && e.contains("train_batch_size_tokens is 32"),
         "{e}"

@@ -55,7 +55,7 @@ def main(bindir: Path) -> int:
     print(f"datasets.load_from_disk reads our cache: 32 rows, max |ours - TransformerLens| = {err:.2e}")
 
     try:
-        import torch
+        import torch  # noqa: F401
         import sae_lens  # noqa: F401
     except ImportError:
         print("sae_lens (and torch) not installed: SAELens's own loading and writing skipped")
@@ -64,21 +64,9 @@ def main(bindir: Path) -> int:
     from sae_lens import (CacheActivationsRunner, CacheActivationsRunnerConfig,
                           StandardTrainingSAEConfig)
     from sae_lens.training.activations_store import ActivationsStore
-    from transformer_lens import HookedTransformer
-    from transformer_lens.loading_from_pretrained import (
-        get_pretrained_model_config, get_pretrained_state_dict)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # The local checkpoint as make_lm_fixtures.py loads it (no hub access).
-    path = str(FIXTURES / "tiny-gpt2")
-    tl_cfg = get_pretrained_model_config(path, fold_ln=False, device="cpu", dtype=torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model = HookedTransformer(tl_cfg, tokenizer=AutoTokenizer.from_pretrained(path))
-    model.load_and_process_state_dict(
-        get_pretrained_state_dict(path, tl_cfg, hf_model=hf, dtype=torch.float32),
-        fold_ln=False, center_writing_weights=False, center_unembed=False,
-        fold_value_biases=False, refactor_factored_attn_matrices=False)
-    model.eval()
+    from local_model import load_local_model  # beside this script
+    model = load_local_model(FIXTURES / "tiny-gpt2")
 
     # 1b. SAELens serves training batches from our cache
     cfg = dict(sae=StandardTrainingSAEConfig(d_in=128, d_sae=256),
