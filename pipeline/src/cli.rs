@@ -34,6 +34,13 @@ pub struct ClientArgs {
     /// Batches received ahead of the reader, at most this many bytes.
     #[arg(long, value_parser = parse_bytes, default_value = "64MiB")]
     pub queue_bytes: usize,
+    /// The run's rendezvous (`grpc[+tls]://HOST:PORT`): this stage reports there, says
+    /// where it serves, and finds upstreams named `@ROLE` there.
+    #[arg(long, requires = "role", value_name = "URL")]
+    pub rendezvous: Option<String>,
+    /// This stage's name in the run (`tokenizer`, `producer-0`, `shuffler`, `trainer-1`).
+    #[arg(long, requires = "rendezvous")]
+    pub role: Option<String>,
 }
 
 impl ClientArgs {
@@ -44,7 +51,7 @@ impl ClientArgs {
                 self.connect_timeout
             );
         }
-        Ok(ClientConfig {
+        let cfg = ClientConfig {
             tls_ca: self.tls_ca.clone(),
             tls_domain: self.tls_domain.clone(),
             token: self.token_file.as_deref().map(read_token).transpose()?,
@@ -52,7 +59,12 @@ impl ClientArgs {
             max_message_bytes: self.max_message_bytes,
             reconnect: self.reconnect,
             queue_bytes: self.queue_bytes,
-        })
+        };
+        if let (Some(r), Some(role)) = (&self.rendezvous, &self.role) {
+            crate::rendezvous::join(r, role, &cfg)
+                .map_err(|e| anyhow::anyhow!("--rendezvous {r}: {e}"))?;
+        }
+        Ok(cfg)
     }
 }
 
@@ -127,6 +139,15 @@ pub struct ServeArgs {
     /// Serve with TLS: the certificate's private key (PEM).
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
+    /// Serve with TLS under a certificate this stage issues itself at start, for the
+    /// address it advertises, signed by the run's CA: that CA's key (PEM, made by
+    /// `pipeline plan`/`run`).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub tls_ca_key: Option<PathBuf>,
+    /// The host to put in the served URL and the certificate (default: the --listen
+    /// host; for 0.0.0.0, this host's address toward the rendezvous).
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Allow a non-loopback --listen address without TLS and a token.
     #[arg(long)]
     pub insecure: bool,
@@ -145,18 +166,50 @@ impl ServeArgs {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             bail!("--tls-cert and --tls-key go together");
         }
+        let advertise = self.advertise.clone().or_else(|| advertised_host(listen));
+        let tls_pem = match (&self.tls_ca_key, &advertise) {
+            (Some(key), Some(host)) => {
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                Some(crate::tls::issue(key, &[bare.to_string()])?)
+            }
+            (Some(_), None) => {
+                bail!("--tls-ca-key: give --advertise HOST, the name the certificate is for")
+            }
+            _ => None,
+        };
         Ok(Some((
             ServerConfig {
                 listen: listen.clone(),
                 tls_cert: self.tls_cert.clone(),
                 tls_key: self.tls_key.clone(),
+                tls_pem,
                 token: client.token.clone(),
                 insecure: self.insecure,
                 max_message_bytes: client.max_message_bytes,
+                advertise,
                 cancel,
             },
             consumer_names(&self.consumers)?,
         )))
+    }
+}
+
+/// The host a server on `listen` is reached at: the listen host itself, or for an
+/// unspecified one (0.0.0.0, ::) this host's address toward the run's rendezvous.
+fn advertised_host(listen: &str) -> Option<String> {
+    let (host, _) = listen.rsplit_once(':')?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => {
+            let r = crate::flight::FlightUrl::parse(crate::rendezvous::joined()?).ok()?;
+            let ip = crate::rendezvous::local_ip_toward(&format!("{}:{}", r.host, r.port))?;
+            Some(if ip.is_ipv6() {
+                format!("[{ip}]")
+            } else {
+                ip.to_string()
+            })
+        }
+        _ => Some(host.to_string()),
     }
 }
 

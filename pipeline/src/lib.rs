@@ -14,6 +14,7 @@ pub mod merge;
 pub mod mixer;
 pub mod output;
 pub mod queue;
+pub mod rendezvous;
 pub mod saelens_cache;
 pub mod shards;
 pub mod source;
@@ -21,6 +22,7 @@ pub mod staging;
 pub mod stream;
 pub mod synthetic;
 pub mod sys;
+pub mod tls;
 pub mod tokens;
 
 pub use arrow_array::RecordBatch;

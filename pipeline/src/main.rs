@@ -24,6 +24,16 @@ enum Command {
     /// directory: sweep.yaml (resolved), plan.json, logs/, saes/<point>/ (SAELens SAE,
     /// runner_cfg.json, metrics.jsonl, evals.json), summary.json.
     Run(cmd::run::Args),
+    /// Check a run and write its run directory without starting anything: the stage
+    /// list, the run's CA and token, and with --slurm a heterogeneous-job sbatch script
+    /// (--k8s: a Kubernetes JobSet).
+    Plan(cmd::run::PlanArgs),
+    /// Start one stage of a planned run on this host (what the Slurm job's srun and a
+    /// by-hand launch run): the role from the arguments, the index from --index or
+    /// $SLURM_PROCID; upstreams are found through the run's rendezvous.
+    Stage(cmd::run::remote::StageArgs),
+    /// Serve a cluster run's rendezvous (the Slurm job starts it on its first host).
+    Rendezvous(cmd::run::remote::RendezvousArgs),
     /// Describe a stream: its schema and metadata, batches, rows and position. For a
     /// Flight endpoint (`grpc://HOST:PORT` lists every stream it serves, with each
     /// consumer's position); for a shard directory (every shard's checksum is verified);
@@ -56,6 +66,9 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Run(a) => cmd::run::run(a),
+        Command::Plan(a) => cmd::run::plan(a),
+        Command::Stage(a) => cmd::run::remote::stage(a),
+        Command::Rendezvous(a) => cmd::run::remote::rendezvous_cmd(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Copy(a) => cmd::copy::run(a),
         Command::BenchFlight(a) => cmd::bench::run(a),

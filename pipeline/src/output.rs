@@ -124,10 +124,14 @@ impl Output {
                     window_bytes: spec.window_bytes,
                     first_position: spec.first_position,
                 };
-                let tls = cfg.tls_cert.is_some();
+                let tls = cfg.tls_cert.is_some() || cfg.tls_pem.is_some();
                 let (server, mut served) = flight::serve(&cfg, vec![(stream, schema)])?;
                 let scheme = if tls { "grpc+tls" } else { "grpc" };
-                let base = format!("{scheme}://{}", server.addr());
+                let base = match &cfg.advertise {
+                    Some(h) => format!("{scheme}://{h}:{}", server.addr().port()),
+                    None => format!("{scheme}://{}", server.addr()),
+                };
+                crate::rendezvous::register(&format!("{base}/{}", spec.name));
                 let mut out = std::io::stdout().lock();
                 writeln!(
                     out,

@@ -127,9 +127,20 @@ fn is_tmp(name: &str) -> bool {
 
 /// Writes `bytes` to `path` through a temporary name, fsynced, then renamed.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StreamError> {
+    atomic_write_mode(path, bytes, 0o644)
+}
+
+/// [`atomic_write`] with the file's mode (0o600 for secrets: no moment readable by others).
+pub fn atomic_write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StreamError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = tmp_name(path);
     let res = (|| -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

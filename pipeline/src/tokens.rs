@@ -415,8 +415,9 @@ impl TokenStream {
         let streamed = crate::flight::is_url(spec) || crate::shards::is_shard_dir(Path::new(spec))?;
         if streamed && first > 0 {
             let schema = if crate::flight::is_url(spec) {
-                let url = crate::flight::FlightUrl::parse(spec)?;
-                crate::flight::remote_streams(spec, &opts.client)?
+                let spec = crate::rendezvous::resolve(spec)?;
+                let url = crate::flight::FlightUrl::parse(&spec)?;
+                crate::flight::remote_streams(&spec, &opts.client)?
                     .into_iter()
                     .find(|r| Some(&r.name) == url.stream.as_ref())
                     .map(|r| r.schema)

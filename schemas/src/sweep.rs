@@ -112,6 +112,13 @@ pub struct PipelineConfig {
     /// Bytes of batches each serving stage holds for its consumers (default 32MiB):
     /// how far a stage may run ahead of the next.
     pub window_bytes: Option<String>,
+    /// The rendezvous port on a cluster (the first host of a Slurm job listens there);
+    /// default: any free port, announced in the run directory's `rendezvous.json`.
+    pub rendezvous_port: Option<u16>,
+    /// Resources of each role's component in a Slurm heterogeneous job.
+    pub slurm: SlurmConfig,
+    /// The container image of a Kubernetes JobSet (`pipeline plan --k8s`).
+    pub k8s_image: Option<String>,
 }
 
 impl Default for PipelineConfig {
@@ -124,8 +131,41 @@ impl Default for PipelineConfig {
             shard_bytes: None,
             max_buffer_bytes: None,
             window_bytes: None,
+            rendezvous_port: None,
+            slurm: SlurmConfig::default(),
+            k8s_image: None,
         }
     }
+}
+
+/// `pipeline.slurm:`: the job's settings and each role's resources (per task).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlurmConfig {
+    pub partition: Option<String>,
+    /// Wall time (`HH:MM:SS`, `D-HH:MM:SS`).
+    pub time: Option<String>,
+    pub account: Option<String>,
+    pub job_name: Option<String>,
+    /// Lines put as they are after the `#SBATCH` header (module loads, `#SBATCH --qos=..`).
+    pub extra: Vec<String>,
+    pub tokenizer: SlurmResources,
+    pub producer: SlurmResources,
+    pub shuffler: SlurmResources,
+    pub trainer: SlurmResources,
+}
+
+/// One role's resources per task; unset ones are left to the cluster's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlurmResources {
+    pub cpus: Option<u32>,
+    /// GPUs per task (`--gpus-per-task`).
+    pub gpus: Option<u32>,
+    /// Memory per node (`--mem`: `64G`).
+    pub mem: Option<String>,
+    /// This role's partition, if not the job's.
+    pub partition: Option<String>,
 }
 
 /// Threads per stage process (default: each stage's own rule).

@@ -197,6 +197,7 @@ fn serve(a: &Args, opts: &OpenOptions, interrupted: Arc<AtomicBool>) -> Result<(
         insecure: a.insecure,
         max_message_bytes: opts.client.max_message_bytes,
         cancel: interrupted.clone(),
+        ..Default::default()
     };
     if a.insecure && !cfg.listen.starts_with("127.") && !cfg.listen.starts_with("[::1]") {
         eprintln!("warning: serving {} in the clear (--insecure)", cfg.listen);

@@ -356,7 +356,7 @@ impl FlightSource {
     /// and starts reading at `opts.position`; the consumer and columns of `opts` win
     /// over the URL's.
     pub fn open(spec: &str, opts: &OpenOptions) -> Result<FlightSource, StreamError> {
-        let url = FlightUrl::parse(spec)?;
+        let url = FlightUrl::parse(&crate::rendezvous::resolve(spec)?)?;
         let name = url.name();
         let remote = |m: String| StreamError::Remote {
             url: name.clone(),
@@ -479,7 +479,7 @@ fn remote_stream(info: FlightInfo) -> Result<RemoteStream, String> {
 /// What a server says of its streams: of the one the URL names (`GetFlightInfo`), or
 /// of every stream it serves (`ListFlights`).
 pub fn remote_streams(spec: &str, cfg: &ClientConfig) -> Result<Vec<RemoteStream>, StreamError> {
-    let url = FlightUrl::parse(spec)?;
+    let url = FlightUrl::parse(&crate::rendezvous::resolve(spec)?)?;
     let failed = |s: Status| call_error(Some(&url), cfg, &s);
     super::runtime()
         .block_on(async {
@@ -511,4 +511,62 @@ pub fn remote_streams(spec: &str, cfg: &ClientConfig) -> Result<Vec<RemoteStream
             url: url.name(),
             message: m,
         })
+}
+
+/// Calls Flight actions on one server, keeping the connection between calls.
+pub struct ActionClient {
+    url: FlightUrl,
+    cfg: ClientConfig,
+    client: Option<Client>,
+}
+
+impl ActionClient {
+    pub fn new(spec: &str, cfg: &ClientConfig) -> Result<ActionClient, StreamError> {
+        Ok(ActionClient {
+            url: FlightUrl::parse(spec)?,
+            cfg: cfg.clone(),
+            client: None,
+        })
+    }
+
+    /// The server's reply to action `kind`; a call gets at most `limit`.
+    pub fn call(
+        &mut self,
+        kind: &str,
+        body: &[u8],
+        limit: Duration,
+    ) -> Result<Vec<u8>, StreamError> {
+        let (url, cfg) = (&self.url, &self.cfg);
+        let slot = &mut self.client;
+        let action = arrow_flight::Action::new(kind, body.to_vec());
+        let r = super::runtime().block_on(async {
+            let call = async {
+                if slot.is_none() {
+                    *slot = Some(connect(url, cfg).await?);
+                }
+                let c = slot.as_mut().expect("connected");
+                let mut replies = c
+                    .do_action(Request::new(action))
+                    .await
+                    .map_err(|s| call_error(Some(url), cfg, &s))?
+                    .into_inner();
+                let first = replies
+                    .message()
+                    .await
+                    .map_err(|s| call_error(Some(url), cfg, &s))?;
+                Ok::<_, String>(first.map(|r| r.body.to_vec()).unwrap_or_default())
+            };
+            tokio::time::timeout(limit, call)
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {:.0} s", limit.as_secs_f64())))
+        });
+        if r.is_err() {
+            // a fresh connection next time: this one may be the broken part
+            self.client = None;
+        }
+        r.map_err(|m| StreamError::Remote {
+            url: url.base(),
+            message: m,
+        })
+    }
 }

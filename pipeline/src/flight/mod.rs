@@ -7,8 +7,9 @@ mod client;
 mod server;
 mod wire;
 
+pub use client::ActionClient;
 pub use client::{remote_streams, FlightSource, RemoteStream};
-pub use server::{serve, ServedStream, Server, StreamConfig};
+pub use server::{serve, serve_with, Actions, ServedStream, Server, StreamConfig};
 
 use crate::stream::StreamError;
 use schemas::streams::{url_keys, SCHEME_GRPC, SCHEME_GRPC_TLS};
@@ -94,10 +95,14 @@ pub struct ServerConfig {
     pub listen: String,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Certificate and key (PEM) made in memory: the ones issued at start by the run's CA.
+    pub tls_pem: Option<(Vec<u8>, Vec<u8>)>,
     pub token: Option<String>,
     /// Serve a non-loopback address without TLS and token.
     pub insecure: bool,
     pub max_message_bytes: usize,
+    /// The host to put in the served URL (default: the address bound).
+    pub advertise: Option<String>,
     /// Set to stop: producers blocked on a full window give up, consumers are told.
     pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -108,9 +113,11 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:0".into(),
             tls_cert: None,
             tls_key: None,
+            tls_pem: None,
             token: None,
             insecure: false,
             max_message_bytes: DEFAULT_MAX_MESSAGE,
+            advertise: None,
             cancel: Default::default(),
         }
     }
@@ -130,9 +137,10 @@ pub fn read_token(path: &std::path::Path) -> Result<String, StreamError> {
     Ok(t.to_string())
 }
 
-/// True for `grpc://` and `grpc+tls://` specs.
+/// True for `grpc://` and `grpc+tls://` specs, and `@ROLE` (a stage of the run, found
+/// through its rendezvous).
 pub fn is_url(spec: &str) -> bool {
-    spec.starts_with("grpc://") || spec.starts_with("grpc+tls://")
+    spec.starts_with("grpc://") || spec.starts_with("grpc+tls://") || spec.starts_with('@')
 }
 
 /// `grpc[+tls]://HOST:PORT[/STREAM][?consumer=NAME&columns=A,B]`.

@@ -536,11 +536,26 @@ fn bad_listen(listen: &str, m: impl std::fmt::Display) -> StreamError {
     StreamError::Other(format!("cannot listen on {listen}: {m}"))
 }
 
+/// Answers Flight actions (`DoAction`): the rendezvous registry is one.
+pub trait Actions: Send + Sync + 'static {
+    /// The reply to action `kind` with `body`, or the status to fail it with.
+    fn call(&self, kind: &str, body: &[u8]) -> Result<Vec<u8>, Status>;
+}
+
 /// Binds `cfg.listen` and serves `streams`; returns the server and one producer handle
 /// per stream, in order. A non-loopback address needs TLS and a token, or `insecure`.
 pub fn serve(
     cfg: &ServerConfig,
     streams: Vec<(StreamConfig, SchemaRef)>,
+) -> Result<(Server, Vec<ServedStream>), StreamError> {
+    serve_with(cfg, streams, None)
+}
+
+/// [`serve`], also answering actions.
+pub fn serve_with(
+    cfg: &ServerConfig,
+    streams: Vec<(StreamConfig, SchemaRef)>,
+    actions: Option<Arc<dyn Actions>>,
 ) -> Result<(Server, Vec<ServedStream>), StreamError> {
     let addr: SocketAddr = {
         use std::net::ToSocketAddrs;
@@ -555,9 +570,13 @@ pub fn serve(
             .next()
             .ok_or_else(|| bad_listen(&cfg.listen, "no such address"))?
     };
-    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-        (None, None) => None,
+    let read = |p: &std::path::PathBuf| {
+        std::fs::read(p).map_err(|e| crate::stream::file_err(p, format!("cannot read: {e}")))
+    };
+    let tls = match (&cfg.tls_cert, &cfg.tls_key, &cfg.tls_pem) {
+        (_, _, Some((c, k))) => Some((c.clone(), k.clone())),
+        (Some(c), Some(k), None) => Some((read(c)?, read(k)?)),
+        (None, None, None) => None,
         _ => {
             return Err(bad_listen(
                 &cfg.listen,
@@ -625,6 +644,7 @@ pub fn serve(
     let service = Service {
         hubs: hubs.clone(),
         max_message: cfg.max_message_bytes,
+        actions,
     };
     let token = cfg.token.as_ref().map(|t| format!("{AUTH_SCHEME}{t}"));
     let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
@@ -679,11 +699,8 @@ pub fn serve(
         .max_frame_size(H2_MAX_FRAME)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
-    if let Some((cert, key)) = &tls {
-        let read = |p: &std::path::PathBuf| {
-            std::fs::read(p).map_err(|e| crate::stream::file_err(p, format!("cannot read: {e}")))
-        };
-        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+    if let Some((cert, key)) = tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .map_err(|e| bad_listen(&cfg.listen, format!("bad TLS certificate or key: {e}")))?;
@@ -721,6 +738,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 struct Service {
     hubs: Arc<Vec<Arc<Hub>>>,
     max_message: usize,
+    actions: Option<Arc<dyn Actions>>,
 }
 
 impl Service {
@@ -1033,9 +1051,15 @@ impl FlightService for Service {
 
     async fn do_action(
         &self,
-        _: Request<Action>,
+        req: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
-        Err(unimplemented("DoAction"))
+        let Some(actions) = &self.actions else {
+            return Err(unimplemented("DoAction"));
+        };
+        let a = req.into_inner();
+        let body = actions.call(&a.r#type, &a.body)?;
+        let one = arrow_flight::Result { body: body.into() };
+        Ok(Response::new(futures::stream::iter([Ok(one)]).boxed()))
     }
 
     async fn list_actions(

@@ -133,6 +133,7 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            pipeline::rendezvous::leave(Err(&format!("{e:#}")));
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
@@ -221,6 +222,7 @@ fn run(cli: Cli) -> Result<()> {
         }
     };
     println!("{}", serde_json::to_string(&summary)?);
+    pipeline::rendezvous::leave(Ok(&[summary]));
     Ok(())
 }
 

@@ -122,6 +122,7 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            pipeline::rendezvous::leave(Err(&format!("{e:#}")));
             // The whole chain on one line: what failed, then why.
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -161,9 +162,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 input,
                 overwrite,
             })?;
-            for s in summaries {
-                println!("{}", serde_json::to_string(&s)?);
+            for s in &summaries {
+                println!("{}", serde_json::to_string(s)?);
             }
+            pipeline::rendezvous::leave(Ok(&summaries));
         }
         Command::Bench {
             config,

@@ -96,9 +96,11 @@ fn main() -> std::process::ExitCode {
         Command::Run(a) => match run(&a) {
             Ok(summary) => {
                 println!("{summary}");
+                pipeline::rendezvous::leave(Ok(&[summary]));
                 std::process::ExitCode::SUCCESS
             }
             Err(e) => {
+                pipeline::rendezvous::leave(Err(&format!("{e:#}")));
                 eprintln!("error: {e:#}");
                 std::process::ExitCode::FAILURE
             }

@@ -53,9 +53,11 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse().command) {
         Ok(summary) => {
             println!("{summary}");
+            pipeline::rendezvous::leave(Ok(&[summary]));
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
+            pipeline::rendezvous::leave(Err(&format!("{e:#}")));
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }

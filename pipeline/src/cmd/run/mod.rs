@@ -4,10 +4,14 @@
 //! loopback, supervises them (one failing stops the rest), then runs SAELens's evals
 //! per SAE and writes `summary.json`.
 
+mod cluster;
+mod launch;
 mod procs;
 mod progress;
+pub mod remote;
 
 use anyhow::{anyhow, bail, Context, Result};
+use launch::{Net, Role, StageSpec};
 use procs::{find_bin, stop_all, Stage, GRACE};
 use schemas::sweep::{ExcludeSpecialTokens, SpecialToken, Sweep};
 use schemas::{NormalizeActivations, TrainConfig};
@@ -40,6 +44,69 @@ pub struct Args {
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 10.0)]
     progress_every: f64,
+    /// Where the stages run: `local` (processes of this one, on loopback), `slurm` (a
+    /// heterogeneous job, submitted with sbatch and followed), or `manual` (each host
+    /// runs the `pipeline stage` command printed; this process is the rendezvous).
+    /// Cluster runs need the run directory on a file system every host shares.
+    #[arg(long, value_enum, default_value_t = Launcher::Local)]
+    launcher: Launcher,
+    /// `--launcher manual`: the host name or address the other hosts reach this one at
+    /// (default: this host's name).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(skip)]
+    plan: Option<PlanKind>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Launcher {
+    Local,
+    Slurm,
+    Manual,
+}
+
+/// `pipeline plan`: which job file to write besides the run directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanKind {
+    pub slurm: bool,
+    pub k8s: bool,
+}
+
+/// `pipeline plan FILE`: check the run, write its run directory (resolved sweep.yaml,
+/// plan.json, stages.json, the run's CA and token under tls/), and with --slurm or
+/// --k8s the job file to start its stages on a cluster. Starts nothing.
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    file: PathBuf,
+    /// The run directory (default: runs/<the file's name>).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Replace an existing run directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// Write job.sbatch: a Slurm heterogeneous job, one component per role.
+    #[arg(long)]
+    slurm: bool,
+    /// Write jobset.yaml: a Kubernetes JobSet, one replicated job per role.
+    #[arg(long)]
+    k8s: bool,
+}
+
+pub fn plan(p: PlanArgs) -> Result<()> {
+    run(Args {
+        file: Some(p.file),
+        resume: None,
+        output: p.output,
+        overwrite: p.overwrite,
+        check: false,
+        progress_every: 10.0,
+        launcher: Launcher::Manual,
+        advertise: None,
+        plan: Some(PlanKind {
+            slurm: p.slurm,
+            k8s: p.k8s,
+        }),
+    })
 }
 
 /// Shuffler buffer cap when `pipeline.max_buffer_bytes` is not set (the shuffler's).
@@ -55,6 +122,17 @@ struct Bins {
     producer: PathBuf,
     shuffler: PathBuf,
     trainer: PathBuf,
+}
+
+impl Bins {
+    fn path(&self, r: Role) -> &Path {
+        match r {
+            Role::Tokenizer => &self.tokenizer,
+            Role::Producer => &self.producer,
+            Role::Shuffler => &self.shuffler,
+            Role::Trainer => &self.trainer,
+        }
+    }
 }
 
 /// Everything decided before a process starts.
@@ -90,6 +168,9 @@ pub fn run(a: Args) -> Result<()> {
         }
         (None, None) => bail!("give the run file, or --resume RUN_DIR"),
     };
+    // Absolute, so that stages on other hosts (and resolved files) name the same place.
+    let run_dir = std::path::absolute(&run_dir)
+        .with_context(|| format!("cannot resolve {}", run_dir.display()))?;
     if a.resume.is_some() && !file.is_file() {
         bail!(
             "--resume {}: not a run directory of `pipeline run` (no {RESOLVED})",
@@ -157,36 +238,48 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     let cancel = pipeline::cli::interrupt_flag()?;
     let mut stages = Vec::new();
+    let ctx = Ctx {
+        sweep: &sweep,
+        plan: &plan,
+        start: &start,
+        bins: &bins,
+        run_dir: &run_dir,
+        cancel: &cancel,
+        every: a.progress_every,
+    };
+    if let Some(kind) = a.plan {
+        return write_plan(&ctx, kind);
+    }
     let res = if start.done.iter().all(|d| *d) {
-        Ok(())
+        Ok(Vec::new())
+    } else if a.launcher == Launcher::Local {
+        train(&ctx, &mut stages).map(|_| {
+            stages
+                .iter()
+                .filter(|s| s.name.starts_with("trainer"))
+                .flat_map(|s| s.summaries())
+                .collect()
+        })
     } else {
-        let ctx = Ctx {
-            sweep: &sweep,
-            plan: &plan,
-            start: &start,
-            bins: &bins,
-            run_dir: &run_dir,
-            cancel: &cancel,
-            every: a.progress_every,
-        };
-        train(&ctx, &mut stages)
+        train_remote(&ctx, a.launcher, a.advertise.clone())
     };
     plan_json["stages"] = stages_json(&stages);
     write_atomic(
         &run_dir.join("plan.json"),
         serde_json::to_string_pretty(&plan_json)?.as_bytes(),
     )?;
-    if let Err(e) = res {
-        if cancel.load(Ordering::SeqCst) {
-            eprintln!("interrupted: every stage stopped (trainers write a checkpoint on SIGTERM); logs in {}", run_dir.join("logs").display());
-            std::process::exit(130);
+    let trained = match res {
+        Ok(t) => t,
+        Err(e) => {
+            if cancel.load(Ordering::SeqCst) {
+                eprintln!("interrupted: every stage stopped (trainers write a checkpoint on SIGTERM); logs in {}", run_dir.join("logs").display());
+                std::process::exit(130);
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
-    let trained: BTreeMap<String, Value> = stages
-        .iter()
-        .filter(|s| s.name.starts_with("trainer"))
-        .flat_map(|s| s.summaries())
+    };
+    let trained: BTreeMap<String, Value> = trained
+        .into_iter()
         .filter_map(|v| {
             let out = PathBuf::from(v["output"].as_str()?);
             Some((out.file_name()?.to_string_lossy().to_string(), v))
@@ -634,22 +727,155 @@ struct Ctx<'a> {
     every: f64,
 }
 
+/// `pipeline plan`: the stage list, the run's TLS material and the job files.
+fn write_plan(c: &Ctx, kind: PlanKind) -> Result<()> {
+    let specs = stage_specs(c)?;
+    remote::prepare(c.run_dir, &specs)?;
+    let mut wrote = vec![c.run_dir.join(launch::STAGES_FILE)];
+    if kind.slurm {
+        let me = std::env::current_exe().context("cannot find this executable")?;
+        let f = c.run_dir.join(SBATCH_FILE);
+        write_atomic(
+            &f,
+            cluster::sbatch(c.sweep, c.run_dir, &specs, &me).as_bytes(),
+        )?;
+        wrote.push(f);
+    }
+    if kind.k8s {
+        let f = c.run_dir.join("jobset.yaml");
+        write_atomic(&f, cluster::jobset(c.sweep, c.run_dir, &specs).as_bytes())?;
+        wrote.push(f);
+    }
+    for f in wrote {
+        println!("{}", f.display());
+    }
+    Ok(())
+}
+
+/// The Slurm job script in a run directory.
+const SBATCH_FILE: &str = "job.sbatch";
+
+/// Runs the stages on other hosts (by hand or through Slurm) and follows them.
+fn train_remote(c: &Ctx, launcher: Launcher, advertise: Option<String>) -> Result<Vec<Value>> {
+    let specs = stage_specs(c)?;
+    remote::prepare(c.run_dir, &specs)?;
+    let _ = std::fs::remove_file(c.run_dir.join(launch::RENDEZVOUS_FILE));
+    match launcher {
+        Launcher::Manual => {
+            let host = advertise.unwrap_or_else(pipeline::rendezvous::hostname);
+            let port = c.sweep.pipeline.rendezvous_port.unwrap_or(0);
+            let (server, registry, url) =
+                remote::serve_rendezvous(c.run_dir, &format!("0.0.0.0:{port}"), &host)?;
+            eprintln!("rendezvous at {url}; start each stage on its host:");
+            for cmd in remote::manual_commands(c.run_dir, &specs) {
+                eprintln!("  {cmd}");
+            }
+            let res = remote::follow(c, &specs, &|| Some(url.clone()), None);
+            if let Err(e) = &res {
+                registry.stop(&format!("{e:#}"));
+            }
+            // Let every stage hear how the run ended before the rendezvous goes.
+            let t0 = Instant::now();
+            while t0.elapsed() < pipeline::rendezvous::HEARTBEAT * 2
+                && registry
+                    .listing()
+                    .members
+                    .iter()
+                    .any(|m| m.report.state == "running")
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = server.shutdown();
+            res
+        }
+        Launcher::Slurm => {
+            let me = std::env::current_exe().context("cannot find this executable")?;
+            let f = c.run_dir.join(SBATCH_FILE);
+            write_atomic(
+                &f,
+                cluster::sbatch(c.sweep, c.run_dir, &specs, &me).as_bytes(),
+            )?;
+            let out = std::process::Command::new("sbatch")
+                .arg("--parsable")
+                .arg(&f)
+                .output()
+                .context("cannot run sbatch (is this a Slurm login node?)")?;
+            if !out.status.success() {
+                bail!(
+                    "sbatch {} failed: {}",
+                    f.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let job = text.trim().split(';').next().unwrap_or("").to_string();
+            if job.is_empty() {
+                bail!("sbatch printed no job id");
+            }
+            eprintln!("submitted Slurm job {job} ({})", f.display());
+            write_atomic(&c.run_dir.join("slurm_job"), format!("{job}\n").as_bytes())?;
+            let run_dir = c.run_dir.to_path_buf();
+            let res = remote::follow(c, &specs, &|| remote::rendezvous_url(&run_dir), Some(&job));
+            if res.is_err() {
+                let _ = std::process::Command::new("scancel").arg(&job).status();
+            }
+            res
+        }
+        Launcher::Local => unreachable!("local runs start their stages here"),
+    }
+}
+
 /// Starts the stages and supervises them until the trainers are done.
 fn train(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
-    let res = start_and_wait(c, stages);
-    if res.is_err() {
+    let specs = stage_specs(c)?;
+    // The rendezvous, on loopback: the stages report to it and find their upstreams
+    // through it, as they do on a cluster.
+    let (server, registry) = pipeline::rendezvous::serve(&pipeline::flight::ServerConfig {
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    })?;
+    let net = Net {
+        rendezvous: format!("grpc://{}", server.addr()),
+        listen: "127.0.0.1:0".into(),
+        tls: None,
+    };
+    let res = start_and_wait(c, &specs, &net, stages);
+    if let Err(e) = &res {
+        registry.stop(&format!("{e:#}"));
         stop_all(stages, GRACE);
     }
+    let _ = server.shutdown();
     res
 }
 
-fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
-    let (sweep, plan, start, bins, run_dir) = (c.sweep, c.plan, c.start, c.bins, c.run_dir);
+fn start_and_wait(c: &Ctx, specs: &[StageSpec], net: &Net, stages: &mut Vec<Stage>) -> Result<()> {
+    let logs = c.run_dir.join("logs");
+    for spec in specs {
+        let bin = c.bins.path(spec.role);
+        let mut stage = Stage::start(&spec.name, bin, &net.args(spec), &logs, false)?;
+        stage.points = spec.points.clone();
+        stages.push(stage);
+    }
+    let plan_file = c.run_dir.join("plan.json");
+    if let Ok(text) = std::fs::read_to_string(&plan_file) {
+        if let Ok(mut v) = serde_json::from_str::<Value>(&text) {
+            v["stages"] = stages_json(stages);
+            write_atomic(&plan_file, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        }
+    }
+    let mut rdv = pipeline::rendezvous::Client::new(&net.rendezvous, &net.client()?)?;
+    supervise(c.sweep, c.run_dir, stages, &mut rdv, c.cancel, c.every)
+}
+
+/// Every stage process of the run, in start order: what to run, with upstreams named by
+/// role (`@tokenizer`), to be found through the rendezvous. Writes what they read (the
+/// SAE configs) and cuts a cache being continued back to where the run resumes.
+fn stage_specs(c: &Ctx) -> Result<Vec<StageSpec>> {
+    let mut specs = Vec::new();
+    let (sweep, plan, start, run_dir) = (c.sweep, c.plan, c.start, c.run_dir);
     let st = sweep.stream();
     let r = &sweep.runner;
     let th = &sweep.pipeline.threads;
-    let logs = run_dir.join("logs");
-    let loopback = "127.0.0.1:0".to_string();
     let n_prod = sweep.pipeline.producers;
     let mut upstreams: Vec<String> = plan.replay.iter().map(|p| s(p)).collect();
     let window = [
@@ -708,21 +934,13 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
             token_batches.saturating_sub(token_start).max(1).to_string(),
             "--batch-sequences".into(),
             TOKEN_BATCH.to_string(),
-            "--listen".into(),
-            loopback.clone(),
             "--consumers".into(),
             names.join(","),
         ]);
         args.extend(threads(th.tokenizer));
         args.extend(window.iter().cloned());
-        stages.push(Stage::start(
-            "tokenizer",
-            &bins.tokenizer,
-            &args,
-            &logs,
-            true,
-        )?);
-        let tokens = stages[0].url.clone().expect("served");
+        specs.push(StageSpec::new("tokenizer", Role::Tokenizer, args));
+        let tokens = "@tokenizer".to_string();
         let hooks: Vec<&str> = plan.hooks.iter().map(|(h, _)| h.as_str()).collect();
         for (i, name) in names.iter().enumerate() {
             let mut args = vec![
@@ -747,8 +965,6 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
                 plan.lm_batches_per_producer
                     .saturating_sub(first[i])
                     .to_string(),
-                "--listen".into(),
-                loopback.clone(),
             ];
             if let Some(h) = st.hook_head_index {
                 args.extend(["--hook-head-index".into(), h.to_string()]);
@@ -775,9 +991,9 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
             }
             args.extend(threads(Some(producer_threads)));
             args.extend(window.iter().cloned());
-            let stage = Stage::start(&format!("producer-{i}"), &bins.producer, &args, &logs, true)?;
-            upstreams.push(stage.url.clone().expect("served"));
-            stages.push(stage);
+            let role = format!("producer-{i}");
+            upstreams.push(format!("@{role}"));
+            specs.push(StageSpec::new(&role, Role::Producer, args));
         }
     }
     // The trainer processes still to run: the points not yet done.
@@ -814,8 +1030,6 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
         plan.batches.to_string(),
         "--max-buffer-bytes".into(),
         plan.max_buffer_bytes.to_string(),
-        "--listen".into(),
-        loopback.clone(),
         "--consumers".into(),
         consumers.join(","),
     ]);
@@ -845,9 +1059,8 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
     }
     args.extend(threads(th.shuffler));
     args.extend(window.iter().cloned());
-    let shuffler = Stage::start("shuffler", &bins.shuffler, &args, &logs, true)?;
-    let batches = shuffler.url.clone().expect("served");
-    stages.push(shuffler);
+    specs.push(StageSpec::new("shuffler", Role::Shuffler, args));
+    let batches = "@shuffler".to_string();
     for (k, points) in trainers.iter().enumerate() {
         let mut args = vec![
             "train".to_string(),
@@ -876,22 +1089,14 @@ fn start_and_wait(c: &Ctx, stages: &mut Vec<Stage>) -> Result<()> {
             args.push("--overwrite".into());
         }
         args.extend(threads(Some(trainer_threads)));
-        let mut trainer =
-            Stage::start(&format!("trainer-{k}"), &bins.trainer, &args, &logs, false)?;
-        trainer.points = points
+        let mut spec = StageSpec::new(&format!("trainer-{k}"), Role::Trainer, args);
+        spec.points = points
             .iter()
             .map(|&i| sweep.points[i].name.clone())
             .collect();
-        stages.push(trainer);
+        specs.push(spec);
     }
-    let plan_file = run_dir.join("plan.json");
-    if let Ok(text) = std::fs::read_to_string(&plan_file) {
-        if let Ok(mut v) = serde_json::from_str::<Value>(&text) {
-            v["stages"] = stages_json(stages);
-            write_atomic(&plan_file, serde_json::to_string_pretty(&v)?.as_bytes())?;
-        }
-    }
-    supervise(sweep, run_dir, stages, c.cancel, c.every)
+    Ok(specs)
 }
 
 /// Waits for every stage; the first to fail stops the rest. Shows progress.
@@ -899,6 +1104,7 @@ fn supervise(
     sweep: &Sweep,
     run_dir: &Path,
     stages: &mut [Stage],
+    rdv: &mut pipeline::rendezvous::Client,
     cancel: &std::sync::atomic::AtomicBool,
     every: f64,
 ) -> Result<()> {
@@ -906,7 +1112,23 @@ fn supervise(
     let mut display = progress::Display::new(sweep);
     let interval = display.interval(every);
     let mut last = Instant::now();
+    let mut listed = Instant::now() - Duration::from_secs(1);
     loop {
+        // Where each stage serves, as it told the rendezvous.
+        if stages
+            .iter()
+            .any(|s| s.url.is_none() && !s.name.starts_with("trainer"))
+            && listed.elapsed() >= Duration::from_millis(500)
+        {
+            listed = Instant::now();
+            if let Ok(l) = rdv.list() {
+                for m in l.members {
+                    if let Some(s) = stages.iter_mut().find(|s| s.name == m.report.role) {
+                        s.url = s.url.take().or(m.report.url);
+                    }
+                }
+            }
+        }
         if cancel.load(Ordering::SeqCst) {
             stop_all(stages, GRACE);
             bail!("interrupted");

@@ -1,0 +1,435 @@
+//! Several hosts on one machine: network namespaces made here, joined by veth links to a
+//! bridge in a namespace of their own (no traffic leaves them but loopback's). The
+//! tokenizer runs in one, two producers in two others, the shuffler and the trainers in
+//! a fourth with the orchestrator (`pipeline run --launcher manual`), every connection
+//! over TLS with the run's token; the SAEs equal a local run's bit for bit. Then a stage
+//! with the wrong token and a producer with a certificate for another host: each stops
+//! the run with a clear error in bounded time. Needs root (CI runs as root).
+
+#[path = "../../pipeline/tests/support/mod.rs"]
+mod support;
+
+use e2e::s;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// The example sweep, shortened (2 SAEs, 24 steps), with 2 producers and 2 trainers.
+fn sweep_yaml() -> String {
+    format!(
+        "model_name: {}\ndataset_path: {}\nhook_name: blocks.1.hook_resid_post\ncontext_size: 32\n\
+store_batch_size_prompts: 8\narchitecture: topk\nk: 8\nd_sae: 256\n\
+normalize_activations: expected_average_only_in\nn_batches_for_norm_estimate: 2\n\
+training_tokens: 6144\ntrain_batch_size_tokens: 256\nn_batches_in_buffer: 4\nlr: 0.003\n\
+log_frequency: 4\nfeature_sampling_window: 10\ndead_feature_window: 10\nseed: 7\n\
+n_eval_batches: 0\nsweep:\n  k: [8, 16]\npipeline:\n  producers: 2\n  trainers: 2\n",
+        examples().join("model").display(),
+        examples().join("corpus.jsonl").display()
+    )
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        o.status.success(),
+        "ip {}: {} (these tests make network namespaces: they need root and iproute2)",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr).trim()
+    );
+}
+
+/// Four "hosts" (namespaces `h1`..`h4` at 10.77.0.1..4) on one bridge; removed with
+/// everything in them when dropped.
+struct Hosts {
+    names: Vec<String>,
+    bridge: String,
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            (b'a' + n as u8) as char
+        );
+        let bridge = format!("sae{tag}br");
+        ip(&["netns", "add", &bridge]);
+        let mut h = Hosts {
+            names: Vec::new(),
+            bridge: bridge.clone(),
+        };
+        ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &bridge, "link", "set", "br0", "up"]);
+        for i in 1..=4 {
+            let ns = format!("sae{tag}h{i}");
+            ip(&["netns", "add", &ns]);
+            h.names.push(ns.clone());
+            let (a, b) = (format!("s{tag}v{i}"), format!("s{tag}b{i}"));
+            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+            ip(&["link", "set", &a, "netns", &ns]);
+            ip(&["link", "set", &b, "netns", &bridge]);
+            ip(&["-n", &bridge, "link", "set", &b, "master", "br0"]);
+            ip(&["-n", &bridge, "link", "set", &b, "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.77.0.{i}/24"),
+                "dev",
+                &a,
+            ]);
+            ip(&["-n", &ns, "link", "set", &a, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        h
+    }
+
+    fn ns(&self, host: usize) -> &str {
+        &self.names[host - 1]
+    }
+
+    /// `pipeline ARGS` on host `h` (1..4).
+    fn spawn(&self, h: usize, args: &[&str]) -> Proc {
+        let pipeline = bin();
+        let mut a = vec!["netns", "exec", self.ns(h), s(&pipeline)];
+        a.extend_from_slice(args);
+        let mut p = spawn_of(Path::new("ip"), &a);
+        p.what = format!("host {h}: pipeline {}", args.join(" "));
+        p
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in self.names.iter().chain([&self.bridge]) {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn wait_for(path: &Path, limit: Duration) {
+    let t0 = Instant::now();
+    while !path.is_file() {
+        assert!(
+            t0.elapsed() < limit,
+            "{} did not appear in {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts the orchestrator on host 4 and waits for its rendezvous.
+fn orchestrate(hosts: &Hosts, file: &Path, run_dir: &Path) -> Proc {
+    let p = hosts.spawn(
+        4,
+        &[
+            "run",
+            s(file),
+            "--output",
+            s(run_dir),
+            "--launcher",
+            "manual",
+            "--advertise",
+            "10.77.0.4",
+            "--progress-every",
+            "1000",
+        ],
+    );
+    wait_for(&run_dir.join("rendezvous.json"), LIMIT);
+    p
+}
+
+/// `pipeline stage ROLE --index I --run-dir RUN [-- EXTRA]` on host `h`.
+fn stage(
+    hosts: &Hosts,
+    h: usize,
+    role: &str,
+    index: usize,
+    run_dir: &Path,
+    extra: &[&str],
+) -> Proc {
+    let i = index.to_string();
+    let mut a = vec!["stage", role, "--index", &i, "--run-dir", s(run_dir)];
+    if !extra.is_empty() {
+        a.push("--");
+        a.extend_from_slice(extra);
+    }
+    hosts.spawn(h, &a)
+}
+
+fn weights(run_dir: &Path, point: &str) -> Vec<u8> {
+    let f = run_dir
+        .join("saes")
+        .join(point)
+        .join("sae_weights.safetensors");
+    std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+}
+
+#[test]
+fn a_sweep_across_four_hosts_with_tls_equals_the_local_run() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("sweep.yaml");
+    std::fs::write(&file, sweep_yaml()).unwrap();
+    let local = d.path().join("local");
+    let o = run(&[
+        "run",
+        s(&file),
+        "--output",
+        s(&local),
+        "--progress-every",
+        "1000",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let hosts = Hosts::new();
+    let rd = d.path().join("hosts");
+    let mut orch = orchestrate(&hosts, &file, &rd);
+    let rdv = std::fs::read_to_string(rd.join("rendezvous.json")).unwrap();
+    assert!(rdv.contains("grpc+tls://10.77.0.4:"), "{rdv}");
+    // the run's secrets are the owner's alone
+    for f in ["ca.key", "token"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(rd.join("tls").join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "tls/{f}");
+    }
+    let mut procs = [
+        stage(&hosts, 1, "tokenizer", 0, &rd, &[]),
+        stage(&hosts, 2, "producer", 0, &rd, &[]),
+        stage(&hosts, 3, "producer", 1, &rd, &[]),
+        stage(&hosts, 4, "shuffler", 0, &rd, &[]),
+        stage(&hosts, 4, "trainer", 0, &rd, &[]),
+        stage(&hosts, 4, "trainer", 1, &rd, &[]),
+    ];
+    let (ok, err) = orch.wait(Duration::from_secs(300));
+    assert!(ok, "the orchestrator failed: {err}");
+    for p in procs.iter_mut() {
+        let (ok, err) = p.wait(LIMIT);
+        assert!(ok, "{} failed: {err}", p.what);
+    }
+    // Each producer served on its own host's address, over TLS.
+    for (i, h) in [(1, 2), (2, 3)] {
+        let url = procs[i].json_line()["stream"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            url.starts_with(&format!("grpc+tls://10.77.0.{h}:")),
+            "{url}"
+        );
+    }
+    for p in ["topk-k8", "topk-k16"] {
+        assert!(
+            weights(&rd, p) == weights(&local, p),
+            "{p}: the SAEs differ"
+        );
+    }
+}
+
+#[test]
+fn a_wrong_token_or_a_certificate_for_another_host_stops_the_run_clearly() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("sweep.yaml");
+    std::fs::write(&file, sweep_yaml()).unwrap();
+    let hosts = Hosts::new();
+
+    // A stage with the wrong token: the rendezvous refuses it at once.
+    let rd = d.path().join("token");
+    let mut orch = orchestrate(&hosts, &file, &rd);
+    let bad = d.path().join("bad-token");
+    std::fs::write(&bad, "not-the-run-token\n").unwrap();
+    let mut p = stage(&hosts, 1, "tokenizer", 0, &rd, &["--token-file", s(&bad)]);
+    let (ok, err) = p.wait(LIMIT);
+    assert!(!ok);
+    assert!(
+        err.contains("token sent is wrong") && err.contains("10.77.0.4"),
+        "{err}"
+    );
+    let _ = orch.child.kill();
+
+    // A producer serving under a certificate (from the run's CA) for another host: the
+    // shuffler, dialing 10.77.0.2, refuses it and the run stops, saying why.
+    let rd = d.path().join("cert");
+    let mut orch = orchestrate(&hosts, &file, &rd);
+    let (cert, key) =
+        pipeline::tls::issue(&rd.join("tls").join("ca.key"), &["10.77.0.99".into()]).unwrap();
+    let (cf, kf) = (d.path().join("other.pem"), d.path().join("other.key"));
+    std::fs::write(&cf, cert).unwrap();
+    std::fs::write(&kf, key).unwrap();
+    let t0 = Instant::now();
+    let _procs = [
+        stage(&hosts, 1, "tokenizer", 0, &rd, &[]),
+        stage(
+            &hosts,
+            2,
+            "producer",
+            0,
+            &rd,
+            &["--tls-cert", s(&cf), "--tls-key", s(&kf)],
+        ),
+        stage(&hosts, 3, "producer", 1, &rd, &[]),
+        stage(&hosts, 4, "shuffler", 0, &rd, &[]),
+        stage(&hosts, 4, "trainer", 0, &rd, &[]),
+        stage(&hosts, 4, "trainer", 1, &rd, &[]),
+    ];
+    let (ok, err) = orch.wait(LIMIT);
+    assert!(!ok, "the run should have stopped");
+    assert!(
+        err.contains("shuffler") && err.contains("10.77.0.2") && err.contains("certificate"),
+        "{err}"
+    );
+    eprintln!(
+        "the run stopped {:.1} s after the stages started",
+        t0.elapsed().as_secs_f64()
+    );
+    // nothing half written: no SAE directory has weights
+    for p in ["topk-k8", "topk-k16"] {
+        assert!(!rd
+            .join("saes")
+            .join(p)
+            .join("sae_weights.safetensors")
+            .exists());
+    }
+}
+
+#[test]
+fn the_slurm_script_and_the_jobset_have_a_component_per_role() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("sweep.yaml");
+    let yaml = sweep_yaml().replace("k: [8, 16]", "k: [4, 8, 16]").replace(
+        "  trainers: 2\n",
+        "  trainers: 3\n  rendezvous_port: 29417\n  k8s_image: registry.example/saestream:1\n  slurm:\n    partition: gpu\n    time: \"02:00:00\"\n    extra: [\"#SBATCH --qos=high\"]\n    producer: {cpus: 8, gpus: 1, mem: 64G}\n    trainer: {cpus: 4, gpus: 1}\n    shuffler: {cpus: 2, mem: 16G, partition: cpu}\n",
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let rd = d.path().join("run");
+    let o = run(&["plan", s(&file), "--output", s(&rd), "--slurm", "--k8s"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = std::fs::read_to_string(rd.join("job.sbatch")).unwrap();
+    // One component per role, in order, separated by `hetjob`.
+    let comps: Vec<&str> = script.split("#SBATCH hetjob\n").collect();
+    assert_eq!(comps.len(), 4, "{script}");
+    let want = [
+        ("tokenizer", vec!["--ntasks=1", "--partition=gpu"]),
+        (
+            "producer",
+            vec![
+                "--ntasks=2",
+                "--gpus-per-task=1",
+                "--cpus-per-task=8",
+                "--mem=64G",
+            ],
+        ),
+        (
+            "shuffler",
+            vec!["--ntasks=1", "--partition=cpu", "--mem=16G"],
+        ),
+        (
+            "trainer",
+            vec!["--ntasks=3", "--gpus-per-task=1", "--cpus-per-task=4"],
+        ),
+    ];
+    for (k, (role, lines)) in want.iter().enumerate() {
+        let c = comps[k];
+        assert!(c.contains(&format!("# component {k}: {role}")), "{c}");
+        for l in lines {
+            assert!(
+                c.contains(&format!("#SBATCH {l}\n")),
+                "component {k} lacks {l}: {c}"
+            );
+        }
+        assert!(c.contains("#SBATCH --time=02:00:00"), "{c}");
+        assert!(
+            script.contains(&format!("srun --het-group={k} --kill-on-bad-exit=1 \"$PIPELINE\" stage {role} --run-dir \"$RUN\" &")),
+            "{script}"
+        );
+    }
+    assert!(
+        !comps[0].contains("--gpus-per-task"),
+        "the tokenizer takes no GPU"
+    );
+    assert!(script.contains("#SBATCH --qos=high\n"));
+    assert!(script.contains("rendezvous --run-dir \"$RUN\" --listen 0.0.0.0:29417"));
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(rd.join("job.sbatch"))
+        .output()
+        .unwrap();
+    assert!(
+        syntax.status.success(),
+        "{}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    // The stage list the job's processes read: 1 + 2 + 1 + 3 stages, upstreams by role.
+    let specs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rd.join("stages.json")).unwrap()).unwrap();
+    let names: Vec<&str> = specs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "tokenizer",
+            "producer-0",
+            "producer-1",
+            "shuffler",
+            "trainer-0",
+            "trainer-1",
+            "trainer-2"
+        ]
+    );
+
+    let text = std::fs::read_to_string(rd.join("jobset.yaml")).unwrap();
+    let docs: Vec<serde_json::Value> = text
+        .split("\n---\n")
+        .filter_map(|d| serde_norway::from_str(d).ok())
+        .collect();
+    let js = &docs[0];
+    assert_eq!(js["kind"], "JobSet");
+    let jobs = js["spec"]["replicatedJobs"].as_array().unwrap();
+    let got: Vec<(String, u64)> = jobs
+        .iter()
+        .map(|j| {
+            (
+                j["name"].as_str().unwrap().to_string(),
+                j["template"]["spec"]["parallelism"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("tokenizer".into(), 1),
+            ("producer".into(), 2),
+            ("shuffler".into(), 1),
+            ("trainer".into(), 3)
+        ]
+    );
+    for j in jobs {
+        let pod = &j["template"]["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        assert_eq!(c["image"], "registry.example/saestream:1");
+        let gpus = &c["resources"]["limits"]["nvidia.com/gpu"];
+        let wants_gpu = ["producer", "trainer"].contains(&j["name"].as_str().unwrap());
+        assert_eq!(gpus.as_u64() == Some(1), wants_gpu, "{j}");
+        assert_eq!(pod["volumes"][1]["secret"]["secretName"], "saestream-tls");
+        let cmd = c["command"].to_string();
+        assert!(cmd.contains("stage") && cmd.contains("29417"), "{cmd}");
+    }
+}
