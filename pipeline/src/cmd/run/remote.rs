@@ -178,8 +178,12 @@ fn summaries(l: &Listing, trainers: &[&StageSpec]) -> Option<Vec<Value>> {
     Some(out)
 }
 
-/// Why the run must stop, if it must.
+/// Why the run must stop, if it must: the first failure the rendezvous heard of (the
+/// cause; the stages it stopped fail after it), else a stage gone silent.
 fn trouble(l: &Listing, specs: &[StageSpec]) -> Option<String> {
+    if l.stop.is_some() {
+        return l.stop.clone();
+    }
     for m in &l.members {
         let r = &m.report;
         if r.state == "failed" {
@@ -198,7 +202,7 @@ fn trouble(l: &Listing, specs: &[StageSpec]) -> Option<String> {
             ));
         }
     }
-    l.stop.clone()
+    None
 }
 
 /// `tokenizer: running on h1, producer-0: waiting, …`.
