@@ -9,28 +9,15 @@
 #[path = "../../pipeline/tests/support/mod.rs"]
 mod support;
 
-use e2e::s;
-use std::path::{Path, PathBuf};
+use e2e::{s, sae_weights, short_sweep_yaml};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::*;
 
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
-/// The example sweep, shortened (2 SAEs, 24 steps), with 2 producers and 2 trainers.
+/// The shortened sweep with 2 producers and 2 trainers.
 fn sweep_yaml() -> String {
-    format!(
-        "model_name: {}\ndataset_path: {}\nhook_name: blocks.1.hook_resid_post\ncontext_size: 32\n\
-store_batch_size_prompts: 8\narchitecture: topk\nk: 8\nd_sae: 256\n\
-normalize_activations: expected_average_only_in\nn_batches_for_norm_estimate: 2\n\
-training_tokens: 6144\ntrain_batch_size_tokens: 256\nn_batches_in_buffer: 4\nlr: 0.003\n\
-log_frequency: 4\nfeature_sampling_window: 10\ndead_feature_window: 10\nseed: 7\n\
-n_eval_batches: 0\nsweep:\n  k: [8, 16]\npipeline:\n  producers: 2\n  trainers: 2\n",
-        examples().join("model").display(),
-        examples().join("corpus.jsonl").display()
-    )
+    short_sweep_yaml("  producers: 2\n  trainers: 2\n")
 }
 
 fn ip(args: &[&str]) {
@@ -169,14 +156,6 @@ fn stage(
     hosts.spawn(h, &a)
 }
 
-fn weights(run_dir: &Path, point: &str) -> Vec<u8> {
-    let f = run_dir
-        .join("saes")
-        .join(point)
-        .join("sae_weights.safetensors");
-    std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()))
-}
-
 #[test]
 fn a_sweep_across_four_hosts_with_tls_equals_the_local_run() {
     let d = tempfile::tempdir().unwrap();
@@ -234,7 +213,7 @@ fn a_sweep_across_four_hosts_with_tls_equals_the_local_run() {
     }
     for p in ["topk-k8", "topk-k16"] {
         assert!(
-            weights(&rd, p) == weights(&local, p),
+            sae_weights(&rd, p) == sae_weights(&local, p),
             "{p}: the SAEs differ"
         );
     }

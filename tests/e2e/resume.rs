@@ -5,15 +5,11 @@
 #[path = "../../pipeline/tests/support/mod.rs"]
 mod support;
 
-use e2e::s;
-use std::path::{Path, PathBuf};
+use e2e::{examples, s};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use support::*;
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
 
 /// 2 TopK SAEs in 2 trainer processes fed by 2 producers; 300 steps of 256 tokens with
 /// 3 planned checkpoints; small Flight windows so that no stage runs far ahead (every

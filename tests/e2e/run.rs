@@ -5,14 +5,10 @@
 #[path = "../../pipeline/tests/support/mod.rs"]
 mod support;
 
-use e2e::s;
+use e2e::{examples, s};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use support::*;
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
 
 /// The example sweep, shortened: 2 TopK SAEs (k 8 and 16) on one hook, 24 steps of 256
 /// tokens, context 32, one eval batch.

@@ -7,14 +7,10 @@
 #[path = "../../pipeline/tests/support/mod.rs"]
 mod support;
 
-use e2e::s;
-use std::path::{Path, PathBuf};
+use e2e::{s, sae_weights, short_sweep_yaml};
+use std::path::PathBuf;
 use std::process::Command;
 use support::*;
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
 
 fn scripts() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("slurm")
@@ -41,14 +37,6 @@ fn installed() -> bool {
             .output()
             .is_ok_and(|o| o.status.success())
     })
-}
-
-fn weights(run_dir: &Path, point: &str) -> Vec<u8> {
-    let f = run_dir
-        .join("saes")
-        .join(point)
-        .join("sae_weights.safetensors");
-    std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()))
 }
 
 #[test]
@@ -79,15 +67,8 @@ fn the_example_sweep_through_slurm_equals_the_local_run() {
     let file = d.path().join("sweep.yaml");
     std::fs::write(
         &file,
-        format!(
-            "model_name: {}\ndataset_path: {}\nhook_name: blocks.1.hook_resid_post\ncontext_size: 32\n\
-store_batch_size_prompts: 8\narchitecture: topk\nk: 8\nd_sae: 256\n\
-normalize_activations: expected_average_only_in\nn_batches_for_norm_estimate: 2\n\
-training_tokens: 6144\ntrain_batch_size_tokens: 256\nn_batches_in_buffer: 4\nlr: 0.003\n\
-log_frequency: 4\nseed: 7\nn_eval_batches: 0\nsweep:\n  k: [8, 16]\n\
-pipeline:\n  producers: 2\n  trainers: 2\n  slurm:\n    time: \"00:10:00\"\n    producer: {{cpus: 1}}\n",
-            examples().join("model").display(),
-            examples().join("corpus.jsonl").display()
+        short_sweep_yaml(
+            "  producers: 2\n  trainers: 2\n  slurm:\n    time: \"00:10:00\"\n    producer: {cpus: 1}\n",
         ),
     )
     .unwrap();
@@ -123,7 +104,7 @@ pipeline:\n  producers: 2\n  trainers: 2\n  slurm:\n    time: \"00:10:00\"\n    
     assert_eq!(script.matches("#SBATCH hetjob").count(), 3, "{script}");
     for p in ["topk-k8", "topk-k16"] {
         assert!(
-            weights(&rd, p) == weights(&local, p),
+            sae_weights(&rd, p) == sae_weights(&local, p),
             "{p}: the SAEs differ"
         );
     }

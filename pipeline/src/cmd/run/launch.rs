@@ -131,18 +131,19 @@ impl Net {
         }
         a
     }
+}
 
-    /// How the orchestrator itself reaches the rendezvous and the stages.
-    pub fn client(&self) -> Result<pipeline::flight::ClientConfig> {
-        let mut c = pipeline::flight::ClientConfig::default();
-        if let Some(dir) = &self.tls {
-            c.tls_ca = Some(dir.join(pipeline::tls::CA_CERT));
-            c.token = Some(pipeline::flight::read_token(
-                &dir.join(pipeline::tls::TOKEN),
-            )?);
-        }
-        Ok(c)
+/// How the orchestrator itself reaches the rendezvous: with the run's CA and token
+/// where the run has a TLS directory.
+pub fn client_config(tls: Option<&Path>) -> Result<pipeline::flight::ClientConfig> {
+    let mut c = pipeline::flight::ClientConfig::default();
+    if let Some(dir) = tls {
+        c.tls_ca = Some(dir.join(pipeline::tls::CA_CERT));
+        c.token = Some(pipeline::flight::read_token(
+            &dir.join(pipeline::tls::TOKEN),
+        )?);
     }
+    Ok(c)
 }
 
 /// The stages of a planned run, as `pipeline plan` writes them for cluster launchers.

@@ -733,13 +733,7 @@ fn write_plan(c: &Ctx, kind: PlanKind) -> Result<()> {
     remote::prepare(c.run_dir, &specs)?;
     let mut wrote = vec![c.run_dir.join(launch::STAGES_FILE)];
     if kind.slurm {
-        let me = std::env::current_exe().context("cannot find this executable")?;
-        let f = c.run_dir.join(SBATCH_FILE);
-        write_atomic(
-            &f,
-            cluster::sbatch(c.sweep, c.run_dir, &specs, &me).as_bytes(),
-        )?;
-        wrote.push(f);
+        wrote.push(write_sbatch(c, &specs)?);
     }
     if kind.k8s {
         let f = c.run_dir.join("jobset.yaml");
@@ -754,6 +748,17 @@ fn write_plan(c: &Ctx, kind: PlanKind) -> Result<()> {
 
 /// The Slurm job script in a run directory.
 const SBATCH_FILE: &str = "job.sbatch";
+
+/// Writes the run's Slurm job script (its nodes run this `pipeline`); returns its path.
+fn write_sbatch(c: &Ctx, specs: &[StageSpec]) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot find this executable")?;
+    let f = c.run_dir.join(SBATCH_FILE);
+    write_atomic(
+        &f,
+        cluster::sbatch(c.sweep, c.run_dir, specs, &me).as_bytes(),
+    )?;
+    Ok(f)
+}
 
 /// Runs the stages on other hosts (by hand or through Slurm) and follows them.
 fn train_remote(c: &Ctx, launcher: Launcher, advertise: Option<String>) -> Result<Vec<Value>> {
@@ -789,12 +794,7 @@ fn train_remote(c: &Ctx, launcher: Launcher, advertise: Option<String>) -> Resul
             res
         }
         Launcher::Slurm => {
-            let me = std::env::current_exe().context("cannot find this executable")?;
-            let f = c.run_dir.join(SBATCH_FILE);
-            write_atomic(
-                &f,
-                cluster::sbatch(c.sweep, c.run_dir, &specs, &me).as_bytes(),
-            )?;
+            let f = write_sbatch(c, &specs)?;
             let out = std::process::Command::new("sbatch")
                 .arg("--parsable")
                 .arg(&f)
@@ -852,7 +852,7 @@ fn start_and_wait(c: &Ctx, specs: &[StageSpec], net: &Net, stages: &mut Vec<Stag
     let logs = c.run_dir.join("logs");
     for spec in specs {
         let bin = c.bins.path(spec.role);
-        let mut stage = Stage::start(&spec.name, bin, &net.args(spec), &logs, false)?;
+        let mut stage = Stage::start(&spec.name, bin, &net.args(spec), &logs)?;
         stage.points = spec.points.clone();
         stages.push(stage);
     }
@@ -863,7 +863,10 @@ fn start_and_wait(c: &Ctx, specs: &[StageSpec], net: &Net, stages: &mut Vec<Stag
             write_atomic(&plan_file, serde_json::to_string_pretty(&v)?.as_bytes())?;
         }
     }
-    let mut rdv = pipeline::rendezvous::Client::new(&net.rendezvous, &net.client()?)?;
+    let mut rdv = pipeline::rendezvous::Client::new(
+        &net.rendezvous,
+        &launch::client_config(net.tls.as_deref())?,
+    )?;
     supervise(c.sweep, c.run_dir, stages, &mut rdv, c.cancel, c.every)
 }
 

@@ -7,12 +7,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long a stage may take to bind its server (it loads its model first).
-const BIND_LIMIT: Duration = Duration::from_secs(600);
 /// How long a stopped stage gets between SIGTERM and SIGKILL (trainers checkpoint).
 pub const GRACE: Duration = Duration::from_secs(30);
 
@@ -20,7 +17,7 @@ pub struct Stage {
     pub name: String,
     pub child: Child,
     pub log: PathBuf,
-    /// The stream it serves, from its first stdout line.
+    /// The stream it serves, as it told the rendezvous.
     pub url: Option<String>,
     /// Every JSON line it printed on stdout after the first (its summaries).
     pub json: Arc<Mutex<Vec<Value>>>,
@@ -73,14 +70,8 @@ pub fn run_to_end(bin: &Path, args: &[String], what: &str) -> Result<Value> {
 }
 
 impl Stage {
-    /// Starts `bin args`; with `serves`, waits for the `{"listening": ..}` line.
-    pub fn start(
-        name: &str,
-        bin: &Path,
-        args: &[String],
-        logs: &Path,
-        serves: bool,
-    ) -> Result<Stage> {
+    /// Starts `bin args` (where it serves comes from the rendezvous, not from here).
+    pub fn start(name: &str, bin: &Path, args: &[String], logs: &Path) -> Result<Stage> {
         let log = logs.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
@@ -107,29 +98,23 @@ impl Stage {
             .with_context(|| format!("cannot start {}", bin.display()))?;
         let stdout = child.stdout.take().expect("piped");
         let json = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
         {
             let json = json.clone();
             let mut file = file;
             std::thread::spawn(move || {
-                let mut first = true;
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                     let _ = writeln!(file, "{line}");
-                    let v: Option<Value> = serde_json::from_str(&line).ok();
-                    if first {
-                        first = false;
-                        if let Some(u) = v.as_ref().and_then(|v| v["stream"].as_str()) {
-                            let _ = tx.send(u.to_string());
-                            continue;
+                    // every JSON line but a server's `{"listening": ..}` is a summary
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(v) if v.get("listening").is_none() => {
+                            json.lock().expect("not poisoned").push(v)
                         }
-                    }
-                    if let Some(v) = v {
-                        json.lock().expect("not poisoned").push(v);
+                        _ => {}
                     }
                 }
             });
         }
-        let mut stage = Stage {
+        Ok(Stage {
             name: name.to_string(),
             child,
             log,
@@ -138,28 +123,7 @@ impl Stage {
             status: None,
             peak_rss_kb: 0,
             points: Vec::new(),
-        };
-        if serves {
-            let t0 = Instant::now();
-            loop {
-                match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(u) => {
-                        stage.url = Some(u);
-                        break;
-                    }
-                    Err(_) if t0.elapsed() > BIND_LIMIT => {
-                        bail!("stage `{name}` did not report its address within {BIND_LIMIT:?}")
-                    }
-                    Err(_) => {
-                        if let Some(st) = stage.child.try_wait()? {
-                            stage.status = Some(st);
-                            bail!("{}", stage.failure());
-                        }
-                    }
-                }
-            }
-        }
-        Ok(stage)
+        })
     }
 
     pub fn running(&self) -> bool {

@@ -5,7 +5,7 @@
 
 use super::launch::{self, Net, Role, StageSpec, RENDEZVOUS_FILE, STAGES_FILE};
 use super::{write_atomic, Ctx};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use pipeline::rendezvous::{self, Client, Listing, SILENCE_LIMIT};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -97,7 +97,7 @@ pub(super) fn follow(
     rdv_url: &dyn Fn() -> Option<String>,
     job: Option<&str>,
 ) -> Result<Vec<Value>> {
-    let client_cfg = net(c.run_dir, "").client()?;
+    let client_cfg = launch::client_config(Some(&launch::tls_dir(c.run_dir)))?;
     let mut rdv: Option<Client> = None;
     let t0 = Instant::now();
     let mut last_ok = Instant::now();
@@ -263,11 +263,6 @@ pub fn manual_commands(run_dir: &Path, specs: &[StageSpec]) -> Vec<String> {
         .collect()
 }
 
-/// Reads the stage list, with a clear error naming the run directory.
-pub fn load(run_dir: &Path) -> Result<Vec<StageSpec>> {
-    launch::read_specs(run_dir).with_context(|| format!("in {}", run_dir.display()))
-}
-
 /// `pipeline stage`: one stage process of a planned run, on this host.
 #[derive(clap::Args)]
 pub struct StageArgs {
@@ -310,7 +305,7 @@ pub fn stage(a: StageArgs) -> Result<()> {
             Err(_) => 0,
         },
     };
-    let specs = load(&a.run_dir)?;
+    let specs = launch::read_specs(&a.run_dir)?;
     let spec = launch::find_spec(&specs, role, index)?;
     let url = match a.rendezvous {
         Some(u) => u,
@@ -379,7 +374,7 @@ pub struct RendezvousArgs {
 const LINGER: Duration = Duration::from_secs(10);
 
 pub fn rendezvous_cmd(a: RendezvousArgs) -> Result<()> {
-    let specs = load(&a.run_dir)?;
+    let specs = launch::read_specs(&a.run_dir)?;
     let host = a.advertise.unwrap_or_else(rendezvous::hostname);
     let (server, reg, url) = serve_rendezvous(&a.run_dir, &a.listen, &host)?;
     eprintln!("rendezvous of {} at {url}", a.run_dir.display());
