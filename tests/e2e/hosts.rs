@@ -9,7 +9,10 @@
 #[path = "../../pipeline/tests/support/mod.rs"]
 mod support;
 
-use e2e::{s, sae_weights, short_sweep_yaml};
+use e2e::{
+    checkpointed_sweep_yaml, first_checkpoint_written, outputs, s, sae_weights, short_sweep_yaml,
+    POINTS,
+};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -38,6 +41,7 @@ fn ip(args: &[&str]) {
 struct Hosts {
     names: Vec<String>,
     bridge: String,
+    tag: String,
 }
 
 impl Hosts {
@@ -54,6 +58,7 @@ impl Hosts {
         let mut h = Hosts {
             names: Vec::new(),
             bridge: bridge.clone(),
+            tag: tag.clone(),
         };
         ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &bridge, "link", "set", "br0", "up"]);
@@ -84,6 +89,35 @@ impl Hosts {
 
     fn ns(&self, host: usize) -> &str {
         &self.names[host - 1]
+    }
+
+    /// Sets host `h`'s link to the bridge up or down (a cable pulled).
+    fn link(&self, h: usize, up: bool) {
+        let dev = format!("s{}v{h}", self.tag);
+        ip(&[
+            "-n",
+            self.ns(h),
+            "link",
+            "set",
+            &dev,
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    /// SIGKILL to every process on host `h` (the host dies).
+    fn kill_all(&self, h: usize) -> usize {
+        let o = Command::new("ip")
+            .args(["netns", "pids", self.ns(h)])
+            .output()
+            .unwrap();
+        let pids: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        for p in &pids {
+            let _ = Command::new("kill").args(["-9", p]).status();
+        }
+        pids.len()
     }
 
     /// `pipeline ARGS` on host `h` (1..4).
@@ -186,14 +220,7 @@ fn a_sweep_across_four_hosts_with_tls_equals_the_local_run() {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "tls/{f}");
     }
-    let mut procs = [
-        stage(&hosts, 1, "tokenizer", 0, &rd, &[]),
-        stage(&hosts, 2, "producer", 0, &rd, &[]),
-        stage(&hosts, 3, "producer", 1, &rd, &[]),
-        stage(&hosts, 4, "shuffler", 0, &rd, &[]),
-        stage(&hosts, 4, "trainer", 0, &rd, &[]),
-        stage(&hosts, 4, "trainer", 1, &rd, &[]),
-    ];
+    let mut procs = start_stages(&hosts, &rd);
     let (ok, err) = orch.wait(Duration::from_secs(300));
     assert!(ok, "the orchestrator failed: {err}");
     for p in procs.iter_mut() {
@@ -224,9 +251,28 @@ fn a_wrong_token_or_a_certificate_for_another_host_stops_the_run_clearly() {
     let d = tempfile::tempdir().unwrap();
     let file = d.path().join("sweep.yaml");
     std::fs::write(&file, sweep_yaml()).unwrap();
+    let local = d.path().join("local");
+    let o = run(&[
+        "run",
+        s(&file),
+        "--output",
+        s(&local),
+        "--progress-every",
+        "1000",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let same_as_local = |rd: &Path, what: &str| {
+        for p in POINTS {
+            assert!(
+                sae_weights(rd, p) == sae_weights(&local, p),
+                "{what}: {p} differs from the local run"
+            );
+        }
+    };
     let hosts = Hosts::new();
 
-    // A stage with the wrong token: the rendezvous refuses it at once.
+    // A stage with the wrong token: the rendezvous refuses it at once; the run waits on,
+    // and the stage started right joins it.
     let rd = d.path().join("token");
     let mut orch = orchestrate(&hosts, &file, &rd);
     let bad = d.path().join("bad-token");
@@ -238,10 +284,14 @@ fn a_wrong_token_or_a_certificate_for_another_host_stops_the_run_clearly() {
         err.contains("token sent is wrong") && err.contains("10.77.0.4"),
         "{err}"
     );
-    let _ = orch.child.kill();
+    let _procs = start_stages(&hosts, &rd);
+    let (ok, err) = orch.wait(Duration::from_secs(300));
+    assert!(ok, "after the refused stage: {err}");
+    same_as_local(&rd, "after a wrong token");
 
     // A producer serving under a certificate (from the run's CA) for another host: the
-    // shuffler, dialing 10.77.0.2, refuses it and the run stops, saying why.
+    // shuffler, dialing 10.77.0.2, refuses it and the run stops, saying why; resumed with
+    // the stage's own certificate, the run ends as the local one.
     let rd = d.path().join("cert");
     let mut orch = orchestrate(&hosts, &file, &rd);
     let (cert, key) =
@@ -250,7 +300,7 @@ fn a_wrong_token_or_a_certificate_for_another_host_stops_the_run_clearly() {
     std::fs::write(&cf, cert).unwrap();
     std::fs::write(&kf, key).unwrap();
     let t0 = Instant::now();
-    let _procs = [
+    let mut procs = [
         stage(&hosts, 1, "tokenizer", 0, &rd, &[]),
         stage(
             &hosts,
@@ -275,14 +325,37 @@ fn a_wrong_token_or_a_certificate_for_another_host_stops_the_run_clearly() {
         "the run stopped {:.1} s after the stages started",
         t0.elapsed().as_secs_f64()
     );
+    for p in procs.iter_mut() {
+        p.wait(LIMIT);
+    }
     // nothing half written: no SAE directory has weights
-    for p in ["topk-k8", "topk-k16"] {
+    for p in POINTS {
         assert!(!rd
             .join("saes")
             .join(p)
             .join("sae_weights.safetensors")
             .exists());
     }
+    std::fs::remove_file(rd.join("rendezvous.json")).unwrap();
+    let mut orch = hosts.spawn(
+        4,
+        &[
+            "run",
+            "--resume",
+            s(&rd),
+            "--launcher",
+            "manual",
+            "--advertise",
+            "10.77.0.4",
+            "--progress-every",
+            "1000",
+        ],
+    );
+    wait_for(&rd.join("rendezvous.json"), LIMIT);
+    let _procs = start_stages(&hosts, &rd);
+    let (ok, err) = orch.wait(Duration::from_secs(300));
+    assert!(ok, "the resumed run failed: {err}");
+    same_as_local(&rd, "resumed after a wrong certificate");
 }
 
 #[test]
@@ -411,4 +484,167 @@ fn the_slurm_script_and_the_jobset_have_a_component_per_role() {
         let cmd = c["command"].to_string();
         assert!(cmd.contains("stage") && cmd.contains("29417"), "{cmd}");
     }
+}
+
+/// The six stages of a run on their hosts: tokenizer on 1, producers on 2 and 3, the
+/// shuffler and trainers on 4.
+fn start_stages(hosts: &Hosts, rd: &Path) -> Vec<Proc> {
+    vec![
+        stage(hosts, 1, "tokenizer", 0, rd, &[]),
+        stage(hosts, 2, "producer", 0, rd, &[]),
+        stage(hosts, 3, "producer", 1, rd, &[]),
+        stage(hosts, 4, "shuffler", 0, rd, &[]),
+        stage(hosts, 4, "trainer", 0, rd, &[]),
+        stage(hosts, 4, "trainer", 1, rd, &[]),
+    ]
+}
+
+/// A fault made part-way through a run, and what must follow.
+struct Fault<'a> {
+    name: &'a str,
+    make: &'a dyn Fn(),
+    /// Undoes it before the resume.
+    mend: &'a dyn Fn(),
+    /// Words the run's error must hold.
+    says: &'a [&'a str],
+    /// The run must stop within this.
+    limit: Duration,
+}
+
+/// Runs the checkpointed sweep across the hosts until the first checkpoint, makes the
+/// fault, checks that the run stops in time with an error saying what, that no SAE is
+/// half written, then resumes it (after the mend) and compares with the uninterrupted
+/// local run.
+fn fault_then_resume(hosts: &Hosts, d: &Path, expected: &e2e::Files, f: Fault) {
+    let Fault {
+        name,
+        make,
+        mend,
+        says,
+        limit,
+    } = f;
+    let file = d.join("sweep.yaml");
+    let rd = d.join(name);
+    let mut orch = orchestrate(hosts, &file, &rd);
+    let mut procs = start_stages(hosts, &rd);
+    let t0 = Instant::now();
+    while !first_checkpoint_written(&rd) {
+        assert!(
+            t0.elapsed() < LIMIT,
+            "{name}: no checkpoint within {LIMIT:?}"
+        );
+        assert!(
+            orch.child.try_wait().unwrap().is_none(),
+            "{name}: the run ended early: {}",
+            orch.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    make();
+    let t0 = Instant::now();
+    let (ok, err) = orch.wait(limit + Duration::from_secs(90));
+    let took = t0.elapsed();
+    assert!(!ok, "{name}: the run survived the fault");
+    for w in says {
+        assert!(
+            err.contains(w),
+            "{name}: the error does not say '{w}': {err}"
+        );
+    }
+    assert!(
+        took < limit,
+        "{name}: the run took {took:?} to stop (limit {limit:?}): {err}"
+    );
+    eprintln!(
+        "{name}: the run stopped {:.1} s after the fault",
+        took.as_secs_f64()
+    );
+    for p in procs.iter_mut() {
+        p.wait(Duration::from_secs(90));
+    }
+    for p in POINTS {
+        assert!(!rd
+            .join("saes")
+            .join(p)
+            .join("sae_weights.safetensors")
+            .exists());
+    }
+    mend();
+    std::fs::remove_file(rd.join("rendezvous.json")).unwrap();
+    let mut orch = hosts.spawn(
+        4,
+        &[
+            "run",
+            "--resume",
+            s(&rd),
+            "--launcher",
+            "manual",
+            "--advertise",
+            "10.77.0.4",
+            "--progress-every",
+            "1000",
+        ],
+    );
+    wait_for(&rd.join("rendezvous.json"), LIMIT);
+    let _procs = start_stages(hosts, &rd);
+    let (ok, err) = orch.wait(Duration::from_secs(300));
+    assert!(ok, "{name}: the resumed run failed: {err}");
+    assert!(
+        err.contains("resuming at batch"),
+        "{name}: did not resume from a checkpoint: {err}"
+    );
+    for ((f, a), (_, b)) in expected.iter().zip(&outputs(&rd)) {
+        assert!(
+            a == b,
+            "{name}: after the fault and --resume, {f} differs from the uninterrupted run"
+        );
+    }
+}
+
+/// A producer's host dies (every process on it SIGKILLed), then another producer's link
+/// goes down mid-run: each stops the run, saying which, in bounded time (the dead host
+/// at once, through its broken connections; the cut link within the 30 s silence limit),
+/// and `--resume` ends bit-identical to an uninterrupted run.
+#[test]
+fn a_dead_host_or_a_cut_link_stops_the_run_and_resume_ends_bit_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("sweep.yaml");
+    std::fs::write(&file, checkpointed_sweep_yaml("")).unwrap();
+    let local = d.path().join("local");
+    let o = run(&[
+        "run",
+        s(&file),
+        "--output",
+        s(&local),
+        "--progress-every",
+        "1000",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let expected = outputs(&local);
+    let hosts = Hosts::new();
+
+    fault_then_resume(
+        &hosts,
+        d.path(),
+        &expected,
+        Fault {
+            name: "dead-host",
+            make: &|| assert!(hosts.kill_all(2) > 0, "nothing ran on host 2"),
+            mend: &|| {},
+            says: &["10.77.0.2"],
+            limit: Duration::from_secs(60),
+        },
+    );
+    fault_then_resume(
+        &hosts,
+        d.path(),
+        &expected,
+        Fault {
+            name: "cut-link",
+            make: &|| hosts.link(3, false),
+            mend: &|| hosts.link(3, true),
+            says: &["producer-1"],
+            limit: Duration::from_secs(75),
+        },
+    );
 }

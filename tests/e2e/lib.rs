@@ -41,3 +41,60 @@ n_eval_batches: 0\nsweep:\n  k: [8, 16]\npipeline:\n{pipeline}",
         examples().join("corpus.jsonl").display()
     )
 }
+
+/// 2 TopK SAEs in 2 trainer processes fed by 2 producers; 300 steps of 256 tokens with
+/// 3 planned checkpoints; small Flight windows so that no stage runs far ahead (every
+/// process is still running when the first checkpoint is written). `pipeline_extra`
+/// goes at the end of the `pipeline:` section.
+pub fn checkpointed_sweep_yaml(pipeline_extra: &str) -> String {
+    format!(
+        "model_name: {}\ndataset_path: {}\nhook_name: blocks.1.hook_resid_post\n\
+context_size: 32\nstore_batch_size_prompts: 8\narchitecture: topk\nk: 8\nd_sae: 512\n\
+normalize_activations: expected_average_only_in\nn_batches_for_norm_estimate: 2\n\
+training_tokens: 76800\ntrain_batch_size_tokens: 256\nn_batches_in_buffer: 4\nlr: 0.003\n\
+log_frequency: 4\nn_checkpoints: 3\nseed: 7\nn_eval_batches: 1\neval_batch_size_prompts: 4\n\
+sweep:\n  k: [8, 16]\npipeline:\n  producers: 2\n  trainers: 2\n  window_bytes: 256KiB\n{pipeline_extra}",
+        examples().join("model").display(),
+        examples().join("corpus.jsonl").display()
+    )
+}
+
+/// The points of [`checkpointed_sweep_yaml`].
+pub const POINTS: [&str; 2] = ["topk-k8", "topk-k16"];
+/// Its first planned checkpoint: 2 norm batches + step 76 (tokens pass 76800 / 4).
+const FIRST_CKPT_TOKENS: &str = "19456";
+
+/// True once the shuffler holds its first snapshot and every SAE its first checkpoint.
+pub fn first_checkpoint_written(run_dir: &Path) -> bool {
+    run_dir.join("snapshots/78/state.json").is_file()
+        && POINTS.iter().all(|p| {
+            run_dir
+                .join("saes")
+                .join(p)
+                .join("checkpoints")
+                .join(FIRST_CKPT_TOKENS)
+                .join("trainer_state.json")
+                .is_file()
+        })
+}
+
+/// The trained files of a run, named, byte for byte.
+pub type Files = Vec<(String, Vec<u8>)>;
+
+/// Every trained file of [`POINTS`] in a run directory.
+pub fn outputs(run: &Path) -> Files {
+    let mut v = Vec::new();
+    for p in POINTS {
+        for f in [
+            "cfg.json",
+            "sae_weights.safetensors",
+            "sparsity.safetensors",
+            "metrics.jsonl",
+        ] {
+            let path = run.join("saes").join(p).join(f);
+            let b = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            v.push((format!("{p}/{f}"), b));
+        }
+    }
+    v
+}

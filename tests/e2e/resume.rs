@@ -5,54 +5,14 @@
 #[path = "../../pipeline/tests/support/mod.rs"]
 mod support;
 
-use e2e::{examples, s};
+use e2e::{checkpointed_sweep_yaml, examples, first_checkpoint_written, outputs, s, Files};
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use support::*;
 
-/// 2 TopK SAEs in 2 trainer processes fed by 2 producers; 300 steps of 256 tokens with
-/// 3 planned checkpoints; small Flight windows so that no stage runs far ahead (every
-/// process is still running when the first checkpoint is written).
 fn sweep_yaml() -> String {
-    sweep_yaml_with("")
-}
-
-fn sweep_yaml_with(pipeline_extra: &str) -> String {
-    format!(
-        "model_name: {}\ndataset_path: {}\nhook_name: blocks.1.hook_resid_post\n\
-context_size: 32\nstore_batch_size_prompts: 8\narchitecture: topk\nk: 8\nd_sae: 512\n\
-normalize_activations: expected_average_only_in\nn_batches_for_norm_estimate: 2\n\
-training_tokens: 76800\ntrain_batch_size_tokens: 256\nn_batches_in_buffer: 4\nlr: 0.003\n\
-log_frequency: 4\nn_checkpoints: 3\nseed: 7\nn_eval_batches: 1\neval_batch_size_prompts: 4\n\
-sweep:\n  k: [8, 16]\npipeline:\n  producers: 2\n  trainers: 2\n  window_bytes: 256KiB\n{pipeline_extra}",
-        examples().join("model").display(),
-        examples().join("corpus.jsonl").display()
-    )
-}
-
-const POINTS: [&str; 2] = ["topk-k8", "topk-k16"];
-/// The first planned checkpoint: 2 norm batches + step 76 (tokens pass 76800 / 4).
-const FIRST_CKPT_TOKENS: &str = "19456";
-
-/// The trained files of a run, named, byte for byte.
-type Files = Vec<(String, Vec<u8>)>;
-
-fn outputs(run: &Path) -> Files {
-    let mut v = Vec::new();
-    for p in POINTS {
-        for f in [
-            "cfg.json",
-            "sae_weights.safetensors",
-            "sparsity.safetensors",
-            "metrics.jsonl",
-        ] {
-            let path = run.join("saes").join(p).join(f);
-            let b = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            v.push((format!("{p}/{f}"), b));
-        }
-    }
-    v
+    checkpointed_sweep_yaml("")
 }
 
 /// `pipeline run FILE --output RUN_DIR`, which must succeed.
@@ -107,7 +67,7 @@ fn alive(pid: i32) -> bool {
 fn start_until_first_checkpoint(pipeline_extra: &str) -> (tempfile::TempDir, Proc) {
     let d = tempfile::tempdir().unwrap();
     let file = d.path().join("sweep.yaml");
-    std::fs::write(&file, sweep_yaml_with(pipeline_extra)).unwrap();
+    std::fs::write(&file, checkpointed_sweep_yaml(pipeline_extra)).unwrap();
     let run_dir = d.path().join("run");
     let mut p = spawn(&[
         "run",
@@ -117,20 +77,8 @@ fn start_until_first_checkpoint(pipeline_extra: &str) -> (tempfile::TempDir, Pro
         "--progress-every",
         "1000",
     ]);
-    let ready = || {
-        run_dir.join("snapshots/78/state.json").is_file()
-            && POINTS.iter().all(|p| {
-                run_dir
-                    .join("saes")
-                    .join(p)
-                    .join("checkpoints")
-                    .join(FIRST_CKPT_TOKENS)
-                    .join("trainer_state.json")
-                    .is_file()
-            })
-    };
     let deadline = Instant::now() + LIMIT;
-    while !ready() {
+    while !first_checkpoint_written(&run_dir) {
         assert!(Instant::now() < deadline, "no checkpoint within {LIMIT:?}");
         assert!(
             p.child.try_wait().unwrap().is_none(),
