@@ -47,7 +47,11 @@ export SLURM_CONF=$DIR/slurm.conf
 mkdir -p /run/munge /var/log/munge /var/lib/munge
 [ -f /etc/munge/munge.key ] || mungekey --create --force 2>/dev/null || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 2>/dev/null
 chmod 0400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || munged --force
+# munged: ours to stop only if we start it (stop.sh reads DIR/munged.ours).
+if ! pgrep -x munged >/dev/null; then
+    munged --force
+    touch "$DIR/munged.ours"
+fi
 slurmctld -f "$SLURM_CONF"
 for n in n1 n2 n3 n4; do
     mkdir -p "$DIR/spool/$n"

@@ -818,6 +818,8 @@ fn train_remote(c: &Ctx, launcher: Launcher, advertise: Option<String>) -> Resul
             let res = remote::follow(c, &specs, &|| remote::rendezvous_url(&run_dir), Some(&job));
             if res.is_err() {
                 let _ = std::process::Command::new("scancel").arg(&job).status();
+            } else {
+                remote::wait_job_end(&job);
             }
             res
         }

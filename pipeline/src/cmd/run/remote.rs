@@ -88,6 +88,28 @@ pub fn job_state(job: &str) -> Option<String> {
         .or_else(|| out("sacct", &["-n", "-X", "-P", "-j", job, "-o", "State"]))
 }
 
+/// How long a job whose trainers are done gets to end (its rendezvous lingers 10 s).
+const JOB_END_WAIT: Duration = Duration::from_secs(120);
+
+/// Slurm states of a job that has not ended.
+const ACTIVE: [&str; 4] = ["PENDING", "RUNNING", "CONFIGURING", "COMPLETING"];
+
+/// Waits (bounded) for a job whose trainers are done to leave the queue, so that the run
+/// ends with its job; says so if it does not.
+pub fn wait_job_end(job: &str) {
+    let t0 = Instant::now();
+    while job_state(job).is_some_and(|s| ACTIVE.contains(&s.as_str())) {
+        if t0.elapsed() > JOB_END_WAIT {
+            eprintln!(
+                "warning: every SAE is trained, but Slurm job {job} is still running after {} s",
+                JOB_END_WAIT.as_secs()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Follows the stages through the rendezvous until every trainer is done; returns the
 /// trainers' summaries. A failed stage, a stage silent for [`SILENCE_LIMIT`], or the
 /// Slurm job ending first stops the run with the reason.
@@ -114,7 +136,7 @@ pub(super) fn follow(
         if let Some(job) = job.filter(|_| last_job.elapsed() > Duration::from_secs(3)) {
             last_job = Instant::now();
             let st = job_state(job).unwrap_or_else(|| "UNKNOWN".into());
-            if !["PENDING", "RUNNING", "CONFIGURING", "COMPLETING"].contains(&st.as_str()) {
+            if !ACTIVE.contains(&st.as_str()) {
                 // one last look: the trainers may have finished as the job ended
                 if let Some(l) = rdv.as_mut().and_then(|r| r.list().ok()) {
                     if let Some(s) = summaries(&l, &trainers) {
