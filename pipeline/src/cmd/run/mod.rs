@@ -285,7 +285,8 @@ pub fn run(a: Args) -> Result<()> {
             Some((out.file_name()?.to_string_lossy().to_string(), v))
         })
         .collect();
-    let train_seconds = (!stages.is_empty()).then(|| started.elapsed().as_secs_f64());
+    // (None when every SAE was already trained: a resume with nothing left to do)
+    let train_seconds = (!start.done.iter().all(|d| *d)).then(|| started.elapsed().as_secs_f64());
     let t_eval = Instant::now();
     let evals = run_evals(&sweep, &plan, &bins, &run_dir, &cancel)?;
     let eval_seconds = t_eval.elapsed().as_secs_f64();
@@ -334,7 +335,9 @@ pub fn run(a: Args) -> Result<()> {
         "train_wall_seconds": train_seconds,
         "eval_wall_seconds": eval_seconds,
         // the sum over processes of each one's peak (they run at the same time)
-        "peak_rss_mib": stages.iter().map(|s| s.peak_rss_kb).sum::<u64>() as f64 / 1024.0,
+        // (null where the stages ran on other hosts)
+        "peak_rss_mib": (!stages.is_empty())
+            .then(|| stages.iter().map(|s| s.peak_rss_kb).sum::<u64>() as f64 / 1024.0),
         "stages": stages_json(&stages),
         "points": rows,
     });
