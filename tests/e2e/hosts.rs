@@ -196,15 +196,7 @@ fn a_sweep_across_four_hosts_with_tls_equals_the_local_run() {
     let file = d.path().join("sweep.yaml");
     std::fs::write(&file, sweep_yaml()).unwrap();
     let local = d.path().join("local");
-    let o = run(&[
-        "run",
-        s(&file),
-        "--output",
-        s(&local),
-        "--progress-every",
-        "1000",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_sweep(&file, &local);
 
     let hosts = Hosts::new();
     let rd = d.path().join("hosts");
@@ -252,15 +244,7 @@ fn a_wrong_token_or_a_certificate_for_another_host_stops_the_run_clearly() {
     let file = d.path().join("sweep.yaml");
     std::fs::write(&file, sweep_yaml()).unwrap();
     let local = d.path().join("local");
-    let o = run(&[
-        "run",
-        s(&file),
-        "--output",
-        s(&local),
-        "--progress-every",
-        "1000",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_sweep(&file, &local);
     let same_as_local = |rd: &Path, what: &str| {
         for p in POINTS {
             assert!(
@@ -336,23 +320,7 @@ fn a_wrong_token_or_a_certificate_for_another_host_stops_the_run_clearly() {
             .join("sae_weights.safetensors")
             .exists());
     }
-    std::fs::remove_file(rd.join("rendezvous.json")).unwrap();
-    let mut orch = hosts.spawn(
-        4,
-        &[
-            "run",
-            "--resume",
-            s(&rd),
-            "--launcher",
-            "manual",
-            "--advertise",
-            "10.77.0.4",
-            "--progress-every",
-            "1000",
-        ],
-    );
-    wait_for(&rd.join("rendezvous.json"), LIMIT);
-    let _procs = start_stages(&hosts, &rd);
+    let (mut orch, _procs) = resume_on_hosts(&hosts, &rd);
     let (ok, err) = orch.wait(Duration::from_secs(300));
     assert!(ok, "the resumed run failed: {err}");
     same_as_local(&rd, "resumed after a wrong certificate");
@@ -486,6 +454,29 @@ fn the_slurm_script_and_the_jobset_have_a_component_per_role() {
     }
 }
 
+/// `pipeline run --resume RUN --launcher manual` on host 4 and the stages again; the
+/// orchestrator and the stages.
+fn resume_on_hosts(hosts: &Hosts, rd: &Path) -> (Proc, Vec<Proc>) {
+    // the stages must find the new rendezvous, not the last one's file
+    std::fs::remove_file(rd.join("rendezvous.json")).unwrap();
+    let orch = hosts.spawn(
+        4,
+        &[
+            "run",
+            "--resume",
+            s(rd),
+            "--launcher",
+            "manual",
+            "--advertise",
+            "10.77.0.4",
+            "--progress-every",
+            "1000",
+        ],
+    );
+    wait_for(&rd.join("rendezvous.json"), LIMIT);
+    (orch, start_stages(hosts, rd))
+}
+
 /// The six stages of a run on their hosts: tokenizer on 1, producers on 2 and 3, the
 /// shuffler and trainers on 4.
 fn start_stages(hosts: &Hosts, rd: &Path) -> Vec<Proc> {
@@ -570,23 +561,7 @@ fn fault_then_resume(hosts: &Hosts, d: &Path, expected: &e2e::Files, f: Fault) {
             .exists());
     }
     mend();
-    std::fs::remove_file(rd.join("rendezvous.json")).unwrap();
-    let mut orch = hosts.spawn(
-        4,
-        &[
-            "run",
-            "--resume",
-            s(&rd),
-            "--launcher",
-            "manual",
-            "--advertise",
-            "10.77.0.4",
-            "--progress-every",
-            "1000",
-        ],
-    );
-    wait_for(&rd.join("rendezvous.json"), LIMIT);
-    let _procs = start_stages(hosts, &rd);
+    let (mut orch, _procs) = resume_on_hosts(hosts, &rd);
     let (ok, err) = orch.wait(Duration::from_secs(300));
     assert!(ok, "{name}: the resumed run failed: {err}");
     assert!(
@@ -611,15 +586,7 @@ fn a_dead_host_or_a_cut_link_stops_the_run_and_resume_ends_bit_identical() {
     let file = d.path().join("sweep.yaml");
     std::fs::write(&file, checkpointed_sweep_yaml("")).unwrap();
     let local = d.path().join("local");
-    let o = run(&[
-        "run",
-        s(&file),
-        "--output",
-        s(&local),
-        "--progress-every",
-        "1000",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_sweep(&file, &local);
     let expected = outputs(&local);
     let hosts = Hosts::new();
 

@@ -15,19 +15,6 @@ fn sweep_yaml() -> String {
     checkpointed_sweep_yaml("")
 }
 
-/// `pipeline run FILE --output RUN_DIR`, which must succeed.
-fn run_to_success(file: &Path, run_dir: &Path) {
-    let o = run(&[
-        "run",
-        s(file),
-        "--output",
-        s(run_dir),
-        "--progress-every",
-        "1000",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
 /// The uninterrupted run, made once for every test of this file.
 fn reference() -> &'static Files {
     static REF: OnceLock<(tempfile::TempDir, Files)> = OnceLock::new();
@@ -36,7 +23,7 @@ fn reference() -> &'static Files {
         let file = d.path().join("sweep.yaml");
         std::fs::write(&file, sweep_yaml()).unwrap();
         let run_dir = d.path().join("run");
-        run_to_success(&file, &run_dir);
+        run_sweep(&file, &run_dir);
         let out = outputs(&run_dir);
         (d, out)
     })
@@ -227,7 +214,7 @@ fn a_cache_written_across_a_kill_replays_whole() {
     let file = d.path().join("replay.yaml");
     std::fs::write(&file, text).unwrap();
     let replay = d.path().join("replay");
-    run_to_success(&file, &replay);
+    run_sweep(&file, &replay);
     let (a, b) = (outputs(&run_dir), outputs(&replay));
     for ((f, x), (_, y)) in a.iter().zip(&b) {
         // cfg.json names the dataset, which the replay does not read

@@ -78,15 +78,7 @@ fn the_example_sweep_through_slurm_equals_the_local_run_and_ctrl_c_cancels_after
     )
     .unwrap();
     let local = d.path().join("local");
-    let o = run(&[
-        "run",
-        s(&file),
-        "--output",
-        s(&local),
-        "--progress-every",
-        "1000",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_sweep(&file, &local);
 
     let rd = d.path().join("slurm-run");
     let o = cmd(&[
@@ -127,15 +119,7 @@ fn ctrl_c_then_resume(d: &Path) {
     )
     .unwrap();
     let local = d.join("checkpointed-local");
-    let o = run(&[
-        "run",
-        s(&file),
-        "--output",
-        s(&local),
-        "--progress-every",
-        "1000",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_sweep(&file, &local);
     let rd = d.join("checkpointed-slurm");
     let mut p = spawn(&[
         "run",

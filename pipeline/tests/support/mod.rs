@@ -177,6 +177,17 @@ pub fn run_of(bin: &Path, args: &[&str]) -> Output {
     }
 }
 
+/// `pipeline run FILE --output RUN_DIR` (no progress lines), which must succeed.
+pub fn run_sweep(file: &Path, run_dir: &Path) {
+    let (f, r) = (file.to_str().unwrap(), run_dir.to_str().unwrap());
+    let o = run(&["run", f, "--output", r, "--progress-every", "1000"]);
+    assert!(
+        o.status.success(),
+        "pipeline run {f}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// Runs and expects success; the last stdout line as JSON.
 pub fn run_json(args: &[&str]) -> Value {
     let o = run(args);
