@@ -272,7 +272,7 @@ pub fn join(rendezvous: &str, role: &str, cfg: &ClientConfig) -> Result<(), Stre
         report: Mutex::new(Report {
             role: role.to_string(),
             state: "running".into(),
-            host: hostname(),
+            host: host_toward(rendezvous),
             pid: std::process::id(),
             ..Default::default()
         }),
@@ -380,6 +380,18 @@ pub fn joined() -> Option<&'static str> {
     MEMBER.get().map(|m| m.rendezvous.as_str())
 }
 
+/// This host as the run sees it: its name, and the address its traffic to the
+/// rendezvous leaves from (hosts may share a name: containers, network namespaces).
+fn host_toward(rendezvous: &str) -> String {
+    let ip = flight::FlightUrl::parse(rendezvous)
+        .ok()
+        .and_then(|u| local_ip_toward(&format!("{}:{}", u.host, u.port)));
+    match ip {
+        Some(ip) => format!("{} ({ip})", hostname()),
+        None => hostname(),
+    }
+}
+
 /// The machine's host name.
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
@@ -443,6 +455,8 @@ mod tests {
         assert_eq!(l.members.len(), 2);
         assert_eq!(l.stop.as_deref(), Some("a stage failed"));
         assert!(reg.call("nonsense", b"{}").is_err());
+        // a host is named with its address toward the rendezvous
+        assert!(host_toward("grpc+tls://127.0.0.1:5").ends_with("(127.0.0.1)"));
         assert!(reg.call(REPORT, b"{\"role\": \"\"}").is_err());
     }
 }
