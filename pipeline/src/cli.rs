@@ -119,6 +119,22 @@ pub fn progress(what: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// A progress bar of `len` steps with rate and ETA on stderr, hidden when stderr is not
+/// a terminal.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{wide_bar}} {{pos}}/{{len}} {{per_sec}} ETA {{eta}}"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
 /// How a stage serves its output stream over Flight.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {

@@ -22,7 +22,8 @@ enum Command {
     /// stream: checks everything, starts tokenizer → activation-producer ×P → shuffler
     /// → sae-trainer ×N on loopback, then runs SAELens's evals per SAE. Writes the run
     /// directory: sweep.yaml (resolved), plan.json, logs/, saes/<point>/ (SAELens SAE,
-    /// runner_cfg.json, metrics.jsonl, evals.json), summary.json.
+    /// runner_cfg.json, metrics.jsonl, evals.json, features.html), summary.json,
+    /// report.html.
     Run(cmd::run::Args),
     /// Check a run and write its run directory without starting anything: the stage
     /// list, the run's CA and token, and with --slurm a heterogeneous-job sbatch script
@@ -48,6 +49,12 @@ enum Command {
     /// (serve it there; port 0 picks one; the first stdout line is
     /// {"listening": URL}), or `-` (read every value, print a summary).
     Copy(cmd::copy::Args),
+    /// Write a run directory's report, RUN_DIR/report.html: one self-contained page
+    /// (opens offline in any browser) with each SAE's training curves, the sweep's
+    /// L0/explained-variance and L0/CE-loss-score frontiers, feature density histograms,
+    /// SAELens's eval metrics, each point's config and the stages' throughput. `pipeline
+    /// run` writes it too, at every log step and at the end.
+    Report(cmd::report::Args),
     /// Measure Flight throughput on loopback: activation batches from a server process
     /// to a client process that reads every value, f32 and f16, one stream and two in
     /// parallel, with raw TCP as the ceiling. One JSON line per setting.
@@ -72,6 +79,7 @@ fn main() {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Copy(a) => cmd::copy::run(a),
         Command::BenchFlight(a) => cmd::bench::run(a),
+        Command::Report(a) => cmd::report::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

@@ -62,5 +62,31 @@ pub mod tensors {
     pub const SAE_OUT: &str = "sae_out";
 }
 
+/// File names inside a run directory of `pipeline run` (and `pipeline report`).
+pub mod run_files {
+    /// The resolved run file (what `--resume` reads).
+    pub const RESOLVED: &str = "sweep.yaml";
+    /// Points, stages and what was decided before the run started.
+    pub const PLAN: &str = "plan.json";
+    /// Per point results and per stage figures, written when the run ends.
+    pub const SUMMARY: &str = "summary.json";
+    /// The live display's last sample: per stage tokens, rate and queue fill, the
+    /// bottleneck and how often each stage was named it (rewritten while the run goes).
+    pub const PROGRESS: &str = "progress.json";
+    /// The run report (`pipeline report`).
+    pub const REPORT: &str = "report.html";
+    /// Per point directories, under which each SAE is written.
+    pub const SAES: &str = "saes";
+    /// Per point training configs as the trainers read them.
+    pub const CONFIGS: &str = "configs";
+    /// In an SAE's directory: one JSON object per logged step (SAELens metric names).
+    pub const METRICS: &str = "metrics.jsonl";
+    /// In an SAE's directory: SAELens's evals (`activation-producer eval --output`).
+    pub const EVALS: &str = "evals.json";
+    /// In an SAE's directory: its feature browser and the data behind it.
+    pub const FEATURES_HTML: &str = "features.html";
+    pub const FEATURES_JSON: &str = "features.json";
+}
+
 /// The SAELens release whose on-disk format this project reads and writes.
 pub const SAELENS_FORMAT_VERSION: &str = "6.54.12";

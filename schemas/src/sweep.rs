@@ -119,6 +119,31 @@ pub struct PipelineConfig {
     pub slurm: SlurmConfig,
     /// The container image of a Kubernetes JobSet (`pipeline plan --k8s`).
     pub k8s_image: Option<String>,
+    /// The feature browser of every SAE, made after the evals.
+    pub features: FeaturesConfig,
+}
+
+/// `pipeline.features:`: each SAE's feature browser (`saes/<point>/features.html`), made
+/// after the evals by one pass of the model over the start of the dataset for all SAEs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeaturesConfig {
+    /// `false`: no feature pages.
+    pub enabled: bool,
+    /// Sequences of `context_size` tokens read.
+    pub n_sequences: usize,
+    /// Top activating contexts kept per latent.
+    pub top_k: usize,
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        FeaturesConfig {
+            enabled: true,
+            n_sequences: 1024,
+            top_k: 10,
+        }
+    }
 }
 
 impl Default for PipelineConfig {
@@ -134,6 +159,7 @@ impl Default for PipelineConfig {
             rendezvous_port: None,
             slurm: SlurmConfig::default(),
             k8s_image: None,
+            features: FeaturesConfig::default(),
         }
     }
 }
@@ -612,6 +638,19 @@ impl Sweep {
         ] {
             if t == Some(0) {
                 return Err(CfgError::new(name, "must be at least 1"));
+            }
+        }
+        if p.features.enabled {
+            for (name, v) in [
+                ("pipeline.features.n_sequences", p.features.n_sequences),
+                ("pipeline.features.top_k", p.features.top_k),
+            ] {
+                if v == 0 {
+                    return Err(CfgError::new(
+                        name,
+                        "must be at least 1 (enabled: false turns the feature pages off)",
+                    ));
+                }
             }
         }
         Ok(())

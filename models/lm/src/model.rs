@@ -293,6 +293,11 @@ impl HookedTransformer {
         &self.device
     }
 
+    /// The unembedding `W_U` as stored, `[d_vocab, d_model]` (the embedding when tied).
+    pub fn unembedding(&self) -> &Tensor {
+        self.unembed.as_ref().unwrap_or(&self.embed)
+    }
+
     /// Number of parameters held (a tied unembedding counts once).
     pub fn n_params(&self) -> usize {
         let lin = |l: &Linear| l.w.numel() + l.b.as_ref().map_or(0, |b| b.numel());

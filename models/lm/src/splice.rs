@@ -85,7 +85,7 @@ impl<'a> Interventions<'a> {
 }
 
 /// The columns `start..start + width` of `act` (one head), or all of it.
-pub(crate) fn head_columns(act: &Tensor, head: Option<(usize, usize)>) -> Tensor {
+pub fn head_columns(act: &Tensor, head: Option<(usize, usize)>) -> Tensor {
     match head {
         Some((start, w)) => {
             let mut x = Tensor::zeros(&act.device(), &[act.rows(), w]);

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod copy;
 pub mod inspect;
+pub mod report;
 pub mod run;
 
 pub use pipeline::cli::{interrupt_flag, parse_bytes, progress, ClientArgs};

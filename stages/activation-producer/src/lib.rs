@@ -4,6 +4,7 @@ pub mod bench;
 pub mod check;
 pub mod dump;
 pub mod eval;
+pub mod features;
 pub mod run;
 
 use anyhow::{bail, Context, Result};

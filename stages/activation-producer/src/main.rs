@@ -114,6 +114,19 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// The feature browser of SAEs: streams tokens once through the model and every
+    /// --sae, keeps each latent's top activating contexts (a window around each
+    /// sequence's maximum, the activation at every token), its density and activation
+    /// histogram, and the tokens its decoder direction promotes and suppresses through
+    /// the unembedding (W_dec @ W_U). Writes one HTML page per SAE (a sortable latent
+    /// index and a section per latent; opens offline) and the same data as JSON beside it.
+    Features {
+        #[command(flatten)]
+        args: Box<activation_producer::features::FeaturesArgs>,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Check hooks, head index and seqpos slice against a checkpoint's config (no
     /// weights loaded) and print each hook's width as JSON (what `pipeline run` asks
     /// before it starts anything).
@@ -214,6 +227,10 @@ fn run(cli: Cli) -> Result<()> {
                 overwrite,
                 device,
             })?
+        }
+        Command::Features { args, threads } => {
+            set_threads(threads)?;
+            activation_producer::features::run(&args)?
         }
         Command::Check(args) => activation_producer::check::run(&args)?,
         Command::Bench { args, threads } => {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Files of a run directory.
-pub const METRICS: &str = "metrics.jsonl";
+pub const METRICS: &str = schemas::run_files::METRICS;
 pub const CONFIG: &str = "config.yaml";
 
 pub struct TrainArgs {

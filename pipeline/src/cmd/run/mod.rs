@@ -290,6 +290,9 @@ pub fn run(a: Args) -> Result<()> {
     let t_eval = Instant::now();
     let evals = run_evals(&sweep, &plan, &bins, &run_dir, &cancel)?;
     let eval_seconds = t_eval.elapsed().as_secs_f64();
+    let t_features = Instant::now();
+    run_features(&sweep, &plan, &bins, &run_dir, &cancel)?;
+    let features_seconds = t_features.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     for (i, p) in sweep.points.iter().enumerate() {
         let dir = run_dir.join("saes").join(&p.name);
@@ -334,6 +337,7 @@ pub fn run(a: Args) -> Result<()> {
         "wall_seconds": train_seconds.unwrap_or(0.0) + eval_seconds,
         "train_wall_seconds": train_seconds,
         "eval_wall_seconds": eval_seconds,
+        "features_wall_seconds": features_seconds,
         // the sum over processes of each one's peak (they run at the same time)
         // (null where the stages ran on other hosts)
         "peak_rss_mib": (!stages.is_empty())
@@ -346,7 +350,52 @@ pub fn run(a: Args) -> Result<()> {
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     print_table(&summary);
+    let report = run_dir.join(schemas::run_files::REPORT);
+    super::report::write(&run_dir, &report)?;
+    println!("report: {}", report.display());
     Ok(())
+}
+
+/// Rewrites the run's report while it trains: whenever a `metrics.jsonl` grew (a log
+/// step was written), at most once a second.
+struct Refresh {
+    sizes: Vec<u64>,
+    checked: Instant,
+}
+
+impl Refresh {
+    fn new() -> Refresh {
+        Refresh {
+            sizes: Vec::new(),
+            checked: Instant::now(),
+        }
+    }
+
+    fn tick(&mut self, sweep: &Sweep, run_dir: &Path) {
+        if self.checked.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.checked = Instant::now();
+        let sizes: Vec<u64> = sweep
+            .points
+            .iter()
+            .map(|p| {
+                let f = run_dir
+                    .join(schemas::run_files::SAES)
+                    .join(&p.name)
+                    .join(schemas::run_files::METRICS);
+                std::fs::metadata(f).map_or(0, |m| m.len())
+            })
+            .collect();
+        if sizes != self.sizes {
+            self.sizes = sizes;
+            let out = run_dir.join(schemas::run_files::REPORT);
+            // the run goes on without a live page; the final write reports any error
+            if let Err(e) = super::report::write(run_dir, &out) {
+                tracing::warn!("report not refreshed: {e:#}");
+            }
+        }
+    }
 }
 
 /// The resolved run file in a run directory (what `--resume` reads).
@@ -1121,6 +1170,7 @@ fn supervise(
     let interval = display.interval(every);
     let mut last = Instant::now();
     let mut listed = Instant::now() - Duration::from_secs(1);
+    let mut refresh = Refresh::new();
     loop {
         // Where each stage serves, as it told the rendezvous.
         if stages
@@ -1151,12 +1201,15 @@ fn supervise(
             }
         }
         if done {
+            // the last sample: what each stage made (progress.json, for the report)
+            display.draw(sweep, run_dir, stages, t0.elapsed());
             return Ok(());
         }
         if last.elapsed() >= interval {
             last = Instant::now();
             display.draw(sweep, run_dir, stages, t0.elapsed());
         }
+        refresh.tick(sweep, run_dir);
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -1234,6 +1287,71 @@ fn run_evals(
         out.push(v);
     }
     Ok(out)
+}
+
+/// Each SAE's feature browser (`saes/<point>/features.html` + `.json`): one pass of the
+/// model over the first `pipeline.features.n_sequences` sequences of the dataset for
+/// every SAE.
+fn run_features(
+    sweep: &Sweep,
+    plan: &Plan,
+    bins: &Bins,
+    run_dir: &Path,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let f = &sweep.pipeline.features;
+    if !f.enabled {
+        return Ok(());
+    }
+    let Some(dataset) = &plan.dataset else {
+        eprintln!(
+            "notice: no feature pages: the run replayed cached activations and names no dataset"
+        );
+        return Ok(());
+    };
+    if cancel.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    let tokens = run_dir.join("features_tokens.arrow");
+    let mut args = tokenizer_args(sweep, dataset, &plan.model);
+    args.extend([
+        "--batch-sequences".into(),
+        TOKEN_BATCH.to_string(),
+        "--max-batches".into(),
+        f.n_sequences.div_ceil(TOKEN_BATCH).to_string(),
+        "--output".into(),
+        s(&tokens),
+        "--overwrite".into(),
+    ]);
+    procs::run_to_end(&bins.tokenizer, &args, "feature tokens")?;
+    eprintln!(
+        "feature pages: {} SAEs on {} sequences",
+        sweep.points.len(),
+        f.n_sequences
+    );
+    let mut args = vec![
+        "features".to_string(),
+        "--model".into(),
+        s(&plan.model),
+        "--tokens".into(),
+        s(&tokens),
+        "--max-sequences".into(),
+        f.n_sequences.to_string(),
+        "--top-k".into(),
+        f.top_k.to_string(),
+        "--overwrite".into(),
+    ];
+    for p in &sweep.points {
+        let dir = run_dir.join(schemas::run_files::SAES).join(&p.name);
+        args.extend([
+            "--sae".into(),
+            s(&dir),
+            "--output".into(),
+            s(&dir.join(schemas::run_files::FEATURES_HTML)),
+        ]);
+    }
+    procs::run_to_end(&bins.producer, &args, "feature pages")?;
+    Ok(())
 }
 
 fn plan_json(sweep: &Sweep, plan: &Plan) -> Value {

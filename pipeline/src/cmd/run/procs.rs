@@ -26,6 +26,9 @@ pub struct Stage {
     pub peak_rss_kb: u64,
     /// The SAEs it trains (trainers).
     pub points: Vec<String>,
+    /// When it started and when its exit was first seen (its mean rate).
+    pub started: Instant,
+    pub ended: Option<Instant>,
 }
 
 /// A stage binary: beside this executable, else on `PATH`.
@@ -123,6 +126,8 @@ impl Stage {
             status: None,
             peak_rss_kb: 0,
             points: Vec::new(),
+            started: Instant::now(),
+            ended: None,
         })
     }
 
@@ -143,6 +148,9 @@ impl Stage {
                 });
             self.peak_rss_kb = self.peak_rss_kb.max(hwm.unwrap_or(0));
             self.status = self.child.try_wait()?;
+            if self.status.is_some() {
+                self.ended = Some(Instant::now());
+            }
         }
         Ok(self.status.is_some())
     }
@@ -177,6 +185,31 @@ impl Stage {
     /// Its JSON summary lines so far.
     pub fn summaries(&self) -> Vec<Value> {
         self.json.lock().expect("not poisoned").clone()
+    }
+
+    /// Tokens it reported making in its final summary: the tokenizer's sequences ×
+    /// `context_size`, a producer's `tokens`, the shuffler's rows, a trainer's most
+    /// trained SAE.
+    pub fn summary_tokens(&self) -> Option<u64> {
+        self.summaries()
+            .iter()
+            .filter_map(|v| {
+                v["tokens"]
+                    .as_u64()
+                    .or(v["rows_written"].as_u64())
+                    .or_else(|| {
+                        Some(v["sequences_written"].as_u64()? * v["context_size"].as_u64()?)
+                    })
+            })
+            .max()
+    }
+
+    /// Seconds from its start to its exit (or to now while it runs).
+    pub fn seconds(&self) -> f64 {
+        self.ended
+            .unwrap_or_else(Instant::now)
+            .duration_since(self.started)
+            .as_secs_f64()
     }
 }
 

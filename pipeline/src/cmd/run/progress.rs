@@ -6,7 +6,8 @@ use super::procs::Stage;
 use pipeline::flight::{self, ClientConfig};
 use schemas::streams::StreamStatus;
 use schemas::sweep::Sweep;
-use std::collections::HashMap;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,6 +23,8 @@ pub struct Display {
     last: HashMap<String, (Instant, u64)>,
     client: ClientConfig,
     context_size: u64,
+    /// How often each stage (or group of stages) was named the bottleneck.
+    counts: BTreeMap<String, u64>,
 }
 
 /// One stage's line.
@@ -46,6 +49,7 @@ impl Display {
             last: HashMap::new(),
             client,
             context_size: sweep.stream().context_size as u64,
+            counts: BTreeMap::new(),
         }
     }
 
@@ -99,11 +103,12 @@ impl Display {
                 running: s.running(),
             });
         }
-        let mut lines = vec![format!(
-            "[{:>5.0}s] {}",
-            elapsed.as_secs_f64(),
-            bottleneck(&rows)
-        )];
+        let (who, text) = bottleneck(&rows);
+        if !who.is_empty() {
+            *self.counts.entry(who).or_default() += 1;
+        }
+        self.record(run_dir, stages, &rows, &text, elapsed);
+        let mut lines = vec![format!("[{:>5.0}s] {text}", elapsed.as_secs_f64())];
         for r in &rows {
             lines.push(format!(
                 "  {:<12} {:>12} tokens {:>10} tok/s  {}",
@@ -145,6 +150,71 @@ impl Display {
     }
 }
 
+impl Display {
+    /// `progress.json`: this sample and the bottleneck counts so far (the report's
+    /// stage table reads it, during the run and after).
+    fn record(
+        &mut self,
+        run_dir: &Path,
+        stages: &[Stage],
+        rows: &[Row],
+        text: &str,
+        elapsed: Duration,
+    ) {
+        let stages: Vec<_> = rows
+            .iter()
+            .zip(stages)
+            .map(|(r, st)| {
+                // an ended stage's own count is exact; a running one's is sampled
+                let tokens = (!r.running)
+                    .then(|| st.summary_tokens())
+                    .flatten()
+                    .unwrap_or(r.tokens);
+                let secs = st.seconds();
+                json!({
+                    "name": r.name,
+                    "tokens": tokens,
+                    "tokens_per_second": if r.running { r.rate } else { None },
+                    "mean_tokens_per_second": (secs > 0.0 && tokens > 0).then(|| tokens as f64 / secs),
+                    "seconds": secs,
+                    "queue_fill": r.fill,
+                    "running": r.running,
+                })
+            })
+            .collect();
+        // Once every stage has ended: the bottleneck rule on each stage's mean rate over
+        // its life (a run too short for two samples still says what bounded it).
+        let overall = rows.iter().all(|r| !r.running).then(|| {
+            let means: Vec<Row> = rows
+                .iter()
+                .zip(&stages)
+                .map(|(r, v)| Row {
+                    name: r.name.clone(),
+                    tokens: 0,
+                    rate: v["mean_tokens_per_second"].as_f64(),
+                    fill: None,
+                    running: true,
+                })
+                .collect();
+            bottleneck(&means).1
+        });
+        let v = json!({
+            "elapsed_seconds": elapsed.as_secs_f64(),
+            "bottleneck": text,
+            "bottleneck_counts": self.counts,
+            "bottleneck_overall": overall,
+            "stages": stages,
+        });
+        // A display that cannot write its sample is no reason to stop a run.
+        let _ = pipeline::shards::atomic_write(
+            &run_dir.join(schemas::run_files::PROGRESS),
+            serde_json::to_string_pretty(&v)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+    }
+}
+
 /// Tokens a trainer process has read: the most any of its SAEs has trained on.
 fn trainer_tokens(run_dir: &Path, s: &Stage) -> Option<u64> {
     s.points
@@ -160,7 +230,9 @@ fn trainer_tokens(run_dir: &Path, s: &Stage) -> Option<u64> {
 /// no full queue (windows larger than the run), the kind of stage with the lowest
 /// throughput: producers share the work (their rates add up), every trainer reads the
 /// whole stream (the slowest sets the pace). Stages of one kind count together.
-fn bottleneck(rows: &[Row]) -> String {
+///
+/// Returns who (the stages named, for counting) and the line shown.
+fn bottleneck(rows: &[Row]) -> (String, String) {
     let kind = |n: &str| n.split('-').next().unwrap_or(n).to_string();
     let mut kinds: Vec<(String, Vec<&Row>)> = Vec::new();
     for r in rows.iter().filter(|r| r.running) {
@@ -177,17 +249,23 @@ fn bottleneck(rows: &[Row]) -> String {
     };
     let fill = |v: &[&Row]| v.iter().filter_map(|r| r.fill).fold(0.0f64, f64::max);
     if kinds.is_empty() {
-        return String::new();
+        return (String::new(), String::new());
     }
     if let Some(i) = kinds.iter().rposition(|(_, v)| fill(v) >= FULL) {
         return match kinds.get(i + 1) {
-            Some((_, next)) => format!(
-                "bottleneck: {} ({}'s queue is {:.0}% full)",
+            Some((_, next)) => (
                 names(next),
-                names(&kinds[i].1),
-                100.0 * fill(&kinds[i].1)
+                format!(
+                    "bottleneck: {} ({}'s queue is {:.0}% full)",
+                    names(next),
+                    names(&kinds[i].1),
+                    100.0 * fill(&kinds[i].1)
+                ),
             ),
-            None => format!("bottleneck: {}", names(&kinds[i].1)),
+            None => (
+                names(&kinds[i].1),
+                format!("bottleneck: {}", names(&kinds[i].1)),
+            ),
         };
     }
     let rate = |k: &str, v: &[&Row]| -> Option<f64> {
@@ -203,8 +281,11 @@ fn bottleneck(rows: &[Row]) -> String {
         .filter_map(|(k, v)| Some((rate(k, v)?, v)))
         .min_by(|a, b| a.0.total_cmp(&b.0));
     match slowest {
-        Some((r, v)) => format!("bottleneck: {} (the slowest, {r:.0} tok/s)", names(v)),
-        None => "bottleneck: (measuring)".into(),
+        Some((r, v)) => (
+            names(v),
+            format!("bottleneck: {} (the slowest, {r:.0} tok/s)", names(v)),
+        ),
+        None => (String::new(), "bottleneck: (measuring)".into()),
     }
 }
 
@@ -233,20 +314,26 @@ mod tests {
                 row("trainer-0", None),
             ]
         };
-        assert!(bottleneck(&chain([1.0, 0.9, 0.2, 1.0]))
-            .starts_with("bottleneck: trainer-0 (shuffler's"));
-        assert!(bottleneck(&chain([1.0, 0.1, 0.1, 0.0]))
-            .starts_with("bottleneck: producer-0, producer-1 (tokenizer's"));
-        assert!(bottleneck(&chain([0.0, 0.1, 0.7, 0.1])).starts_with("bottleneck: shuffler"));
+        let (who, text) = bottleneck(&chain([1.0, 0.9, 0.2, 1.0]));
+        assert!(text.starts_with("bottleneck: trainer-0 (shuffler's"));
+        assert_eq!(who, "trainer-0");
+        let (who, text) = bottleneck(&chain([1.0, 0.1, 0.1, 0.0]));
+        assert!(text.starts_with("bottleneck: producer-0, producer-1 (tokenizer's"));
+        assert_eq!(who, "producer-0, producer-1");
+        assert!(bottleneck(&chain([0.0, 0.1, 0.7, 0.1]))
+            .1
+            .starts_with("bottleneck: shuffler"));
         // no full queue: the slowest kind (two producers at 1000 tok/s make 2000)
         let mut rows = chain([0.0, 0.0, 0.0, 0.0]);
         rows[4].rate = Some(900.0);
-        assert!(bottleneck(&rows).starts_with("bottleneck: trainer-0 (the slowest"));
+        assert!(bottleneck(&rows)
+            .1
+            .starts_with("bottleneck: trainer-0 (the slowest"));
         rows[4].rate = Some(5000.0);
         rows[1].rate = Some(300.0);
         rows[2].rate = Some(300.0);
-        assert!(
-            bottleneck(&rows).starts_with("bottleneck: producer-0, producer-1 (the slowest, 600")
-        );
+        assert!(bottleneck(&rows)
+            .1
+            .starts_with("bottleneck: producer-0, producer-1 (the slowest, 600"));
     }
 }

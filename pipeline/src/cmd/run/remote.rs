@@ -126,7 +126,9 @@ pub(super) fn follow(
     let mut last_line = Instant::now();
     let mut last_job = Instant::now() - Duration::from_secs(60);
     let trainers: Vec<&StageSpec> = specs.iter().filter(|s| s.role == Role::Trainer).collect();
+    let mut refresh = super::Refresh::new();
     loop {
+        refresh.tick(c.sweep, c.run_dir);
         if c.cancel.load(Ordering::SeqCst) {
             if let Some(r) = rdv.as_mut() {
                 return Err(stop_and_wait(r, &trainers, "interrupted (Ctrl-C)"));
