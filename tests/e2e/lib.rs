@@ -42,16 +42,18 @@ n_eval_batches: 0\nsweep:\n  k: [8, 16]\npipeline:\n{pipeline}",
     )
 }
 
-/// 2 TopK SAEs in 2 trainer processes fed by 2 producers; 300 steps of 256 tokens with
+/// 2 TopK SAEs in 2 trainer processes fed by 2 producers; 600 steps of 256 tokens with
 /// 3 planned checkpoints; small Flight windows so that no stage runs far ahead (every
-/// process is still running when the first checkpoint is written). `pipeline_extra`
-/// goes at the end of the `pipeline:` section.
+/// process is still running when the first checkpoint is written: each producer's
+/// 39 MB of activations is more than what it may have in flight by then, a quarter of
+/// it read plus HTTP/2's 16 MiB window; with half as many steps a fast producer could
+/// finish first). `pipeline_extra` goes at the end of the `pipeline:` section.
 pub fn checkpointed_sweep_yaml(pipeline_extra: &str) -> String {
     format!(
         "model_name: {}\ndataset_path: {}\nhook_name: blocks.1.hook_resid_post\n\
 context_size: 32\nstore_batch_size_prompts: 8\narchitecture: topk\nk: 8\nd_sae: 512\n\
 normalize_activations: expected_average_only_in\nn_batches_for_norm_estimate: 2\n\
-training_tokens: 76800\ntrain_batch_size_tokens: 256\nn_batches_in_buffer: 4\nlr: 0.003\n\
+training_tokens: 153600\ntrain_batch_size_tokens: 256\nn_batches_in_buffer: 4\nlr: 0.003\n\
 log_frequency: 4\nn_checkpoints: 3\nseed: 7\nn_eval_batches: 1\neval_batch_size_prompts: 4\n\
 sweep:\n  k: [8, 16]\npipeline:\n  producers: 2\n  trainers: 2\n  window_bytes: 256KiB\n{pipeline_extra}",
         examples().join("model").display(),
@@ -61,12 +63,12 @@ sweep:\n  k: [8, 16]\npipeline:\n  producers: 2\n  trainers: 2\n  window_bytes: 
 
 /// The points of [`checkpointed_sweep_yaml`].
 pub const POINTS: [&str; 2] = ["topk-k8", "topk-k16"];
-/// Its first planned checkpoint: 2 norm batches + step 76 (tokens pass 76800 / 4).
-const FIRST_CKPT_TOKENS: &str = "19456";
+/// Its first planned checkpoint: 2 norm batches + step 151 (tokens pass 153600 / 4).
+const FIRST_CKPT_TOKENS: &str = "38656";
 
 /// True once the shuffler holds its first snapshot and every SAE its first checkpoint.
 pub fn first_checkpoint_written(run_dir: &Path) -> bool {
-    run_dir.join("snapshots/78/state.json").is_file()
+    run_dir.join("snapshots/153/state.json").is_file()
         && POINTS.iter().all(|p| {
             run_dir
                 .join("saes")

@@ -1195,7 +1195,8 @@ fn supervise(
         for i in 0..stages.len() {
             done &= stages[i].poll()?;
             if stages[i].failed() {
-                let msg = stages[i].failure();
+                let j = cause(stages, rdv).unwrap_or(i);
+                let msg = stages[j].failure();
                 stop_all(stages, GRACE);
                 bail!("{msg}");
             }
@@ -1212,6 +1213,31 @@ fn supervise(
         refresh.tick(sweep, run_dir);
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The stage whose failure stopped the run. One killed by a signal (other than the
+/// SIGTERM a stage sends itself when told to stop) could tell nobody: it is the cause. Else the first failure the rendezvous heard of (a stage that failed
+/// after it, told the run is stopping, is not the cause). Waits briefly for that stage to
+/// exit, so that its status and log are complete.
+fn cause(stages: &mut [Stage], rdv: &mut pipeline::rendezvous::Client) -> Option<usize> {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(k) = stages.iter().position(|s| {
+        s.status
+            .and_then(|st| st.signal())
+            .is_some_and(|g| g != libc::SIGTERM && g != libc::SIGINT)
+    }) {
+        return Some(k);
+    }
+    let why = rdv.list().ok()?.stop?;
+    let j = stages
+        .iter()
+        .position(|s| why.starts_with(&format!("stage `{}` ", s.name)))?;
+    let t0 = Instant::now();
+    while stages[j].running() && t0.elapsed() < Duration::from_secs(5) {
+        stages[j].poll().ok()?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(j)
 }
 
 /// The last training-step line of `DIR/metrics.jsonl` (Null when there is none yet).
@@ -1247,17 +1273,7 @@ fn run_evals(
     }
     let e = sweep.eval_batch_size_prompts();
     let tokens = run_dir.join("eval_tokens.arrow");
-    let mut args = tokenizer_args(sweep, dataset, &plan.model);
-    args.extend([
-        "--batch-sequences".into(),
-        e.to_string(),
-        "--max-batches".into(),
-        r.n_eval_batches.to_string(),
-        "--output".into(),
-        s(&tokens),
-        "--overwrite".into(),
-    ]);
-    procs::run_to_end(&bins.tokenizer, &args, "eval tokens")?;
+    first_sequences(sweep, plan, dataset, bins, &tokens, e, r.n_eval_batches)?;
     let mut out = Vec::new();
     for p in &sweep.points {
         if cancel.load(Ordering::SeqCst) {
@@ -1289,6 +1305,32 @@ fn run_evals(
     Ok(out)
 }
 
+/// The dataset's first `batches × batch` sequences, tokenized as the run's stream, to
+/// the Arrow file `out` (what the evals and the feature pages read).
+fn first_sequences(
+    sweep: &Sweep,
+    plan: &Plan,
+    dataset: &Path,
+    bins: &Bins,
+    out: &Path,
+    batch: usize,
+    batches: usize,
+) -> Result<()> {
+    let mut args = tokenizer_args(sweep, dataset, &plan.model);
+    args.extend([
+        "--batch-sequences".into(),
+        batch.to_string(),
+        "--max-batches".into(),
+        batches.to_string(),
+        "--output".into(),
+        s(out),
+        "--overwrite".into(),
+    ]);
+    let what = format!("the tokens of {}", out.display());
+    procs::run_to_end(&bins.tokenizer, &args, &what)?;
+    Ok(())
+}
+
 /// Each SAE's feature browser (`saes/<point>/features.html` + `.json`): one pass of the
 /// model over the first `pipeline.features.n_sequences` sequences of the dataset for
 /// every SAE.
@@ -1313,17 +1355,8 @@ fn run_features(
         bail!("interrupted");
     }
     let tokens = run_dir.join("features_tokens.arrow");
-    let mut args = tokenizer_args(sweep, dataset, &plan.model);
-    args.extend([
-        "--batch-sequences".into(),
-        TOKEN_BATCH.to_string(),
-        "--max-batches".into(),
-        f.n_sequences.div_ceil(TOKEN_BATCH).to_string(),
-        "--output".into(),
-        s(&tokens),
-        "--overwrite".into(),
-    ]);
-    procs::run_to_end(&bins.tokenizer, &args, "feature tokens")?;
+    let batches = f.n_sequences.div_ceil(TOKEN_BATCH);
+    first_sequences(sweep, plan, dataset, bins, &tokens, TOKEN_BATCH, batches)?;
     eprintln!(
         "feature pages: {} SAEs on {} sequences",
         sweep.points.len(),
