@@ -27,6 +27,17 @@ pub fn layer_norm(x: &[f32], cols: usize, eps: f32, out: &mut [f32]) {
         });
 }
 
+/// `x[r] = x[r] / sqrt(mean(x[r]^2) + eps)` in place.
+pub fn rms_norm_in_place(x: &mut [f32], cols: usize, eps: f32) {
+    x.par_chunks_mut(cols)
+        .with_min_len(grain(cols))
+        .for_each(|row| {
+            let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / cols as f64;
+            let scale = (ms as f32 + eps).sqrt();
+            row.iter_mut().for_each(|v| *v /= scale);
+        });
+}
+
 /// `out[r] = x[r] / sqrt(mean(x[r]^2) + eps)`
 pub fn rms_norm(x: &[f32], cols: usize, eps: f32, out: &mut [f32]) {
     out.par_chunks_mut(cols)
@@ -157,11 +168,22 @@ pub struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub d_head: usize,
+    /// Sliding window: query `i` sees keys `i + 1 - w ..= i` only.
+    pub window: Option<usize>,
+    /// Gemma 2's soft-capping of the scaled scores: `c·tanh(s/c)`, before the mask.
+    pub softcap: Option<f32>,
 }
 
 impl AttnShape {
     fn kv_head(&self, h: usize) -> usize {
         h / (self.n_heads / self.n_kv_heads)
+    }
+    /// First key position query `i` may attend to.
+    fn first_key(&self, i: usize) -> usize {
+        match self.window {
+            Some(w) => (i + 1).saturating_sub(w),
+            None => 0,
+        }
     }
 }
 
@@ -179,7 +201,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Scores `q·k * scale` for key positions `0..=i` of query `i` into `s[..=i]`.
+/// Scores `q·k * scale` (soft-capped if asked) for the key positions query `i` sees into
+/// `s[..=i]`, `-inf` before the window.
 #[allow(clippy::too_many_arguments)]
 fn score_row(
     q: &[f32],
@@ -194,9 +217,16 @@ fn score_row(
     let (qc, kc, dh) = (sh.n_heads * sh.d_head, sh.n_kv_heads * sh.d_head, sh.d_head);
     let g = sh.kv_head(h);
     let qr = &q[(seq * sh.seq_len + i) * qc + h * dh..][..dh];
-    for (j, sj) in s[..=i].iter_mut().enumerate() {
+    let lo = sh.first_key(i);
+    s[..lo].fill(f32::NEG_INFINITY);
+    for (j, sj) in s[..=i].iter_mut().enumerate().skip(lo) {
         let kr = &k[(seq * sh.seq_len + j) * kc + g * dh..][..dh];
-        *sj = dot(qr, kr) * scale;
+        let x = dot(qr, kr) * scale;
+        *sj = match sh.softcap {
+            // libm's tanhf: the scores are few next to the GEMMs, and exact matters here.
+            Some(c) => c * libm::tanhf(x / c),
+            None => x,
+        };
     }
 }
 
@@ -233,7 +263,7 @@ fn apply_row(p: &[f32], v: &[f32], sh: &AttnShape, seq: usize, h: usize, z: &mut
     }
 }
 
-/// Fused causal attention: `z = softmax(mask(q k^T * scale)) v` per sequence and head.
+/// Fused causal attention: `z = softmax(mask(cap(q k^T * scale))) v` per sequence and head.
 pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape, scale: f32, z: &mut [f32]) {
     let (t, qc, dh) = (sh.seq_len, sh.n_heads * sh.d_head, sh.d_head);
     z.par_chunks_mut(t * qc).enumerate().for_each(|(seq, zs)| {
@@ -249,7 +279,8 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape, scale: f
 }
 
 /// Attention scores in TransformerLens's layout `[n_seq, n_heads, q_pos, k_pos]`
-/// (as rows `[n_seq*n_heads*seq_len, seq_len]`), `-inf` above the diagonal.
+/// (as rows `[n_seq*n_heads*seq_len, seq_len]`), `-inf` above the diagonal and before
+/// the sliding window.
 pub fn attention_scores(q: &[f32], k: &[f32], sh: AttnShape, scale: f32, out: &mut [f32]) {
     let t = sh.seq_len;
     out.par_chunks_mut(t * t)

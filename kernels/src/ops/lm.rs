@@ -20,6 +20,28 @@ pub fn rms_norm(x: &Tensor, eps: f32, out: &mut Tensor) {
     cpu_lm::rms_norm(x.cpu(), x.cols(), eps, out.cpu_mut());
 }
 
+/// RMSNorm of every `d_head`-wide head of `x` `[rows, n_heads*d_head]`, in place
+/// (Qwen3's and Gemma 3's q/k norms, before their weight: see [`mul_head_vec`]).
+pub fn head_rms_norm(x: &mut Tensor, d_head: usize, eps: f32) {
+    assert!(
+        d_head > 0 && x.cols().is_multiple_of(d_head),
+        "head_rms_norm: x {:?} with heads of {d_head}",
+        x.shape()
+    );
+    cpu_lm::rms_norm_in_place(x.cpu_mut(), d_head, eps);
+}
+
+/// Multiplies every `w.len()`-wide head of `x` by `w`.
+pub fn mul_head_vec(x: &mut Tensor, w: &Tensor) {
+    let d = w.numel();
+    assert!(
+        d > 0 && x.cols().is_multiple_of(d),
+        "mul_head_vec: x {:?} with heads of {d}",
+        x.shape()
+    );
+    crate::cpu::mul_row_vec(x.cpu_mut(), d, w.cpu());
+}
+
 /// Applies `act` element-wise in place.
 pub fn activation(x: &mut Tensor, act: Activation) {
     cpu_lm::activation(x.cpu_mut(), act);
@@ -120,8 +142,9 @@ pub fn causal_attention(
     cpu_lm::causal_attention(q.cpu(), k.cpu(), v.cpu(), sh, scale, z.cpu_mut());
 }
 
-/// Masked scores `q k^T * scale` as rows `[n_seq*n_heads*seq_len, seq_len]`
-/// (TransformerLens's `[batch, head, q_pos, k_pos]`), `-inf` where `k_pos > q_pos`.
+/// Masked scores `q k^T * scale` (soft-capped when `sh.softcap`) as rows
+/// `[n_seq*n_heads*seq_len, seq_len]` (TransformerLens's `[batch, head, q_pos, k_pos]`),
+/// `-inf` where `k_pos > q_pos` or `k_pos` is before the sliding window.
 pub fn attention_scores(q: &Tensor, k: &Tensor, sh: AttnShape, scale: f32, out: &mut Tensor) {
     check_attn(q, k, &sh, "attention_scores");
     check_scores(out, &sh, "attention_scores");

@@ -688,7 +688,8 @@ fn rotary_rotates_pairs_by_position_angle() {
     }
 }
 
-/// Causal attention with grouped-query heads, in f64, per (seq, head, query).
+/// Causal attention with grouped-query heads, sliding window and soft-capping, in
+/// f64, per (seq, head, query).
 fn naive_attention(
     q: &[f32],
     k: &[f32],
@@ -703,15 +704,25 @@ fn naive_attention(
         for h in 0..hq {
             let g = h * hk / hq;
             for i in 0..tt {
+                let seen = |j: usize| sh.window.is_none_or(|w| i - j < w);
                 let sc: Vec<f64> = (0..=i)
                     .map(|j| {
-                        (0..dh)
+                        let x = (0..dh)
                             .map(|e| {
                                 q[(s * tt + i) * hq * dh + h * dh + e] as f64
                                     * k[(s * tt + j) * hk * dh + g * dh + e] as f64
                             })
                             .sum::<f64>()
-                            * scale as f64
+                            * scale as f64;
+                        let x = match sh.softcap {
+                            Some(c) => c as f64 * (x / c as f64).tanh(),
+                            None => x,
+                        };
+                        if seen(j) {
+                            x
+                        } else {
+                            f64::NEG_INFINITY
+                        }
                     })
                     .collect();
                 let m = sc.iter().cloned().fold(f64::MIN, f64::max);
@@ -732,48 +743,97 @@ fn naive_attention(
 
 #[test]
 fn attention_fused_and_stepwise_match_a_naive_loop() {
-    let sh = AttnShape {
-        n_seq: 2,
-        seq_len: 7,
-        n_heads: 4,
-        n_kv_heads: 2,
-        d_head: 5,
-    };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
-    let rows = sh.n_seq * sh.seq_len;
-    let (qv, kv, vv) = (
-        rand_vec(&mut rng, rows * 20),
-        rand_vec(&mut rng, rows * 10),
-        rand_vec(&mut rng, rows * 10),
-    );
-    let (q, k, v) = (
-        t(&[rows, 20], qv.clone()),
-        t(&[rows, 10], kv.clone()),
-        t(&[rows, 10], vv.clone()),
-    );
-    let scale = 0.7;
-    let (want_z, want_p) = naive_attention(&qv, &kv, &vv, sh, scale);
-    let mut z = t(&[rows, 20], vec![0.; rows * 20]);
-    causal_attention(&q, &k, &v, sh, scale, &mut z);
-    assert_close(&z.to_vec(), &want_z, 1e-5, "fused z");
-
-    let n = sh.n_seq * sh.n_heads * sh.seq_len;
-    let mut scores = t(&[n, 7], vec![0.; n * 7]);
-    attention_scores(&q, &k, sh, scale, &mut scores);
-    let s = scores.to_vec();
-    for (r, row) in s.chunks(7).enumerate() {
-        let i = r % 7;
-        assert!(
-            row[..=i].iter().all(|v| v.is_finite())
-                && row[i + 1..].iter().all(|&v| v == f32::NEG_INFINITY)
+    // Plain causal, a sliding window shorter than the sequence, soft-capping that
+    // bites (scores reach ~±3 here), and both.
+    for (window, softcap) in [
+        (None, None),
+        (Some(3), None),
+        (None, Some(0.8)),
+        (Some(2), Some(0.5)),
+    ] {
+        let sh = AttnShape {
+            n_seq: 2,
+            seq_len: 7,
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_head: 5,
+            window,
+            softcap,
+        };
+        let what = format!("window {window:?}, softcap {softcap:?}");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+        let rows = sh.n_seq * sh.seq_len;
+        let (qv, kv, vv) = (
+            rand_vec(&mut rng, rows * 20),
+            rand_vec(&mut rng, rows * 10),
+            rand_vec(&mut rng, rows * 10),
         );
+        let (q, k, v) = (
+            t(&[rows, 20], qv.clone()),
+            t(&[rows, 10], kv.clone()),
+            t(&[rows, 10], vv.clone()),
+        );
+        let scale = 0.7;
+        let (want_z, want_p) = naive_attention(&qv, &kv, &vv, sh, scale);
+        let mut z = t(&[rows, 20], vec![0.; rows * 20]);
+        causal_attention(&q, &k, &v, sh, scale, &mut z);
+        assert_close(&z.to_vec(), &want_z, 1e-5, &format!("fused z, {what}"));
+
+        let n = sh.n_seq * sh.n_heads * sh.seq_len;
+        let mut scores = t(&[n, 7], vec![0.; n * 7]);
+        attention_scores(&q, &k, sh, scale, &mut scores);
+        let s = scores.to_vec();
+        for (r, row) in s.chunks(7).enumerate() {
+            let i = r % 7;
+            let lo = window.map_or(0, |w: usize| (i + 1).saturating_sub(w));
+            assert!(
+                row[lo..=i].iter().all(|v| v.is_finite())
+                    && row[..lo]
+                        .iter()
+                        .chain(&row[i + 1..])
+                        .all(|&v| v == f32::NEG_INFINITY),
+                "{what}: row {r}: {row:?}"
+            );
+            if let Some(c) = softcap {
+                assert!(row[lo..=i].iter().all(|v| v.abs() < c), "{what}: {row:?}");
+            }
+        }
+        let mut pattern = t(&[n, 7], vec![0.; n * 7]);
+        causal_softmax(&scores, 7, &mut pattern);
+        assert_close(
+            &pattern.to_vec(),
+            &want_p,
+            1e-6,
+            &format!("pattern, {what}"),
+        );
+        let mut z2 = t(&[rows, 20], vec![1.; rows * 20]);
+        attention_apply(&pattern, &v, sh, &mut z2);
+        assert_close(&z2.to_vec(), &want_z, 1e-5, &format!("stepwise z, {what}"));
     }
-    let mut pattern = t(&[n, 7], vec![0.; n * 7]);
-    causal_softmax(&scores, 7, &mut pattern);
-    assert_close(&pattern.to_vec(), &want_p, 1e-6, "pattern");
-    let mut z2 = t(&[rows, 20], vec![1.; rows * 20]);
-    attention_apply(&pattern, &v, sh, &mut z2);
-    assert_close(&z2.to_vec(), &want_z, 1e-5, "stepwise z");
+}
+
+#[test]
+fn head_rms_norm_normalises_each_head_then_weights_it() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(15);
+    let (rows, heads, dh) = (3, 4, 6);
+    let xv = rand_vec(&mut rng, rows * heads * dh);
+    let wv = rand_vec(&mut rng, dh);
+    let mut x = t(&[rows, heads * dh], xv.clone());
+    head_rms_norm(&mut x, dh, 1e-6);
+    let normed = x.to_vec();
+    mul_head_vec(&mut x, &t(&[dh], wv.clone()));
+    for (c, chunk) in xv.chunks(dh).enumerate() {
+        let ms = chunk.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dh as f64;
+        for (e, &v) in chunk.iter().enumerate() {
+            let n = v as f64 / (ms + 1e-6).sqrt();
+            let i = c * dh + e;
+            assert!((normed[i] as f64 - n).abs() < 1e-6, "normalised {i}");
+            assert!(
+                (x.to_vec()[i] as f64 - n * wv[e] as f64).abs() < 1e-6,
+                "weighted {i}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -16,17 +16,21 @@ pub enum HookKind {
     Q,
     K,
     V,
+    QNormNormalized,
+    KNormNormalized,
     RotQ,
     RotK,
     AttnScores,
     Pattern,
     Z,
+    Ln1PostNormalized,
     AttnOut,
     ResidMid,
     Ln2Normalized,
     MlpPre,
     MlpPreLinear,
     MlpPost,
+    Ln2PostNormalized,
     MlpOut,
     ResidPost,
     LnFinalNormalized,
@@ -34,26 +38,140 @@ pub enum HookKind {
 
 use HookKind::*;
 
-const BLOCK_KINDS: [(HookKind, &str); 18] = [
+const BLOCK_KINDS: [(HookKind, &str); 22] = [
     (ResidPre, "hook_resid_pre"),
     (Ln1Normalized, "ln1.hook_normalized"),
     (Q, "attn.hook_q"),
     (K, "attn.hook_k"),
     (V, "attn.hook_v"),
+    (QNormNormalized, "attn.q_norm.hook_normalized"),
+    (KNormNormalized, "attn.k_norm.hook_normalized"),
     (RotQ, "attn.hook_rot_q"),
     (RotK, "attn.hook_rot_k"),
     (AttnScores, "attn.hook_attn_scores"),
     (Pattern, "attn.hook_pattern"),
     (Z, "attn.hook_z"),
+    (Ln1PostNormalized, "ln1_post.hook_normalized"),
     (AttnOut, "hook_attn_out"),
     (ResidMid, "hook_resid_mid"),
     (Ln2Normalized, "ln2.hook_normalized"),
     (MlpPre, "mlp.hook_pre"),
     (MlpPreLinear, "mlp.hook_pre_linear"),
     (MlpPost, "mlp.hook_post"),
+    (Ln2PostNormalized, "ln2_post.hook_normalized"),
     (MlpOut, "hook_mlp_out"),
     (ResidPost, "hook_resid_post"),
 ];
+
+/// Which models a row of [`HF_HOOKS`] is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HfFamily {
+    Gpt2,
+    GptNeox,
+    /// Llama, Mistral, Qwen2/3: no norms after attention or MLP.
+    Llama,
+    /// Gemma 2/3: their `post_*_layernorm` modules end the attention and MLP branches.
+    Gemma,
+}
+
+impl HfFamily {
+    fn of(cfg: &LmConfig) -> HfFamily {
+        match cfg.family {
+            crate::config::Family::Gpt2 => HfFamily::Gpt2,
+            crate::config::Family::GptNeox => HfFamily::GptNeox,
+            crate::config::Family::Llama if cfg.post_norms => HfFamily::Gemma,
+            crate::config::Family::Llama => HfFamily::Llama,
+        }
+    }
+    /// The module paths of the decoder layers, before the layer index.
+    pub fn layer_prefixes(self) -> &'static [&'static str] {
+        match self {
+            HfFamily::Gpt2 => &["transformer.h."],
+            HfFamily::GptNeox => &["gpt_neox.layers."],
+            HfFamily::Llama | HfFamily::Gemma => &[
+                "model.layers.",
+                "model.language_model.layers.",
+                "language_model.model.layers.",
+            ],
+        }
+    }
+}
+
+/// Hugging Face hook names (SAELens's `hf_hook_name`: a module path, its output, or
+/// with `.input` its input) and the TransformerLens hook each one is. The module
+/// path is the family's layer prefix, the layer, then `module` (a bare path or
+/// `.output` means the module's output). The one table of these aliases.
+pub const HF_HOOKS: &[(HfFamily, &str, HookKind)] = &[
+    (HfFamily::Gpt2, "", ResidPost),
+    (HfFamily::Gpt2, ".input", ResidPre),
+    (HfFamily::Gpt2, ".attn", AttnOut),
+    (HfFamily::Gpt2, ".attn.c_proj.input", Z),
+    (HfFamily::Gpt2, ".mlp", MlpOut),
+    (HfFamily::Gpt2, ".mlp.c_proj.input", MlpPost),
+    (HfFamily::GptNeox, "", ResidPost),
+    (HfFamily::GptNeox, ".input", ResidPre),
+    (HfFamily::GptNeox, ".attention", AttnOut),
+    (HfFamily::GptNeox, ".attention.dense.input", Z),
+    (HfFamily::GptNeox, ".mlp", MlpOut),
+    (HfFamily::GptNeox, ".mlp.dense_4h_to_h.input", MlpPost),
+    (HfFamily::Llama, "", ResidPost),
+    (HfFamily::Llama, ".input", ResidPre),
+    (HfFamily::Llama, ".self_attn", AttnOut),
+    (HfFamily::Llama, ".self_attn.o_proj.input", Z),
+    (HfFamily::Llama, ".mlp", MlpOut),
+    (HfFamily::Llama, ".mlp.down_proj.input", MlpPost),
+    (HfFamily::Gemma, "", ResidPost),
+    (HfFamily::Gemma, ".input", ResidPre),
+    (HfFamily::Gemma, ".post_attention_layernorm", AttnOut),
+    (HfFamily::Gemma, ".self_attn.o_proj.input", Z),
+    (HfFamily::Gemma, ".post_feedforward_layernorm", MlpOut),
+    (HfFamily::Gemma, ".mlp.down_proj.input", MlpPost),
+];
+
+/// `Some(hook)` when `name` is one of [`HF_HOOKS`] for this model; an error when it
+/// is an HF module path with no TransformerLens hook; `None` when it is not an HF path.
+fn hf_alias(name: &str, cfg: &LmConfig) -> Option<Result<HookPoint>> {
+    let family = HfFamily::of(cfg);
+    let (layer, rest) = family.layer_prefixes().iter().find_map(|p| {
+        let rest = name.strip_prefix(p)?;
+        let end = rest.find('.').unwrap_or(rest.len());
+        Some((rest[..end].parse::<usize>().ok()?, &rest[end..]))
+    })?;
+    let module = rest.strip_suffix(".output").unwrap_or(rest);
+    let Some(&(_, _, kind)) = HF_HOOKS
+        .iter()
+        .find(|(f, m, _)| *f == family && *m == module)
+    else {
+        let known: Vec<String> = HF_HOOKS
+            .iter()
+            .filter(|(f, ..)| *f == family)
+            .map(|(_, m, k)| {
+                format!(
+                    "{}{layer}{m} = {}",
+                    family.layer_prefixes()[0],
+                    HookPoint::block(layer, *k)
+                )
+            })
+            .collect();
+        let gemma_note = match (family, module) {
+            (HfFamily::Gemma, ".self_attn" | ".mlp") => " (in Gemma that output is taken before its post-norm, where TransformerLens has no hook)",
+            _ => "",
+        };
+        return Some(Err(LmError::Invalid(format!(
+            "hook '{name}': this Hugging Face module has no TransformerLens hook{gemma_note}; the HF names of a {} layer are {}",
+            cfg.model_type,
+            known.join(", ")
+        ))));
+    };
+    if layer >= cfg.n_layers {
+        return Some(Err(LmError::LayerOutOfRange {
+            name: name.to_string(),
+            layer,
+            n_layers: cfg.n_layers,
+        }));
+    }
+    Some(Ok(HookPoint::block(layer, kind)))
+}
 
 /// One hook point: a kind and, for block hooks, a layer. Orders as the forward pass
 /// reaches them.
@@ -72,8 +190,12 @@ impl HookPoint {
         }
     }
 
-    /// Parses a TransformerLens name and checks it exists in this model.
+    /// Parses a TransformerLens name, or a Hugging Face one of [`HF_HOOKS`], and checks
+    /// it exists in this model.
     pub fn parse(name: &str, cfg: &LmConfig) -> Result<HookPoint> {
+        if let Some(alias) = hf_alias(name, cfg) {
+            return alias;
+        }
         let unknown = || LmError::UnknownHook {
             name: name.to_string(),
             model_type: cfg.model_type.clone(),
@@ -126,6 +248,8 @@ impl HookPoint {
             RotQ | RotK => rotary,
             ResidMid => !cfg.parallel_residual,
             MlpPreLinear => cfg.gated_mlp,
+            QNormNormalized | KNormNormalized => cfg.qk_norm,
+            Ln1PostNormalized | Ln2PostNormalized => cfg.post_norms,
             _ => true,
         }
     }
@@ -133,8 +257,8 @@ impl HookPoint {
     /// Number of heads when the activation has a head dimension (q/k/v/z).
     pub fn n_heads(&self, cfg: &LmConfig) -> Option<usize> {
         match self.kind {
-            Q | RotQ | Z => Some(cfg.n_heads),
-            K | V | RotK => Some(cfg.n_kv_heads),
+            Q | QNormNormalized | RotQ | Z => Some(cfg.n_heads),
+            K | V | KNormNormalized | RotK => Some(cfg.n_kv_heads),
             _ => None,
         }
     }
@@ -143,10 +267,11 @@ impl HookPoint {
     /// side by side; `AttnScores`/`Pattern` rows are `[seq, head, q_pos]`, columns `k_pos`.
     pub fn width(&self, cfg: &LmConfig, seq_len: usize) -> usize {
         match self.kind {
-            Embed | PosEmbed | ResidPre | Ln1Normalized | AttnOut | ResidMid | Ln2Normalized
-            | MlpOut | ResidPost | LnFinalNormalized => cfg.d_model,
-            Q | RotQ | Z => cfg.d_attn(),
-            K | V | RotK => cfg.d_kv(),
+            Embed | PosEmbed | ResidPre | Ln1Normalized | Ln1PostNormalized | AttnOut
+            | ResidMid | Ln2Normalized | Ln2PostNormalized | MlpOut | ResidPost
+            | LnFinalNormalized => cfg.d_model,
+            Q | QNormNormalized | RotQ | Z => cfg.d_attn(),
+            K | V | KNormNormalized | RotK => cfg.d_kv(),
             AttnScores | Pattern => seq_len,
             MlpPre | MlpPreLinear | MlpPost => cfg.d_mlp,
         }

@@ -5,7 +5,7 @@
 //! processing (no LayerNorm folding, no centring): what SAELens's
 //! `from_pretrained_no_processing` gives.
 
-use crate::config::{Family, LmConfig, NormKind};
+use crate::config::{Family, LmConfig, NormKind, RopeFreqs};
 use crate::hooks::{HookKind, HookPoint, Hooks};
 use crate::weights::{cols, to_device, Checkpoint};
 use crate::{LmError, Result};
@@ -47,13 +47,19 @@ struct Block {
     /// Llama's `gate_proj`.
     mlp_gate: Option<Linear>,
     mlp_out: Linear,
+    /// Gemma's norms of the attention and MLP outputs (TransformerLens's `ln1_post`, `ln2_post`).
+    post_norms: Option<(Norm, Norm)>,
+    /// Per-head q/k RMSNorm weights `[d_head]` (Qwen3, Gemma 3).
+    qk_norm: Option<(Tensor, Tensor)>,
 }
 
 /// Takes a family's weights out of a checkpoint, trying each name prefix in turn.
 struct Loader<'a> {
     ck: &'a mut Checkpoint,
     dev: &'a Device,
-    prefixes: &'a [&'a str],
+    prefixes: &'a [String],
+    /// Added to every norm weight (Gemma stores `w - 1`).
+    norm_offset: f32,
 }
 
 impl Loader<'_> {
@@ -70,13 +76,18 @@ impl Loader<'_> {
     }
     fn norm(&mut self, p: &str, d: usize, bias: bool) -> Result<Norm> {
         Ok(Norm {
-            w: self.tensor(&format!("{p}.weight"), &[d])?,
+            w: self.norm_weight(&format!("{p}.weight"), d)?,
             b: if bias {
                 Some(self.tensor(&format!("{p}.bias"), &[d])?)
             } else {
                 None
             },
         })
+    }
+    fn norm_weight(&mut self, name: &str, d: usize) -> Result<Tensor> {
+        let (_, mut w) = self.take(name, &[d])?;
+        w.values.iter_mut().for_each(|v| *v += self.norm_offset);
+        to_device(self.dev, w.values, &[d])
     }
     /// An `nn.Linear`: weight `[out, in]`.
     fn linear(&mut self, p: &str, i: usize, o: usize, bias: bool) -> Result<Linear> {
@@ -134,13 +145,6 @@ impl TokenBatch {
                 len: seq_len,
                 n_ctx: cfg.n_ctx,
             });
-        }
-        if let Some(w) = cfg.sliding_window {
-            if seq_len > w {
-                return Err(LmError::Invalid(format!(
-                    "context of {seq_len} is longer than the sliding attention window {w}, which is not implemented"
-                )));
-            }
         }
         let mut out = Vec::with_capacity(ids.len());
         for (i, &t) in ids.iter().enumerate() {
@@ -261,9 +265,10 @@ pub struct HookedTransformer {
     ln_final: Norm,
     /// `[d_vocab, d_model]`; `None` when tied to `embed`.
     unembed: Option<Tensor>,
-    /// Rotary tables `[n_ctx, rotary_dim]`.
-    rot_cos: Option<Tensor>,
-    rot_sin: Option<Tensor>,
+    /// Rotary `(cos, sin)` tables `[n_ctx, rotary_dim]` of the full-attention layers and
+    /// of the sliding-window ones (the same values unless the model gives them their own).
+    rot_global: Option<(Tensor, Tensor)>,
+    rot_local: Option<(Tensor, Tensor)>,
 }
 
 impl HookedTransformer {
@@ -313,6 +318,8 @@ impl HookedTransformer {
                         .map(|l| lin(l))
                         .sum::<usize>()
                     + b.mlp_gate.as_ref().map_or(0, lin)
+                    + b.post_norms.as_ref().map_or(0, |(a, m)| norm(a) + norm(m))
+                    + b.qk_norm.as_ref().map_or(0, |(q, k)| q.numel() + k.numel())
             })
             .sum();
         self.embed.numel()
@@ -329,14 +336,18 @@ impl HookedTransformer {
         blocks: Vec<Block>,
         ln_final: Norm,
     ) -> Self {
-        let (rot_cos, rot_sin) = match cfg.rotary {
-            Some((dim, base)) => {
-                let (c, s) = rotary_tables(cfg.n_ctx, dim, base);
-                (
-                    Some(Tensor::from_vec(device, &[cfg.n_ctx, dim], c).unwrap()),
-                    Some(Tensor::from_vec(device, &[cfg.n_ctx, dim], s).unwrap()),
-                )
-            }
+        let tables = |dim: usize, f: RopeFreqs| {
+            let (c, s) = rotary_tables(cfg.n_ctx, dim, f);
+            (
+                Tensor::from_vec(device, &[cfg.n_ctx, dim], c).unwrap(),
+                Tensor::from_vec(device, &[cfg.n_ctx, dim], s).unwrap(),
+            )
+        };
+        let (rot_global, rot_local) = match cfg.rotary {
+            Some(r) => (
+                Some(tables(r.dim, r.global)),
+                (r.local != r.global).then(|| tables(r.dim, r.local)),
+            ),
             None => (None, None),
         };
         HookedTransformer {
@@ -347,8 +358,8 @@ impl HookedTransformer {
             blocks,
             ln_final,
             unembed: None,
-            rot_cos,
-            rot_sin,
+            rot_global,
+            rot_local,
         }
     }
 
@@ -357,7 +368,8 @@ impl HookedTransformer {
         let mut ld = Loader {
             ck,
             dev,
-            prefixes: &["transformer.", ""],
+            prefixes: &cfg.weight_prefixes,
+            norm_offset: 0.0,
         };
         let (d, da, dm) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp);
         let embed = ld.tensor("wte.weight", &[cfg.d_vocab, d])?;
@@ -389,6 +401,8 @@ impl HookedTransformer {
                 mlp_in: ld.conv1d(&format!("{p}.mlp.c_fc"), d, dm)?,
                 mlp_gate: None,
                 mlp_out: ld.conv1d(&format!("{p}.mlp.c_proj"), dm, d)?,
+                post_norms: None,
+                qk_norm: None,
             });
         }
         let ln_final = ld.norm("ln_f", d, true)?;
@@ -403,7 +417,8 @@ impl HookedTransformer {
         let mut ld = Loader {
             ck,
             dev,
-            prefixes: &["gpt_neox."],
+            prefixes: &cfg.weight_prefixes,
+            norm_offset: 0.0,
         };
         let (d, dh, h, dm) = (cfg.d_model, cfg.d_head, cfg.n_heads, cfg.d_mlp);
         let embed = ld.tensor("embed_in.weight", &[cfg.d_vocab, d])?;
@@ -451,6 +466,8 @@ impl HookedTransformer {
                 mlp_in: ld.linear(&format!("{p}.mlp.dense_h_to_4h"), d, dm, true)?,
                 mlp_gate: None,
                 mlp_out: ld.linear(&format!("{p}.mlp.dense_4h_to_h"), dm, d, true)?,
+                post_norms: None,
+                qk_norm: None,
             });
         }
         let ln_final = ld.norm("final_layer_norm", d, true)?;
@@ -464,18 +481,43 @@ impl HookedTransformer {
         let mut ld = Loader {
             ck,
             dev,
-            prefixes: &["model."],
+            prefixes: &cfg.weight_prefixes,
+            norm_offset: cfg.norm_weight_offset,
         };
-        let (d, da, dkv, dm) = (cfg.d_model, cfg.d_attn(), cfg.d_kv(), cfg.d_mlp);
+        let (d, da, dkv, dm, dh) = (cfg.d_model, cfg.d_attn(), cfg.d_kv(), cfg.d_mlp, cfg.d_head);
         let embed = ld.tensor("embed_tokens.weight", &[cfg.d_vocab, d])?;
         let mut blocks = Vec::new();
         for l in 0..cfg.n_layers {
             let p = format!("layers.{l}");
             let a = format!("{p}.self_attn");
             let (qb, ob, mb) = (cfg.qkv_bias, cfg.attn_out_bias, cfg.mlp_bias);
+            // Gemma's `post_attention_layernorm` normalises the attention output; the
+            // MLP's input norm is its `pre_feedforward_layernorm`.
+            let (ln2, post_norms) = if cfg.post_norms {
+                (
+                    ld.norm(&format!("{p}.pre_feedforward_layernorm"), d, false)?,
+                    Some((
+                        ld.norm(&format!("{p}.post_attention_layernorm"), d, false)?,
+                        ld.norm(&format!("{p}.post_feedforward_layernorm"), d, false)?,
+                    )),
+                )
+            } else {
+                (
+                    ld.norm(&format!("{p}.post_attention_layernorm"), d, false)?,
+                    None,
+                )
+            };
+            let qk_norm = if cfg.qk_norm {
+                Some((
+                    ld.norm_weight(&format!("{a}.q_norm.weight"), dh)?,
+                    ld.norm_weight(&format!("{a}.k_norm.weight"), dh)?,
+                ))
+            } else {
+                None
+            };
             blocks.push(Block {
                 ln1: ld.norm(&format!("{p}.input_layernorm"), d, false)?,
-                ln2: ld.norm(&format!("{p}.post_attention_layernorm"), d, false)?,
+                ln2,
                 q: ld.linear(&format!("{a}.q_proj"), d, da, qb)?,
                 k: ld.linear(&format!("{a}.k_proj"), d, dkv, qb)?,
                 v: ld.linear(&format!("{a}.v_proj"), d, dkv, qb)?,
@@ -483,6 +525,8 @@ impl HookedTransformer {
                 mlp_in: ld.linear(&format!("{p}.mlp.up_proj"), d, dm, mb)?,
                 mlp_gate: Some(ld.linear(&format!("{p}.mlp.gate_proj"), d, dm, mb)?),
                 mlp_out: ld.linear(&format!("{p}.mlp.down_proj"), dm, d, mb)?,
+                post_norms,
+                qk_norm,
             });
         }
         let ln_final = ld.norm("norm", d, false)?;
@@ -526,6 +570,9 @@ impl HookedTransformer {
         let (rows, d, dev) = (batch.rows(), cfg.d_model, &self.device);
         let resid = buf(&mut ws.resid, dev, &[rows, d]);
         ops::embedding(&self.embed, &batch.ids, resid);
+        if let Some(s) = cfg.embed_scale {
+            ops::scale(resid, s);
+        }
         at(
             hooks,
             HookPoint {
@@ -569,6 +616,9 @@ impl HookedTransformer {
             let logits = buf(&mut ws.logits, dev, &[rows, cfg.d_vocab]);
             let w_u = self.unembed.as_ref().unwrap_or(&self.embed);
             ops::matmul(logits, normed, false, w_u, true, 1.0, 0.0);
+            if let Some(c) = cfg.logit_softcap {
+                softcap(logits, c);
+            }
         }
         Ok(())
     }
@@ -620,7 +670,22 @@ impl HookedTransformer {
         at(hooks, hp(HookKind::Q), q)?;
         at(hooks, hp(HookKind::K), k)?;
         at(hooks, hp(HookKind::V), v)?;
-        if let (Some(cos), Some(sin)) = (&self.rot_cos, &self.rot_sin) {
+        if let Some((wq, wk)) = &b.qk_norm {
+            for (x, w, kind) in [
+                (&mut *q, wq, HookKind::QNormNormalized),
+                (&mut *k, wk, HookKind::KNormNormalized),
+            ] {
+                ops::head_rms_norm(x, cfg.d_head, cfg.eps);
+                at(hooks, hp(kind), x)?;
+                ops::mul_head_vec(x, w);
+            }
+        }
+        let window = cfg.window(l);
+        let rot = match window {
+            Some(_) => self.rot_local.as_ref().or(self.rot_global.as_ref()),
+            None => self.rot_global.as_ref(),
+        };
+        if let Some((cos, sin)) = rot {
             ops::rotary(q, cfg.n_heads, cfg.d_head, batch.seq_len, cos, sin);
             ops::rotary(k, cfg.n_kv_heads, cfg.d_head, batch.seq_len, cos, sin);
             at(hooks, hp(HookKind::RotQ), q)?;
@@ -632,8 +697,10 @@ impl HookedTransformer {
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             d_head: cfg.d_head,
+            window,
+            softcap: cfg.attn_softcap,
         };
-        let scale = 1.0 / (cfg.d_head as f32).sqrt();
+        let scale = 1.0 / cfg.attn_scale;
         let z = buf(&mut ws.z, dev, &[rows, da]);
         if hooks.wants(&hp(HookKind::AttnScores)) || hooks.wants(&hp(HookKind::Pattern)) {
             let t = batch.seq_len;
@@ -651,6 +718,16 @@ impl HookedTransformer {
         at(hooks, hp(HookKind::Z), z)?;
         let attn_out = buf(&mut ws.attn_out, dev, &[rows, d]);
         b.o.forward(z, attn_out);
+        if let Some((post, _)) = &b.post_norms {
+            self.norm(
+                post,
+                attn_out,
+                normed,
+                hp(HookKind::Ln1PostNormalized),
+                hooks,
+            )?;
+            std::mem::swap(attn_out, normed);
+        }
         at(hooks, hp(HookKind::AttnOut), attn_out)?;
 
         // MLP, reading resid_pre (parallel) or resid_mid (sequential).
@@ -679,6 +756,16 @@ impl HookedTransformer {
         at(hooks, hp(HookKind::MlpPost), pre)?;
         let mlp_out = buf(&mut ws.mlp_out, dev, &[rows, d]);
         b.mlp_out.forward(pre, mlp_out);
+        if let Some((_, post)) = &b.post_norms {
+            self.norm(
+                post,
+                mlp_out,
+                normed,
+                hp(HookKind::Ln2PostNormalized),
+                hooks,
+            )?;
+            std::mem::swap(mlp_out, normed);
+        }
         at(hooks, hp(HookKind::MlpOut), mlp_out)?;
         if cfg.parallel_residual {
             ops::axpy(resid, 1.0, attn_out);
@@ -716,12 +803,19 @@ impl HookedTransformer {
     }
 }
 
+/// `x = c·tanh(x/c)` (Gemma 2's logit soft-capping).
+fn softcap(x: &mut Tensor, c: f32) {
+    ops::scale(x, 1.0 / c);
+    ops::tanh(x);
+    ops::scale(x, c);
+}
+
 /// Rotary `cos`/`sin` tables `[n_ctx, dim]` as TransformerLens computes them in f32:
-/// angle(p, i) = p / base^((i mod dim/2) / (dim/2)).
-fn rotary_tables(n_ctx: usize, dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
+/// angle(p, i) = p / (base^((i mod dim/2) / (dim/2)) · linear_factor).
+fn rotary_tables(n_ctx: usize, dim: usize, f: RopeFreqs) -> (Vec<f32>, Vec<f32>) {
     let half = dim / 2;
     let freq: Vec<f32> = (0..half)
-        .map(|i| base.powf(i as f32 / half as f32))
+        .map(|i| f.base.powf(i as f32 / half as f32) * f.linear_factor)
         .collect();
     let mut cos = Vec::with_capacity(n_ctx * dim);
     let mut sin = Vec::with_capacity(n_ctx * dim);

@@ -5,8 +5,10 @@
 //! * `tests/fixtures/acts/`: the shared reference set's activations of tiny-gpt2 on
 //!   8 × 128 tokens (five hooks, logits of the first sequence, per-token CE).
 //! * `tests/fixtures/lm/*`: random GPT-NeoX (parallel, bf16; sequential), Llama
-//!   (grouped-query) and Qwen2 (q/k/v bias, tied, sharded) checkpoints, and every hook
-//!   of tiny-gpt2, made by `tests/lm/make_lm_fixtures.py` with TransformerLens itself.
+//!   (grouped-query), Qwen2 (q/k/v bias, tied, sharded), Qwen3 (q/k norms, bf16),
+//!   Gemma 2 (soft-capping, sliding window) and Gemma 3 (text in bf16, multimodal)
+//!   checkpoints, and every hook of tiny-gpt2, made by `tests/lm/make_lm_fixtures.py`
+//!   with TransformerLens itself.
 
 mod common;
 
@@ -134,6 +136,53 @@ fn llama_grouped_query_matches_transformer_lens() {
 fn qwen2_tied_sharded_matches_transformer_lens() {
     let d = fixtures().join("lm/qwen2-tied-sharded");
     check_model(&d, &d.join("reference.safetensors"));
+}
+
+/// [`check_model`], and the model's hook names are exactly the ones TransformerLens made.
+fn check_all_hooks(name: &str) -> usize {
+    let d = fixtures().join("lm").join(name);
+    let n = check_model(&d, &d.join("reference.safetensors"));
+    let r = reference(&d.join("reference.safetensors"));
+    let mut theirs: Vec<&String> = r
+        .keys()
+        .filter(|k| !matches!(k.as_str(), "tokens" | "logits" | "hf_logits"))
+        .collect();
+    theirs.sort();
+    let mut ours = lm::hooks::valid_names(load(&d).cfg());
+    ours.sort();
+    assert_eq!(
+        ours.iter().collect::<Vec<_>>(),
+        theirs,
+        "{name}: hook names"
+    );
+    n
+}
+
+#[test]
+fn gemma2_soft_capping_and_sliding_window_match_transformer_lens() {
+    // Attention and final soft-capping (caps 2 and 1.5, which change the logits by up to
+    // 8.7 here), a 4-token window on layers 0 and 2 of a 12-token context, GQA, head_dim
+    // 32 with d_model 64, query_pre_attn_scalar 24, pre- and post-norms.
+    assert_eq!(check_all_hooks("gemma2-softcap-window"), 2 + 20 * 3);
+}
+
+#[test]
+fn gemma3_text_bf16_matches_transformer_lens() {
+    // Gemma 3: q/k norms, local (10k) and global (1M, linear ×8) RoPE bases, 5-token
+    // window, weights stored in bfloat16.
+    assert_eq!(check_all_hooks("gemma3-text-bf16"), 2 + 22 * 3);
+}
+
+#[test]
+fn gemma3_multimodal_checkpoint_runs_its_text_model() {
+    // Gemma3ForConditionalGeneration: the text model under `language_model.model.`,
+    // its config under `text_config`; the vision tower is left unread.
+    assert_eq!(check_all_hooks("gemma3-multimodal"), 2 + 22 * 3);
+}
+
+#[test]
+fn qwen3_qk_norm_bf16_matches_transformer_lens() {
+    assert_eq!(check_all_hooks("qwen3-qknorm-bf16"), 2 + 20 * 2);
 }
 
 #[test]
