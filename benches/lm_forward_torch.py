@@ -3,7 +3,10 @@ batch shape, forward to stop_at_layer, on the CPU with the same thread count.
 
 Times (1) TransformerLens 3.9's `run_with_cache(..., stop_at_layer, names_filter)`, which
 is what SAELens runs to get training activations (model loaded without processing), and
-(2) plain transformers `GPT2Model` truncated to the same number of blocks.
+(2) plain transformers `GPT2Model` truncated to the same number of blocks. For other
+families (the random Gemma 2 / Qwen3 checkpoints of `benches/make_random_lm.py`, which
+TransformerLens knows only by hub name) it times (2) alone: the model's decoder
+truncated to `stop_at_layer` layers.
 
     activation-producer bench --model-out /tmp/gpt2-small-random
     /tmp/slenv/bin/python benches/lm_forward_torch.py /tmp/gpt2-small-random --threads 2
@@ -16,7 +19,7 @@ import time
 import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 
 def median_time(fn, iters, warmup):
@@ -41,12 +44,28 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    hf = GPT2LMHeadModel.from_pretrained(a.model, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     tokens = torch.randint(0, hf.config.vocab_size, (a.batch, a.context_size))
     hook = f"blocks.{a.stop_at_layer - 1}.hook_resid_post"
     n_tok = a.batch * a.context_size
     out = {"threads": a.threads, "batch": [a.batch, a.context_size], "stop_at_layer": a.stop_at_layer,
            "torch": torch.__version__}
+
+    if not isinstance(hf, GPT2LMHeadModel):
+        body = hf.model
+        body.layers = body.layers[: a.stop_at_layer]
+        body.config.num_hidden_layers = a.stop_at_layer
+
+        def run_body():
+            with torch.no_grad():
+                body(tokens)
+
+        med, times = median_time(run_body, a.iters, a.warmup)
+        out["model_type"] = hf.config.model_type
+        out["transformers_decoder_truncated"] = {"seconds_per_batch_median": med, "all": times,
+                                                 "tokens_per_second": n_tok / med}
+        print(json.dumps(out))
+        return
 
     cfg = get_pretrained_model_config(a.model, fold_ln=False, device="cpu", dtype=torch.float32)
     sd = get_pretrained_state_dict(a.model, cfg, hf_model=hf, dtype=torch.float32)

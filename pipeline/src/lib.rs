@@ -10,6 +10,7 @@ pub mod cli;
 pub mod convert;
 pub mod files;
 pub mod flight;
+pub mod hub;
 pub mod merge;
 pub mod mixer;
 pub mod output;

@@ -83,6 +83,16 @@ impl Hosts {
             ]);
             ip(&["-n", &ns, "link", "set", &a, "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            // Small TCP buffers on these hosts (the sysctls are per namespace): with
+            // Linux's defaults (up to 4 + 6 MiB a connection) on top of HTTP/2's 16 MiB
+            // window, a producer could have handed the kernel its whole stream by the
+            // first checkpoint, and a link cut then would hit nothing.
+            let st = Command::new("ip")
+                .args(["netns", "exec", &ns, "sh", "-c"])
+                .arg("echo '4096 65536 262144' > /proc/sys/net/ipv4/tcp_rmem && echo '4096 65536 262144' > /proc/sys/net/ipv4/tcp_wmem")
+                .status()
+                .expect("ip netns exec");
+            assert!(st.success(), "cannot size the TCP buffers in {ns}");
         }
         h
     }

@@ -1,5 +1,7 @@
 //! `activation-producer bench`: forward throughput to `stop_at_layer` on a random
-//! GPT-2-shaped checkpoint that the bench writes itself (GPT-2 small by default).
+//! GPT-2-shaped checkpoint that the bench writes itself (GPT-2 small by default), or on
+//! any checkpoint given with `--model` (`benches/make_random_lm.py` writes random
+//! Gemma 2 / Qwen3-shaped ones).
 
 use anyhow::{bail, Context, Result};
 use kernels::Device;
@@ -38,8 +40,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Keep the random checkpoint in this directory (to time other implementations on it).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "model")]
     pub model_out: Option<PathBuf>,
+    /// Time this checkpoint (any supported family) instead of a random GPT-2; the
+    /// --n-layers … --n-ctx shape flags are then ignored.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -106,26 +112,32 @@ pub fn write_random_gpt2(dir: &Path, a: &BenchArgs) -> Result<()> {
 }
 
 pub fn run(a: &BenchArgs) -> Result<Value> {
-    if a.stop_at_layer == 0 || a.stop_at_layer > a.n_layers {
-        bail!("--stop-at-layer must be in 1..={}", a.n_layers);
-    }
     let tmp;
-    let dir = match &a.model_out {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
+    let (dir, write_s) = match (&a.model, &a.model_out) {
+        (Some(d), _) => (d.clone(), None),
+        (None, out) => {
+            let dir = match out {
+                Some(d) => d.clone(),
+                None => {
+                    tmp = tempfile::tempdir()?;
+                    tmp.path().to_path_buf()
+                }
+            };
+            let t = Instant::now();
+            write_random_gpt2(&dir, a)?;
+            (dir, Some(t.elapsed().as_secs_f64()))
         }
     };
     let t = Instant::now();
-    write_random_gpt2(&dir, a)?;
-    let write_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
     let model = HookedTransformer::load(&dir, &Device::Cpu)?;
     let load_s = t.elapsed().as_secs_f64();
+    let c = model.cfg();
+    if a.stop_at_layer == 0 || a.stop_at_layer > c.n_layers {
+        bail!("--stop-at-layer must be in 1..={}", c.n_layers);
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed + 1);
     let ids: Vec<i64> = (0..a.batch * a.context_size)
-        .map(|_| rng.random_range(0..a.d_vocab as i64))
+        .map(|_| rng.random_range(0..c.d_vocab as i64))
         .collect();
     let batch = TokenBatch::new(&ids, a.batch, a.context_size, model.cfg())?;
     // What SAELens captures when training on the last block that runs.
@@ -145,7 +157,10 @@ pub fn run(a: &BenchArgs) -> Result<Value> {
     let median = times[times.len() / 2];
     let tokens = (a.batch * a.context_size) as f64;
     Ok(json!({
-        "model": format!("random GPT-2, {} layers x {}, {} heads, d_mlp {}, vocab {}", a.n_layers, a.d_model, a.n_heads, a.d_mlp, a.d_vocab),
+        "model": match &a.model {
+            Some(d) => format!("{} ({}), {} layers x {}, {} heads / {} kv of {}, d_mlp {}, vocab {}", d.display(), c.model_type, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_mlp, c.d_vocab),
+            None => format!("random GPT-2, {} layers x {}, {} heads, d_mlp {}, vocab {}", a.n_layers, a.d_model, a.n_heads, a.d_mlp, a.d_vocab),
+        },
         "n_params": model.n_params(),
         "batch": [a.batch, a.context_size],
         "stop_at_layer": a.stop_at_layer,
@@ -160,6 +175,6 @@ pub fn run(a: &BenchArgs) -> Result<Value> {
         "peak_rss_mib": pipeline::sys::peak_rss_mib(),
         "checkpoint_write_seconds": write_s,
         "load_seconds": load_s,
-        "checkpoint": a.model_out.as_ref().map(|p| p.display().to_string()),
+        "checkpoint": a.model.as_ref().or(a.model_out.as_ref()).map(|p| p.display().to_string()),
     }))
 }

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct CheckArgs {
-    /// HF checkpoint directory.
-    #[arg(long)]
+    /// HF checkpoint directory, or a hub repo id (`org/name`, `@revision` optional) in the local HF cache.
+    #[arg(long, value_parser = pipeline::hub::model_dir)]
     pub model: PathBuf,
     #[arg(long, value_delimiter = ',', required = true)]
     pub hooks: Vec<String>,

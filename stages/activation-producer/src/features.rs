@@ -27,8 +27,8 @@ Time: one forward pass of the model to the deepest hook, one encode per SAE per 
 and one [latents, d_in] × [d_in, d_vocab] product per SAE at the end."
 )]
 pub struct FeaturesArgs {
-    /// HF checkpoint directory.
-    #[arg(long)]
+    /// HF checkpoint directory, or a hub repo id (`org/name`, `@revision` optional) in the local HF cache.
+    #[arg(long, value_parser = pipeline::hub::model_dir)]
     pub model: PathBuf,
     /// An SAE directory (SAELens's format; its metadata.hook_name is where it reads).
     /// Repeat with --output for several SAEs on one pass of the model.

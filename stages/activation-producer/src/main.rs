@@ -39,8 +39,9 @@ enum Command {
     /// --hook-head-index); attention scores/patterns `[n_seq, n_heads, pos, pos]`.
     /// A JSON summary goes to stdout.
     Dump {
-        /// HF checkpoint directory (config.json + model.safetensors or shards).
-        #[arg(long)]
+        /// HF checkpoint directory (config.json + model.safetensors or shards), or a hub
+        /// repo id (`org/name`, `@revision` optional) in the local HF cache.
+        #[arg(long, value_parser = pipeline::hub::model_dir)]
         model: PathBuf,
         /// Token ids `[n_seq, context_size]`: .npy, .safetensors (`input_ids`), or a
         /// Parquet / Arrow file with an `input_ids` column.
@@ -81,7 +82,8 @@ enum Command {
     /// CE loss and KL with the SAE and with the hook zero-ablated, reconstruction,
     /// shrinkage and sparsity metrics; special tokens excluded as SAELens does.
     Eval {
-        #[arg(long)]
+        /// HF checkpoint directory, or a hub repo id in the local HF cache.
+        #[arg(long, value_parser = pipeline::hub::model_dir)]
         model: PathBuf,
         /// SAE directory in SAELens's format; its metadata.hook_name is the hook.
         #[arg(long)]

@@ -27,8 +27,8 @@ pub struct RunArgs {
     /// The consumer name to read a tokens stream as (the tokenizer's --consumers).
     #[arg(long)]
     pub consumer: Option<String>,
-    /// HF checkpoint directory.
-    #[arg(long)]
+    /// HF checkpoint directory, or a hub repo id (`org/name`, `@revision` optional) in the local HF cache.
+    #[arg(long, value_parser = pipeline::hub::model_dir)]
     pub model: PathBuf,
     /// Comma-separated TransformerLens hook names, all captured in one pass that stops
     /// after the last block any of them needs.

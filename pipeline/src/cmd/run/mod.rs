@@ -414,7 +414,18 @@ fn absolutize(sweep: &mut Sweep, base: &Path) -> Result<()> {
     };
     for p in &mut sweep.points {
         if let Some(m) = &p.train.model_name {
-            p.train.model_name = Some(abs(m)?);
+            // SAELens's `model_name: gpt2`: a hub repo id, read from the local HF cache.
+            let local = base.join(m);
+            p.train.model_name = Some(
+                if !local.exists() && pipeline::hub::is_repo_id(m.split('@').next().unwrap_or(m)) {
+                    pipeline::hub::model_dir(m)
+                        .map_err(|e| anyhow!("model_name: {e}"))?
+                        .display()
+                        .to_string()
+                } else {
+                    abs(m)?
+                },
+            );
         }
         if let Some(d) = &p.train.dataset_path {
             p.train.dataset_path = Some(abs(d)?);
@@ -546,7 +557,7 @@ fn check_all(sweep: &Sweep, bins: &Bins) -> Result<Plan> {
     let model = PathBuf::from(st.model_name.as_deref().expect("validated"));
     if !model.join("config.json").is_file() {
         bail!(
-            "model_name: {} is not an HF checkpoint directory (no config.json; models are read from local directories)",
+            "model_name: {} is not an HF checkpoint directory (no config.json; a model is a local directory or a hub repo id in the local HF cache)",
             model.display()
         );
     }
