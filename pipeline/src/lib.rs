@@ -10,7 +10,7 @@ pub mod cli;
 pub mod convert;
 pub mod files;
 pub mod flight;
-pub mod hub;
+pub use schemas::hub;
 pub mod merge;
 pub mod mixer;
 pub mod output;

@@ -230,6 +230,16 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads an SAE directory (any SAELens version, training or inference save).
 pub fn load(dir: &Path, device: &Device) -> Result<Sae> {
+    load_with_overrides(dir, device, &serde_json::Map::new())
+}
+
+/// [`load`] with `cfg.json`'s fields replaced by `overrides` first (SAELens's
+/// `cfg_overrides`: a registry's `config_overrides`, `neuronpedia_id`).
+pub fn load_with_overrides(
+    dir: &Path,
+    device: &Device,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Sae> {
     if !dir.is_dir() {
         return Err(SaeError::io(
             dir,
@@ -238,10 +248,24 @@ pub fn load(dir: &Path, device: &Device) -> Result<Sae> {
     }
     let cfg_path = dir.join(SAE_CFG);
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| SaeError::io(&cfg_path, e))?;
-    let cfg = SaeConfig::from_json_str(&text).map_err(|err| SaeError::Config {
+    let bad = |err| SaeError::Config {
         path: cfg_path.clone(),
         err,
-    })?;
+    };
+    let cfg = if overrides.is_empty() {
+        SaeConfig::from_json_str(&text).map_err(bad)?
+    } else {
+        let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            bad(schemas::CfgError::new(
+                "<json>",
+                format!("not valid JSON: {e}"),
+            ))
+        })?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        SaeConfig::from_json(&v).map_err(bad)?
+    };
     let w_path = dir.join(SAE_WEIGHTS);
     let tensors = read_safetensors(&w_path)?;
     from_tensors(cfg, tensors, &w_path, device)

@@ -4,6 +4,7 @@
 //!   `batchtopk`, `matryoshka_batchtopk`), its inference `encode`/`decode`, and the
 //!   training forward pass with every SAELens loss term and an analytic backward pass.
 //! * [`io`]: SAELens SAE directories, read and written (training and inference forms).
+//! * [`pretrained`]: SAELens's pretrained SAEs by `RELEASE:SAE_ID`, from the local HF cache.
 //! * [`optim`]: torch's Adam and gradient clipping over [`Params`].
 //! * [`geometric_median`]: SAELens's `b_dec` initialisation.
 //!
@@ -17,6 +18,7 @@ mod init;
 pub mod io;
 pub mod optim;
 mod params;
+pub mod pretrained;
 mod sae;
 
 pub use arch::{Acts, Buffers, Losses, StepInput};

@@ -33,7 +33,7 @@ pub fn run(a: &EvalArgs) -> Result<Value> {
         check_output(o, a.overwrite)?;
     }
     let (model, tokens) = load_model_and_tokens(&a.model, &a.tokens, &a.device)?;
-    let sae = sae::io::load(&a.sae, model.device())
+    let sae = sae::pretrained::load(&a.sae, model.device())
         .with_context(|| format!("cannot load the SAE in {}", a.sae.display()))?
         .inference_form()?;
     let meta = &sae.cfg().metadata;

@@ -30,7 +30,8 @@ pub struct FeaturesArgs {
     /// HF checkpoint directory, or a hub repo id (`org/name`, `@revision` optional) in the local HF cache.
     #[arg(long, value_parser = pipeline::hub::model_dir)]
     pub model: PathBuf,
-    /// An SAE directory (SAELens's format; its metadata.hook_name is where it reads).
+    /// An SAE directory (SAELens's format; its metadata.hook_name is where it reads), or
+    /// a pretrained SAE as RELEASE:SAE_ID.
     /// Repeat with --output for several SAEs on one pass of the model.
     #[arg(long, required = true)]
     pub sae: Vec<PathBuf>,
@@ -165,7 +166,7 @@ pub fn run(a: &FeaturesArgs) -> Result<Value> {
     };
     let mut saes = Vec::new();
     for (dir, out) in a.sae.iter().zip(&a.output) {
-        let sae = sae::io::load(dir, model.device())
+        let sae = sae::pretrained::load(dir, model.device())
             .with_context(|| format!("cannot load the SAE in {}", dir.display()))?
             .inference_form()?;
         let meta = &sae.cfg().metadata;

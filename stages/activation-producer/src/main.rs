@@ -85,7 +85,8 @@ enum Command {
         /// HF checkpoint directory, or a hub repo id in the local HF cache.
         #[arg(long, value_parser = pipeline::hub::model_dir)]
         model: PathBuf,
-        /// SAE directory in SAELens's format; its metadata.hook_name is the hook.
+        /// SAE directory in SAELens's format, or a pretrained SAE as RELEASE:SAE_ID (SAELens's
+        /// registry, files from the local HF cache); its metadata.hook_name is the hook.
         #[arg(long)]
         sae: PathBuf,
         #[arg(long)]

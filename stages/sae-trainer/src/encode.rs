@@ -44,7 +44,7 @@ pub fn run(a: &EncodeArgs) -> Result<serde_json::Value> {
         }
         .into());
     }
-    let loaded = io::load(&a.sae_dir, &device)
+    let loaded = sae::pretrained::load(&a.sae_dir, &device)
         .with_context(|| format!("cannot load the SAE in {}", a.sae_dir.display()))?;
     // Training-only forms (BatchTopK's batch selection) become their inference form.
     let sae = loaded.inference_form()?;

@@ -93,7 +93,8 @@ enum Command {
     /// `[..., d_sae]` and `sae_out` has the input's shape; both are f32. A JSON summary
     /// (tokens, mean L0, MSE, explained variance) goes to stdout.
     Encode {
-        /// SAE directory (`cfg.json` + `sae_weights.safetensors`, as SAELens saves).
+        /// SAE directory (`cfg.json` + `sae_weights.safetensors`, as SAELens saves), or a
+        /// pretrained SAE as RELEASE:SAE_ID (SAELens's registry, the local HF cache).
         #[arg(long)]
         sae: PathBuf,
         /// Activations: `FILE.safetensors` (a file with one tensor) or

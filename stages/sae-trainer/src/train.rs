@@ -758,7 +758,7 @@ fn after_norm(t: &Trainer) -> Result<Phase> {
 fn start(cfg: &TrainConfig, d_in: usize, device: &Device) -> Result<(Trainer, String)> {
     let sae = match &cfg.from_pretrained_path {
         Some(p) => {
-            let mut sae = io::load(Path::new(p), device)
+            let mut sae = sae::pretrained::load(Path::new(p), device)
                 .with_context(|| format!("from_pretrained_path {p}"))?;
             if sae.cfg().d_in != d_in {
                 bail!(

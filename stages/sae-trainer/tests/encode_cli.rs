@@ -406,3 +406,58 @@ fn clear_errors() {
         .count();
     assert_eq!(leftovers, 0);
 }
+
+/// `--sae RELEASE:SAE_ID`: SAELens's registry (here a file named by
+/// SAESTREAM_PRETRAINED_SAES) and an HF cache (HF_HUB_CACHE), both built here, give the
+/// same encoding as the SAE's directory.
+#[test]
+fn a_pretrained_release_and_id_encode_as_the_directory_does() {
+    let t = tempfile::tempdir().unwrap();
+    let registry = t.path().join("pretrained_saes.yaml");
+    std::fs::write(
+        &registry,
+        "tiny:\n  repo_id: org/tiny-saes\n  model: tiny-gpt2\n  saes:\n  - id: layer_0/std\n    path: standard\n",
+    )
+    .unwrap();
+    let commit = "e".repeat(40);
+    let repo = t.path().join("hub/models--org--tiny-saes");
+    let d = repo.join("snapshots").join(&commit).join("standard");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), &commit).unwrap();
+    let src = fixtures().join("saes_inference/standard");
+    for f in ["cfg.json", "sae_weights.safetensors"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let run = |sae: &str, out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_sae-trainer"))
+            .args([
+                "encode",
+                "--sae",
+                sae,
+                "--input",
+                &inputs("batches"),
+                "--output",
+            ])
+            .arg(out)
+            .env("SAESTREAM_PRETRAINED_SAES", &registry)
+            .env("HF_HUB_CACHE", t.path().join("hub"))
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (
+        t.path().join("a.safetensors"),
+        t.path().join("b.safetensors"),
+    );
+    let o = run(src.to_str().unwrap(), &a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run("tiny:layer_0/std", &b);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let o = run("tiny:layer_9/std", &t.path().join("c.safetensors"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("release 'tiny' has no SAE id 'layer_9/std'"),
+        "{e}"
+    );
+}

@@ -34,9 +34,11 @@ enum Command {
     Train(TrainArgs),
     /// Time tokenize + pack over a dataset (repeated); prints tokens/s as JSON.
     Bench {
-        #[arg(long)]
+        /// A dataset file, directory or glob, or a hub dataset repo id in the local HF cache.
+        #[arg(long, value_parser = pipeline::hub::dataset_path)]
         dataset: PathBuf,
-        #[arg(long)]
+        /// A tokenizer.json or a directory holding one, or a hub repo id in the local HF cache.
+        #[arg(long, value_parser = pipeline::hub::tokenizer_path)]
         tokenizer: PathBuf,
         #[arg(long, default_value_t = 128)]
         context_size: usize,

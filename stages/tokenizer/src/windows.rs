@@ -18,10 +18,11 @@ use std::path::PathBuf;
 pub struct TokensArgs {
     /// A .jsonl/.json, .csv, .parquet, .arrow or .txt file, an HF save_to_disk
     /// directory, a directory of such files, or a glob ('data/*.parquet').
-    #[arg(long)]
+    #[arg(long, value_parser = pipeline::hub::dataset_path)]
     pub dataset: PathBuf,
-    /// A tokenizer.json, or a directory holding one (and tokenizer_config.json).
-    #[arg(long)]
+    /// A tokenizer.json, or a directory holding one (and tokenizer_config.json), or a
+    /// hub repo id (`org/name[@revision]`) in the local HF cache.
+    #[arg(long, value_parser = pipeline::hub::tokenizer_path)]
     pub tokenizer: PathBuf,
     #[arg(long, default_value_t = 128)]
     pub context_size: usize,

@@ -428,7 +428,17 @@ fn absolutize(sweep: &mut Sweep, base: &Path) -> Result<()> {
             );
         }
         if let Some(d) = &p.train.dataset_path {
-            p.train.dataset_path = Some(abs(d)?);
+            let local = base.join(d);
+            p.train.dataset_path = Some(
+                if !local.exists() && pipeline::hub::is_repo_id(d.split('@').next().unwrap_or(d)) {
+                    pipeline::hub::dataset_path(d)
+                        .map_err(|e| anyhow!("dataset_path: {e}"))?
+                        .display()
+                        .to_string()
+                } else {
+                    abs(d)?
+                },
+            );
         }
     }
     if let Some(c) = &sweep.runner.cached_activations_path {

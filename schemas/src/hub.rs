@@ -92,6 +92,7 @@ pub fn local_or_cached(
         ));
     }
     snapshot(&cache_dir(), spec, kind, revision, required)
+        .map_err(|e| format!("{spec}: no such path here; as a Hugging Face repo id: {e}"))
 }
 
 /// The snapshot directory of `repo_id` at `revision` in the cache at `cache`, checked
@@ -181,13 +182,53 @@ pub fn model_files_missing(dir: &Path) -> Vec<String> {
     missing
 }
 
+/// `org/name@revision` (as in `hf://` paths) split into name and revision, unless
+/// `spec` is an existing path.
+fn split_revision(spec: &str) -> (&str, Option<&str>) {
+    match spec.rsplit_once('@') {
+        Some((n, r)) if !Path::new(spec).exists() && is_repo_id(n) && !r.is_empty() => (n, Some(r)),
+        _ => (spec, None),
+    }
+}
+
+/// A tokenizer from a path (a `tokenizer.json` or a directory holding one) or a hub
+/// repo id (`@revision` optional) whose cached snapshot has `tokenizer.json`.
+pub fn tokenizer_path(spec: &str) -> Result<PathBuf, String> {
+    let (name, rev) = split_revision(spec);
+    local_or_cached(name, RepoKind::Model, rev, &["tokenizer.json"])
+}
+
+/// A dataset from a path or a hub dataset repo id (`@revision` optional): the cached
+/// snapshot directory (or its `data/` when the files are there), read as a directory
+/// of data files.
+pub fn dataset_path(spec: &str) -> Result<PathBuf, String> {
+    if spec.contains(['*', '?', '[']) {
+        return Ok(PathBuf::from(spec)); // a glob of local files
+    }
+    let (name, rev) = split_revision(spec);
+    let dir = local_or_cached(name, RepoKind::Dataset, rev, &[])?;
+    // Hub dataset repos often keep their files under data/ (one of the places HF
+    // `datasets` looks by default).
+    let has_data = |d: &Path| {
+        std::fs::read_dir(d).is_ok_and(|rd| {
+            rd.filter_map(|e| e.ok()).any(|e| {
+                let n = e.file_name().to_string_lossy().to_lowercase();
+                [".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt"]
+                    .iter()
+                    .any(|x| n.ends_with(x))
+            })
+        })
+    };
+    if !Path::new(name).exists() && !has_data(&dir) && dir.join("data").is_dir() {
+        return Ok(dir.join("data"));
+    }
+    Ok(dir)
+}
+
 /// A model directory from a path or a hub repo id (with `@revision` after it, as in
 /// `EleutherAI/pythia-70m@step1000`), its config and weights checked.
 pub fn model_dir(spec: &str) -> Result<PathBuf, String> {
-    let (name, rev) = match spec.rsplit_once('@') {
-        Some((n, r)) if !Path::new(spec).exists() && is_repo_id(n) => (n, Some(r)),
-        _ => (spec, None),
-    };
+    let (name, rev) = split_revision(spec);
     let dir = local_or_cached(name, RepoKind::Model, rev, &["config.json"])?;
     if !dir.is_dir() {
         return Err(format!(
