@@ -412,33 +412,28 @@ fn absolutize(sweep: &mut Sweep, base: &Path) -> Result<()> {
             .display()
             .to_string())
     };
+    // SAELens's `model_name: gpt2` / `dataset_path: org/name`: a hub repo id (when no
+    // such path exists), read from the local HF cache.
+    type Resolve = fn(&str) -> std::result::Result<std::path::PathBuf, String>;
+    let local_or_hub = |field: &str, v: &str, hub: Resolve| -> Result<String> {
+        if base.join(v).exists() || !pipeline::hub::is_repo_id(v.split('@').next().unwrap_or(v)) {
+            return abs(v);
+        }
+        Ok(hub(v)
+            .map_err(|e| anyhow!("{field}: {e}"))?
+            .display()
+            .to_string())
+    };
     for p in &mut sweep.points {
         if let Some(m) = &p.train.model_name {
-            // SAELens's `model_name: gpt2`: a hub repo id, read from the local HF cache.
-            let local = base.join(m);
-            p.train.model_name = Some(
-                if !local.exists() && pipeline::hub::is_repo_id(m.split('@').next().unwrap_or(m)) {
-                    pipeline::hub::model_dir(m)
-                        .map_err(|e| anyhow!("model_name: {e}"))?
-                        .display()
-                        .to_string()
-                } else {
-                    abs(m)?
-                },
-            );
+            p.train.model_name = Some(local_or_hub("model_name", m, pipeline::hub::model_dir)?);
         }
         if let Some(d) = &p.train.dataset_path {
-            let local = base.join(d);
-            p.train.dataset_path = Some(
-                if !local.exists() && pipeline::hub::is_repo_id(d.split('@').next().unwrap_or(d)) {
-                    pipeline::hub::dataset_path(d)
-                        .map_err(|e| anyhow!("dataset_path: {e}"))?
-                        .display()
-                        .to_string()
-                } else {
-                    abs(d)?
-                },
-            );
+            p.train.dataset_path = Some(local_or_hub(
+                "dataset_path",
+                d,
+                pipeline::hub::dataset_path,
+            )?);
         }
     }
     if let Some(c) = &sweep.runner.cached_activations_path {
