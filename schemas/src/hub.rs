@@ -184,7 +184,7 @@ pub fn model_files_missing(dir: &Path) -> Vec<String> {
 
 /// `org/name@revision` (as in `hf://` paths) split into name and revision, unless
 /// `spec` is an existing path.
-fn split_revision(spec: &str) -> (&str, Option<&str>) {
+pub fn split_revision(spec: &str) -> (&str, Option<&str>) {
     match spec.rsplit_once('@') {
         Some((n, r)) if !Path::new(spec).exists() && is_repo_id(n) && !r.is_empty() => (n, Some(r)),
         _ => (spec, None),

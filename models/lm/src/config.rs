@@ -543,15 +543,12 @@ impl LmConfig {
             false => 2,
         };
         let sliding_layers = f.sliding_layers(n_layers, |l| !(l + 1).is_multiple_of(pattern))?;
-        let rotary = if gemma3 {
+        let (global, local) = if gemma3 {
             gemma3_rope(f)?
         } else {
             let (_, base, linear) = f.rope("partial_rotary_factor", 1.0, "rope_theta")?;
-            RopeFreqs {
-                base: base as f32,
-                linear_factor: linear as f32,
-            }
-            .both()
+            let one = RopeFreqs::new(base, linear);
+            (one, one)
         };
         let softcap = |key: &str, default: Option<f64>| -> Result<Option<f32>> {
             Ok(match f.v.get(key) {
@@ -575,7 +572,8 @@ impl LmConfig {
             gated_mlp: true,
             rotary: Some(Rotary {
                 dim: d_head,
-                ..rotary
+                global,
+                local,
             }),
             tied_embeddings: f.bool_or("tie_word_embeddings", true)?,
             qkv_bias: f.bool_or("attention_bias", false)?,
@@ -635,33 +633,30 @@ impl LmConfig {
 }
 
 impl Rotary {
+    /// The same frequencies on every layer.
     fn uniform(dim: usize, base: f64, linear_factor: f64) -> Rotary {
-        RopeFreqs {
-            base: base as f32,
-            linear_factor: linear_factor as f32,
+        let f = RopeFreqs::new(base, linear_factor);
+        Rotary {
+            dim,
+            global: f,
+            local: f,
         }
-        .both()
-        .with_dim(dim)
-    }
-    fn with_dim(self, dim: usize) -> Rotary {
-        Rotary { dim, ..self }
     }
 }
 
 impl RopeFreqs {
-    fn both(self) -> Rotary {
-        Rotary {
-            dim: 0,
-            global: self,
-            local: self,
+    fn new(base: f64, linear_factor: f64) -> RopeFreqs {
+        RopeFreqs {
+            base: base as f32,
+            linear_factor: linear_factor as f32,
         }
     }
 }
 
 /// Gemma 3's two sets of frequencies: `rope_parameters` by layer type
 /// (transformers 5), or `rope_theta` + `rope_scaling` for the full-attention layers and
-/// `rope_local_base_freq` for the sliding ones.
-fn gemma3_rope(f: &Fields) -> Result<Rotary> {
+/// `rope_local_base_freq` for the sliding ones. Returns `(global, local)`.
+fn gemma3_rope(f: &Fields) -> Result<(RopeFreqs, RopeFreqs)> {
     let freqs = |p: Option<&Value>, base_key: &str, default: f64| -> Result<RopeFreqs> {
         let linear = match p {
             Some(p) => f.rope_kind(p)?,
@@ -671,32 +666,21 @@ fn gemma3_rope(f: &Fields) -> Result<Rotary> {
             Some(b) => b,
             None => f.f64_or(base_key, default)?,
         };
-        Ok(RopeFreqs {
-            base: base as f32,
-            linear_factor: linear as f32,
-        })
+        Ok(RopeFreqs::new(base, linear))
     };
     let params = f.get("rope_parameters");
     let by_type = |t: &str| params.and_then(|p| p.get(t)).filter(|v| !v.is_null());
-    let (global, local) = match params {
-        Some(_)
-            if by_type("full_attention").is_some() || by_type("sliding_attention").is_some() =>
-        {
-            (
-                freqs(by_type("full_attention"), "rope_theta", 1e6)?,
-                freqs(by_type("sliding_attention"), "rope_local_base_freq", 1e4)?,
-            )
-        }
-        _ => (
+    if by_type("full_attention").is_some() || by_type("sliding_attention").is_some() {
+        Ok((
+            freqs(by_type("full_attention"), "rope_theta", 1e6)?,
+            freqs(by_type("sliding_attention"), "rope_local_base_freq", 1e4)?,
+        ))
+    } else {
+        Ok((
             freqs(params.or(f.get("rope_scaling")), "rope_theta", 1e6)?,
             freqs(None, "rope_local_base_freq", 1e4)?,
-        ),
-    };
-    Ok(Rotary {
-        dim: 0,
-        global,
-        local,
-    })
+        ))
+    }
 }
 
 /// The token ids SAELens's evals leave out (`get_special_token_ids`: the tokenizer's

@@ -643,6 +643,20 @@ impl HookedTransformer {
         Ok(())
     }
 
+    /// Gemma's norm of a branch output, in place (`scratch` ends up holding the input).
+    fn post_norm(
+        &self,
+        n: &Norm,
+        x: &mut Tensor,
+        scratch: &mut Tensor,
+        hook: HookPoint,
+        hooks: &mut dyn Hooks,
+    ) -> Result<()> {
+        self.norm(n, x, scratch, hook, hooks)?;
+        std::mem::swap(x, scratch);
+        Ok(())
+    }
+
     fn block(
         &self,
         l: usize,
@@ -719,14 +733,13 @@ impl HookedTransformer {
         let attn_out = buf(&mut ws.attn_out, dev, &[rows, d]);
         b.o.forward(z, attn_out);
         if let Some((post, _)) = &b.post_norms {
-            self.norm(
+            self.post_norm(
                 post,
                 attn_out,
                 normed,
                 hp(HookKind::Ln1PostNormalized),
                 hooks,
             )?;
-            std::mem::swap(attn_out, normed);
         }
         at(hooks, hp(HookKind::AttnOut), attn_out)?;
 
@@ -757,14 +770,13 @@ impl HookedTransformer {
         let mlp_out = buf(&mut ws.mlp_out, dev, &[rows, d]);
         b.mlp_out.forward(pre, mlp_out);
         if let Some((_, post)) = &b.post_norms {
-            self.norm(
+            self.post_norm(
                 post,
                 mlp_out,
                 normed,
                 hp(HookKind::Ln2PostNormalized),
                 hooks,
             )?;
-            std::mem::swap(mlp_out, normed);
         }
         at(hooks, hp(HookKind::MlpOut), mlp_out)?;
         if cfg.parallel_residual {

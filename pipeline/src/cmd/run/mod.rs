@@ -416,7 +416,7 @@ fn absolutize(sweep: &mut Sweep, base: &Path) -> Result<()> {
     // such path exists), read from the local HF cache.
     type Resolve = fn(&str) -> std::result::Result<std::path::PathBuf, String>;
     let local_or_hub = |field: &str, v: &str, hub: Resolve| -> Result<String> {
-        if base.join(v).exists() || !pipeline::hub::is_repo_id(v.split('@').next().unwrap_or(v)) {
+        if base.join(v).exists() || !pipeline::hub::is_repo_id(pipeline::hub::split_revision(v).0) {
             return abs(v);
         }
         Ok(hub(v)
