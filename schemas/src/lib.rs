@@ -3,6 +3,8 @@
 //! This crate is the only place where a SAELens field name, file name or tensor name
 //! is spelled. Everything else refers to the constants and types defined here.
 
+#[cfg(any(test, feature = "fake-hub"))]
+pub mod fake_hub;
 pub mod hub;
 pub mod sae_cfg;
 pub mod seqpos;

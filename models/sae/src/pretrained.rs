@@ -70,9 +70,9 @@ pub fn registry_path() -> Result<PathBuf> {
     }
 }
 
-/// Looks `release:sae_id` up in the registry at `registry` and finds its files in the
-/// HF cache at `cache`.
-pub fn resolve(registry: &Path, cache: &Path, release: &str, sae_id: &str) -> Result<Pretrained> {
+/// Looks `release:sae_id` up in the registry at `registry` and finds its files through
+/// `hub` (its cache, else downloaded into it).
+pub fn resolve(registry: &Path, hub: &hub::Hub, release: &str, sae_id: &str) -> Result<Pretrained> {
     let text = std::fs::read_to_string(registry).map_err(|e| SaeError::io(registry, e))?;
     let reg: Value = serde_norway::from_str(&text).map_err(|e| {
         err(format!(
@@ -141,14 +141,14 @@ pub fn resolve(registry: &Path, cache: &Path, release: &str, sae_id: &str) -> Re
     };
     let cfg = format!("{folder}/{}", schemas::files::SAE_CFG);
     let weights = format!("{folder}/{}", schemas::files::SAE_WEIGHTS);
-    let snap = hub::snapshot(
-        cache,
-        repo_id,
-        hub::RepoKind::Model,
-        None,
-        &[&cfg, &weights],
-    )
-    .map_err(|e| err(format!("{release}:{sae_id}: {e}")))?;
+    let sparsity = format!("{folder}/{}", schemas::files::SPARSITY);
+    let want = hub::Want::Files {
+        required: &[&cfg, &weights],
+        optional: &[&sparsity],
+    };
+    let snap = hub
+        .resolve(repo_id, hub::RepoKind::Model, None, want)
+        .map_err(|e| err(format!("{release}:{sae_id}: {e}")))?;
     let mut config_overrides = rel
         .get("config_overrides")
         .and_then(Value::as_object)
@@ -191,7 +191,7 @@ pub fn load(spec: &Path, device: &Device) -> Result<Sae> {
     match parse_spec(&s) {
         None => io::load(spec, device),
         Some((release, id)) => {
-            resolve(&registry_path()?, &hub::cache_dir(), release, id)?.load(device)
+            resolve(&registry_path()?, &hub::Hub::from_env(), release, id)?.load(device)
         }
     }
 }

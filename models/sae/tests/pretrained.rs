@@ -4,6 +4,7 @@
 
 use kernels::{Device, Tensor};
 use sae::pretrained::{parse_spec, resolve};
+use schemas::hub::Hub;
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
@@ -91,7 +92,13 @@ fn a_release_and_id_load_the_cached_sae_with_the_registry_overrides() {
         None,
         "an existing path is a path"
     );
-    let p = resolve(&registry, &cache, "tiny-res", "blocks.1.hook_resid_pre").unwrap();
+    let p = resolve(
+        &registry,
+        &Hub::offline(&cache),
+        "tiny-res",
+        "blocks.1.hook_resid_pre",
+    )
+    .unwrap();
     assert_eq!(p.repo_id, "org/tiny-saes");
     assert!(p.dir.ends_with("v5"));
     let sae = p.load(&Device::Cpu).unwrap();
@@ -112,7 +119,7 @@ fn a_release_and_id_load_the_cached_sae_with_the_registry_overrides() {
 #[test]
 fn the_norm_scaling_factor_is_folded_in_as_saelens_does() {
     let (_t, registry, cache) = setup();
-    let sae = resolve(&registry, &cache, "tiny-res", "normed")
+    let sae = resolve(&registry, &Hub::offline(&cache), "tiny-res", "normed")
         .unwrap()
         .load(&Device::Cpu)
         .unwrap();
@@ -137,7 +144,11 @@ fn the_norm_scaling_factor_is_folded_in_as_saelens_does() {
 #[test]
 fn what_cannot_be_loaded_is_refused_by_name() {
     let (_t, registry, cache) = setup();
-    let e = |r: &str, i: &str| resolve(&registry, &cache, r, i).unwrap_err().to_string();
+    let e = |r: &str, i: &str| {
+        resolve(&registry, &Hub::offline(&cache), r, i)
+            .unwrap_err()
+            .to_string()
+    };
     let m = e("gemma-scope-like", "layer_0/width_16k/average_l0_105");
     assert!(
         m.contains("release 'gemma-scope-like'") && m.contains("conversion 'gemma_2'"),
@@ -161,9 +172,66 @@ fn what_cannot_be_loaded_is_refused_by_name() {
     );
     let bad = registry.with_file_name("bad.yaml");
     std::fs::write(&bad, "tiny-res: [unclosed").unwrap();
-    let m = resolve(&bad, &cache, "tiny-res", "x")
+    let m = resolve(&bad, &Hub::offline(&cache), "tiny-res", "x")
         .unwrap_err()
         .to_string();
     assert!(m.contains("not a SAELens registry"), "{m}");
     assert!(Path::new(&registry).exists());
+}
+
+#[test]
+fn a_release_missing_from_the_cache_is_downloaded_from_the_hub() {
+    let (t, registry, _) = setup();
+    let hub = schemas::fake_hub::FakeHub::start();
+    let src = fixtures().join("seed_v5/topk");
+    let read = |f: &str| std::fs::read(src.join(f)).unwrap();
+    let c = "e".repeat(40);
+    hub.add(
+        schemas::hub::RepoKind::Model,
+        "org/tiny-saes",
+        &c,
+        &["main"],
+        &[
+            ("v5/cfg.json", read("cfg.json")),
+            (
+                "v5/sae_weights.safetensors",
+                read("sae_weights.safetensors"),
+            ),
+            ("v5/sparsity.safetensors", read("sae_weights.safetensors")),
+            ("other/cfg.json", b"{}".to_vec()),
+        ],
+    );
+    let cache = t.path().join("empty-cache");
+    let online = Hub {
+        cache: cache.clone(),
+        endpoint: hub.endpoint.clone(),
+        offline: false,
+        token: None,
+    };
+    let p = resolve(&registry, &online, "tiny-res", "blocks.1.hook_resid_pre").unwrap();
+    assert_eq!(
+        p.dir,
+        cache.join(format!("models--org--tiny-saes/snapshots/{c}/v5"))
+    );
+    for f in [
+        "cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    ] {
+        assert!(p.dir.join(f).is_file(), "{f} downloaded");
+    }
+    assert!(
+        !p.dir.parent().unwrap().join("other").exists(),
+        "only this SAE's folder"
+    );
+    let sae = p.load(&Device::Cpu).unwrap();
+    assert_eq!(sae.cfg().metadata["hook_name"], "blocks.1.hook_resid_pre");
+    // The release's SAE the hub lacks: named, with the commit it looked at.
+    let e = resolve(&registry, &online, "tiny-res", "gone")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tiny-res:gone") && e.contains(&format!("at commit {c} has no gone/cfg.json")),
+        "{e}"
+    );
 }

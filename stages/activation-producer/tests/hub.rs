@@ -1,6 +1,7 @@
 //! `--model` given as a Hugging Face repo id, read from an HF cache directory laid out
 //! as `huggingface_hub` writes it (refs/, snapshots/<commit>/ with links into blobs/),
-//! built here; nothing is downloaded.
+//! built here (`HF_HUB_OFFLINE=1`: nothing is downloaded), or downloaded into it from a
+//! hub look-alike on loopback (`schemas::fake_hub`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -9,11 +10,14 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn run(cache: &Path, args: &[&str]) -> Output {
+fn run_with(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_activation-producer"))
         .args(args)
         .env("HF_HUB_CACHE", cache)
         .env_remove("HF_HOME")
+        .env_remove("HF_ENDPOINT")
+        .env_remove("HF_HUB_OFFLINE")
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -59,8 +63,12 @@ fn tokens(dir: &Path) -> PathBuf {
 }
 
 fn dump(cache: &Path, model: &str, out: &Path) -> Output {
+    dump_with(cache, model, out, &[("HF_HUB_OFFLINE", "1")])
+}
+
+fn dump_with(cache: &Path, model: &str, out: &Path, env: &[(&str, &str)]) -> Output {
     let tokens = tokens(out.parent().unwrap());
-    run(
+    run_with(
         cache,
         &[
             "dump",
@@ -73,6 +81,7 @@ fn dump(cache: &Path, model: &str, out: &Path) -> Output {
             "--output",
             out.to_str().unwrap(),
         ],
+        env,
     )
 }
 
@@ -167,8 +176,9 @@ fn a_repo_missing_from_the_cache_is_named_with_what_is_missing() {
     .unwrap();
     let e = err("org/tiny");
     assert!(
-        e.contains("missing model-00002-of-00003.safetensors")
-            && e.contains("the cached snapshot of 'org/tiny'"),
+        e.contains("model 'org/tiny' (revision main): the cached snapshot")
+            && e.contains("lacks model-00002-of-00003.safetensors")
+            && e.contains("HF_HUB_OFFLINE is set, so nothing was downloaded"),
         "{e}"
     );
     assert!(!out.exists());
@@ -178,4 +188,90 @@ fn a_repo_missing_from_the_cache_is_named_with_what_is_missing() {
         e.contains("./no/such/dir: no such file or directory"),
         "{e}"
     );
+}
+
+/// The sharded Qwen2 checkpoint's files, as the hub would serve them.
+fn hub_files(src: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(src)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != "reference.safetensors")
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.push(("README.md".into(), b"# not needed".to_vec()));
+    files
+}
+
+#[test]
+fn a_repo_missing_from_the_cache_is_downloaded_into_it_then_read_offline() {
+    let hub = schemas::fake_hub::FakeHub::start();
+    let src = fixtures().join("lm/qwen2-tied-sharded");
+    let files = hub_files(&src);
+    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    let c = "d".repeat(40);
+    hub.add(
+        schemas::hub::RepoKind::Model,
+        "org/qwen",
+        &c,
+        &["main"],
+        &refs,
+    );
+
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("hub");
+    let by_path = t.path().join("path.safetensors");
+    let o = dump(&cache, src.to_str().unwrap(), &by_path);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Offline with an empty cache: refused, naming the repo and why nothing came.
+    let by_id = t.path().join("id.safetensors");
+    let e = dump(&cache, "org/qwen", &by_id);
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(
+        !e.status.success()
+            && msg.contains("model 'org/qwen' (revision main) is not in the Hugging Face cache")
+            && msg.contains("HF_HUB_OFFLINE is set"),
+        "{msg}"
+    );
+    assert!(
+        hub.log().is_empty(),
+        "offline means no request: {:?}",
+        hub.log()
+    );
+
+    // Online: every shard lands in the cache, and the activations equal the path run's.
+    let endpoint = [("HF_ENDPOINT", hub.endpoint.as_str())];
+    let o = dump_with(&cache, "org/qwen", &by_id, &endpoint);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&by_path).unwrap(),
+        std::fs::read(&by_id).unwrap()
+    );
+    let snap = cache.join(format!("models--org--qwen/snapshots/{c}"));
+    for (name, bytes) in &files {
+        match name.as_str() {
+            "README.md" => assert!(!snap.join(name).exists(), "only what the model needs"),
+            _ => assert_eq!(&std::fs::read(snap.join(name)).unwrap(), bytes, "{name}"),
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(cache.join("models--org--qwen/refs/main")).unwrap(),
+        c
+    );
+
+    // Then offline again: the cache answers and nothing more is asked of the hub.
+    let n = hub.log().len();
+    let again = t.path().join("again.safetensors");
+    let o = dump(&cache, "org/qwen", &again);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&by_path).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    assert_eq!(hub.log().len(), n);
 }

@@ -442,6 +442,7 @@ fn a_pretrained_release_and_id_encode_as_the_directory_does() {
             .arg(out)
             .env("SAESTREAM_PRETRAINED_SAES", &registry)
             .env("HF_HUB_CACHE", t.path().join("hub"))
+            .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap()
     };

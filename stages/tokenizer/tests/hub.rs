@@ -30,6 +30,7 @@ fn bench(cache: &Path, dataset: &str, tokenizer: &str) -> std::process::Output {
         ])
         .args(["--context-size", "32"])
         .env("HF_HUB_CACHE", cache)
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap()
 }
