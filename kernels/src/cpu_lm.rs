@@ -263,19 +263,132 @@ fn apply_row(p: &[f32], v: &[f32], sh: &AttnShape, seq: usize, h: usize, z: &mut
     }
 }
 
-/// Fused causal attention: `z = softmax(mask(cap(q k^T * scale))) v` per sequence and head.
+/// Query rows per block of the fused attention: the block's scores, `[QB, keys]`, stay
+/// in cache, and each block is two small GEMMs.
+const QB: usize = 64;
+
+/// A pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used where every task writes its own elements (see `causal_attention`).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    // A method, so that closures capture the Send wrapper and not its raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// `dst = lhs @ rhs` on strided views, on the calling thread. Shapes `[m, k] @ [k, n]`;
+/// each operand is given as (pointer, row stride, column stride).
+///
+/// # Safety
+/// Every address the shapes and strides name must be valid, and `dst`'s must not
+/// be written by anyone else meanwhile.
+unsafe fn gemm_view(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize),
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        1,
+        dst.1,
+        false,
+        lhs.0,
+        lhs.2,
+        lhs.1,
+        rhs.0,
+        rhs.2,
+        rhs.1,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Fused causal attention: `z = softmax(mask(cap(q k^T * scale))) v` per sequence and
+/// head. Sequence-heads run in parallel; each takes its queries `QB` at a time, the
+/// scores of a block against the keys it may see as one GEMM and `p @ v` as another,
+/// so no `[seq_len, seq_len]` matrix is held and one long sequence uses every core.
 pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape, scale: f32, z: &mut [f32]) {
-    let (t, qc, dh) = (sh.seq_len, sh.n_heads * sh.d_head, sh.d_head);
-    z.par_chunks_mut(t * qc).enumerate().for_each(|(seq, zs)| {
-        let mut s = vec![0f32; t];
-        for h in 0..sh.n_heads {
-            for i in 0..t {
-                score_row(q, k, &sh, seq, h, i, scale, &mut s);
-                softmax_prefix(&mut s[..=i], i + 1);
-                apply_row(&s[..=i], v, &sh, seq, h, &mut zs[i * qc + h * dh..][..dh]);
+    let (t, dh) = (sh.seq_len, sh.d_head);
+    let (qc, kc) = (sh.n_heads * dh, sh.n_kv_heads * dh);
+    assert!(q.len() == sh.n_seq * t * qc && z.len() == q.len());
+    assert!(k.len() == sh.n_seq * t * kc && v.len() == k.len());
+    let zp = SharedMut(z.as_mut_ptr());
+    (0..sh.n_seq * sh.n_heads).into_par_iter().for_each_init(
+        || (vec![0f32; QB * t], vec![0f32; dh * t]),
+        |(s, kt), task| {
+            let (seq, h) = (task / sh.n_heads, task % sh.n_heads);
+            let g = sh.kv_head(h);
+            let q0 = seq * t * qc + h * dh;
+            let k0 = seq * t * kc + g * dh;
+            // This head's keys as `[d_head, seq_len]`: the GEMM packs a right operand
+            // read along its rows several times faster than one read across them.
+            for (j, row) in k[k0..].chunks(kc).take(t).enumerate() {
+                for (e, &x) in row[..dh].iter().enumerate() {
+                    kt[e * t + j] = x;
+                }
             }
-        }
-    });
+            for i0 in (0..t).step_by(QB) {
+                let i1 = (i0 + QB).min(t);
+                let lo = sh.first_key(i0);
+                let nk = i1 - lo;
+                let sb = &mut s[..(i1 - i0) * nk];
+                // SAFETY: q rows i0..i1 of this sequence and head lie inside q
+                // (asserted length), columns lo..i1 of kt inside kt; sb holds
+                // (i1-i0) x nk.
+                unsafe {
+                    gemm_view(
+                        i1 - i0,
+                        nk,
+                        dh,
+                        (sb.as_mut_ptr(), nk as isize),
+                        (q.as_ptr().add(q0 + i0 * qc), qc as isize, 1),
+                        (kt.as_ptr().add(lo), t as isize, 1),
+                    );
+                }
+                for (r, row) in sb.chunks_mut(nk).enumerate() {
+                    let i = i0 + r;
+                    let (first, last) = (sh.first_key(i) - lo, i - lo);
+                    for x in &mut row[first..=last] {
+                        let y = *x * scale;
+                        *x = match sh.softcap {
+                            // libm's tanhf: exact matters here, and the GEMMs dominate.
+                            Some(c) => c * libm::tanhf(y / c),
+                            None => y,
+                        };
+                    }
+                    row[..first].fill(f32::NEG_INFINITY);
+                    softmax_prefix(row, last + 1);
+                }
+                // SAFETY: this task alone writes z's rows i0..i1 of its sequence in
+                // columns h*dh..(h+1)*dh; v rows lo..i1 lie inside v.
+                unsafe {
+                    gemm_view(
+                        i1 - i0,
+                        dh,
+                        nk,
+                        (zp.at(q0 + i0 * qc), qc as isize),
+                        (sb.as_ptr(), nk as isize, 1),
+                        (v.as_ptr().add(k0 + lo * kc), kc as isize, 1),
+                    );
+                }
+            }
+        },
+    );
 }
 
 /// Attention scores in TransformerLens's layout `[n_seq, n_heads, q_pos, k_pos]`

@@ -744,23 +744,26 @@ fn naive_attention(
 #[test]
 fn attention_fused_and_stepwise_match_a_naive_loop() {
     // Plain causal, a sliding window shorter than the sequence, soft-capping that
-    // bites (scores reach ~±3 here), and both.
-    for (window, softcap) in [
-        (None, None),
-        (Some(3), None),
-        (None, Some(0.8)),
-        (Some(2), Some(0.5)),
+    // bites (scores reach ~±3 here), and both; then sequences longer than the fused
+    // kernel's query block (64), with a window that starts inside an earlier block.
+    for (tt, window, softcap) in [
+        (7, None, None),
+        (7, Some(3), None),
+        (7, None, Some(0.8)),
+        (7, Some(2), Some(0.5)),
+        (150, None, None),
+        (150, Some(70), Some(0.8)),
     ] {
         let sh = AttnShape {
             n_seq: 2,
-            seq_len: 7,
+            seq_len: tt,
             n_heads: 4,
             n_kv_heads: 2,
             d_head: 5,
             window,
             softcap,
         };
-        let what = format!("window {window:?}, softcap {softcap:?}");
+        let what = format!("seq_len {tt}, window {window:?}, softcap {softcap:?}");
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
         let rows = sh.n_seq * sh.seq_len;
         let (qv, kv, vv) = (
@@ -780,11 +783,11 @@ fn attention_fused_and_stepwise_match_a_naive_loop() {
         assert_close(&z.to_vec(), &want_z, 1e-5, &format!("fused z, {what}"));
 
         let n = sh.n_seq * sh.n_heads * sh.seq_len;
-        let mut scores = t(&[n, 7], vec![0.; n * 7]);
+        let mut scores = t(&[n, tt], vec![0.; n * tt]);
         attention_scores(&q, &k, sh, scale, &mut scores);
         let s = scores.to_vec();
-        for (r, row) in s.chunks(7).enumerate() {
-            let i = r % 7;
+        for (r, row) in s.chunks(tt).enumerate() {
+            let i = r % tt;
             let lo = window.map_or(0, |w: usize| (i + 1).saturating_sub(w));
             assert!(
                 row[lo..=i].iter().all(|v| v.is_finite())
@@ -798,8 +801,8 @@ fn attention_fused_and_stepwise_match_a_naive_loop() {
                 assert!(row[lo..=i].iter().all(|v| v.abs() < c), "{what}: {row:?}");
             }
         }
-        let mut pattern = t(&[n, 7], vec![0.; n * 7]);
-        causal_softmax(&scores, 7, &mut pattern);
+        let mut pattern = t(&[n, tt], vec![0.; n * tt]);
+        causal_softmax(&scores, tt, &mut pattern);
         assert_close(
             &pattern.to_vec(),
             &want_p,

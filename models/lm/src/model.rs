@@ -89,11 +89,12 @@ impl Loader<'_> {
         w.values.iter_mut().for_each(|v| *v += self.norm_offset);
         to_device(self.dev, w.values, &[d])
     }
-    /// An `nn.Linear`: weight `[out, in]`.
+    /// An `nn.Linear`: weight `[out, in]`, kept as `[in, out]` (see [`transpose`]).
     fn linear(&mut self, p: &str, i: usize, o: usize, bias: bool) -> Result<Linear> {
+        let (_, w) = self.take(&format!("{p}.weight"), &[o, i])?;
         Ok(Linear {
-            w: self.tensor(&format!("{p}.weight"), &[o, i])?,
-            w_in_out: false,
+            w: to_device(self.dev, transpose(&w.values, o, i), &[i, o])?,
+            w_in_out: true,
             b: if bias {
                 Some(self.tensor(&format!("{p}.bias"), &[o])?)
             } else {
@@ -121,6 +122,24 @@ impl Loader<'_> {
             &[cfg.d_vocab, cfg.d_model],
         )?))
     }
+}
+
+/// `[rows, cols]` row-major → `[cols, rows]`. The CPU GEMM packs a right operand
+/// stored `[k, n]` faster than one read transposed (`x @ w^T`), so `nn.Linear`
+/// weights are laid out `[in, out]` once, at load.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const B: usize = 64;
+    let mut out = vec![0f32; v.len()];
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = v[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A batch of token ids: `n_seq` rows of `seq_len`, validated against the model.
@@ -448,8 +467,8 @@ impl HookedTransformer {
                         .collect()
                 };
                 Ok(Linear {
-                    w: to_device(dev, rows(&w.values, d), &[d, d])?,
-                    w_in_out: false,
+                    w: to_device(dev, transpose(&rows(&w.values, d), d, d), &[d, d])?,
+                    w_in_out: true,
                     b: match &b {
                         Some(b) => Some(to_device(dev, rows(&b.values, 1), &[d])?),
                         None => None,
