@@ -1019,6 +1019,11 @@ fn select_threshold(x: &[f32], total: usize) -> (u32, usize) {
 // Sparse (CSR) products
 
 /// `out[r, :] = beta*out[r, :] + alpha * sum_e val[e] * w[idx[e], :]`
+///
+/// Latent by latent (column order), so each row of `w` is read once per row block
+/// rather than once per entry: with `w` larger than the cache the row-by-row order
+/// fetched it from memory for every entry. Each output row still sums its entries in
+/// ascending column order, so the result does not depend on the blocking.
 #[allow(clippy::too_many_arguments)]
 pub fn csr_matmul(
     offsets: &[u32],
@@ -1030,48 +1035,84 @@ pub fn csr_matmul(
     alpha: f32,
     beta: f32,
 ) {
-    out.par_chunks_mut(d)
+    let rows = offsets.len() - 1;
+    if rows == 0 || d == 0 {
+        return;
+    }
+    let cols = w.len() / d;
+    out.par_chunks_mut(ROW_TILE * d)
         .enumerate()
-        .with_min_len(grain(d).max(4))
-        .for_each(|(r, o)| {
+        .for_each(|(b, o)| {
             if beta == 0.0 {
                 o.fill(0.0);
             } else if beta != 1.0 {
                 o.iter_mut().for_each(|v| *v *= beta);
             }
-            for e in offsets[r] as usize..offsets[r + 1] as usize {
-                let a = alpha * values[e];
-                let wr = &w[indices[e] as usize * d..][..d];
-                o.iter_mut().zip(wr).for_each(|(o, w)| *o += a * w);
+            let r0 = b * ROW_TILE;
+            let csc = Csc::of_rows(offsets, indices, cols, r0, r0 + o.len() / d);
+            for j in 0..cols {
+                let wr = &w[j * d..][..d];
+                for (r, e) in csc.column(j) {
+                    axpy_row(&mut o[(r - r0) * d..][..d], alpha * values[e], wr);
+                }
             }
         });
 }
 
-/// Column-major view of a CSR matrix: for each column, the (row, value) pairs in row
-/// order. Built by a counting sort, O(nnz).
-fn to_csc(
-    offsets: &[u32],
-    indices: &[u32],
-    values: &[f32],
-    cols: usize,
-) -> (Vec<u32>, Vec<(u32, f32)>) {
-    let mut col_off = vec![0u32; cols + 1];
-    for &j in indices {
-        col_off[j as usize + 1] += 1;
+/// Rows per tile of the column-order products: a tile's `[rows, d_in]` block stays in
+/// the core's L2 while every latent's weight row streams past it once.
+const ROW_TILE: usize = 256;
+
+/// Column-major view of a CSR matrix's pattern: for each column, its rows in
+/// ascending order and the CSR entry each came from. A counting sort, O(nnz).
+struct Csc {
+    col_off: Vec<u32>,
+    rows: Vec<u32>,
+    entries: Vec<u32>,
+}
+
+impl Csc {
+    fn of(offsets: &[u32], indices: &[u32], cols: usize) -> Csc {
+        Csc::of_rows(offsets, indices, cols, 0, offsets.len() - 1)
     }
-    for j in 0..cols {
-        col_off[j + 1] += col_off[j];
-    }
-    let mut fill = col_off.clone();
-    let mut entries = vec![(0u32, 0f32); indices.len()];
-    for r in 0..offsets.len() - 1 {
-        for e in offsets[r] as usize..offsets[r + 1] as usize {
-            let j = indices[e] as usize;
-            entries[fill[j] as usize] = (r as u32, values[e]);
-            fill[j] += 1;
+
+    /// The view of rows `r0..r1` only.
+    fn of_rows(offsets: &[u32], indices: &[u32], cols: usize, r0: usize, r1: usize) -> Csc {
+        let span = offsets[r0] as usize..offsets[r1] as usize;
+        let mut col_off = vec![0u32; cols + 1];
+        for &j in &indices[span.clone()] {
+            col_off[j as usize + 1] += 1;
+        }
+        for j in 0..cols {
+            col_off[j + 1] += col_off[j];
+        }
+        let mut fill = col_off.clone();
+        let mut rows = vec![0u32; span.len()];
+        let mut entries = vec![0u32; span.len()];
+        for r in r0..r1 {
+            let span = offsets[r] as usize..offsets[r + 1] as usize;
+            for (e, &j) in span.clone().zip(&indices[span]) {
+                let at = fill[j as usize] as usize;
+                rows[at] = r as u32;
+                entries[at] = e as u32;
+                fill[j as usize] += 1;
+            }
+        }
+        Csc {
+            col_off,
+            rows,
+            entries,
         }
     }
-    (col_off, entries)
+
+    /// The (row, entry) pairs of column `j`.
+    fn column(&self, j: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let span = self.col_off[j] as usize..self.col_off[j + 1] as usize;
+        self.rows[span.clone()]
+            .iter()
+            .zip(&self.entries[span])
+            .map(|(&r, &e)| (r as usize, e as usize))
+    }
 }
 
 /// `out = beta*out + alpha * csr^T @ x`, with `csr` `[rows, cols]`, `x` `[rows, d]`,
@@ -1089,12 +1130,10 @@ pub fn csr_t_matmul(
     alpha: f32,
     beta: f32,
 ) {
-    let (col_off, entries) = to_csc(offsets, indices, values, cols);
+    let csc = Csc::of(offsets, indices, cols);
     let product = |j: usize, o: &mut [f32]| {
-        for &(r, v) in &entries[col_off[j] as usize..col_off[j + 1] as usize] {
-            let a = alpha * v;
-            let xr = &x[r as usize * d..][..d];
-            o.iter_mut().zip(xr).for_each(|(o, x)| *o += a * x);
+        for (r, e) in csc.column(j) {
+            axpy_row(o, alpha * values[e], &x[r * d..][..d]);
         }
     };
     if !out_transposed {
@@ -1111,22 +1150,110 @@ pub fn csr_t_matmul(
             });
         return;
     }
-    // out is [d, cols]: build [cols, d] rows, then add them in transposed, in
-    // column blocks so each thread owns whole output rows of the block.
-    let mut tmp = vec![0f32; cols * d];
-    tmp.par_chunks_mut(d)
-        .enumerate()
-        .with_min_len(grain(d).max(4))
-        .for_each(|(j, o)| product(j, o));
-    out.par_chunks_mut(cols)
-        .enumerate()
-        .with_min_len(grain(cols).max(4))
-        .for_each(|(i, orow)| {
-            for (j, o) in orow.iter_mut().enumerate() {
-                let base = if beta == 0.0 { 0.0 } else { beta * *o };
-                *o = base + tmp[j * d + i];
+    // out is [d, cols]: sixteen columns per task, their products built as rows of a
+    // small buffer and added in transposed, sixteen contiguous floats per output row.
+    const CB: usize = 16;
+    let rows_out = out.len() / cols.max(1);
+    let o = SharedMut(out.as_mut_ptr());
+    (0..cols.div_ceil(CB)).into_par_iter().for_each_init(
+        || vec![0f32; CB * d],
+        |tmp, blk| {
+            let (j0, j1) = (blk * CB, ((blk + 1) * CB).min(cols));
+            for (jj, row) in tmp.chunks_mut(d).take(j1 - j0).enumerate() {
+                row.fill(0.0);
+                product(j0 + jj, row);
             }
-        });
+            for i in 0..rows_out {
+                // SAFETY: this task alone writes columns j0..j1 of `out` ([rows_out,
+                // cols], alive for the whole loop).
+                let orow = unsafe { std::slice::from_raw_parts_mut(o.at(i * cols + j0), j1 - j0) };
+                for (jj, v) in orow.iter_mut().enumerate() {
+                    let base = if beta == 0.0 { 0.0 } else { beta * *v };
+                    *v = base + tmp[jj * d + i];
+                }
+            }
+        },
+    );
+}
+
+/// A pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used where every task writes its own elements.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    // A method, so that closures capture the Send wrapper and not its raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+// The sparse products are loops over rows of `d_in` floats. Built for the x86-64
+// baseline they vectorise to 4 lanes; these versions are compiled for AVX-512 too and
+// picked at run time. Both do the same operations in the same order: results are
+// bit-identical whichever runs.
+
+/// Whether this CPU runs the AVX-512 versions (checked once).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn avx512() -> bool {
+    // std caches the CPUID answer: a relaxed load and a bit test.
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+#[inline(always)]
+fn axpy_body(o: &mut [f32], a: f32, x: &[f32]) {
+    o.iter_mut().zip(x).for_each(|(o, x)| *o += a * x);
+}
+
+/// `a . b` in eight independent partial sums (a sequential f32 sum does not
+/// vectorise), added in a fixed order.
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, ra) = a.split_at(a.len() / 8 * 8);
+    let (cb, rb) = b.split_at(ca.len());
+    for (x, y) in ca.chunks_exact(8).zip(cb.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn axpy_avx512(o: &mut [f32], a: f32, x: &[f32]) {
+    axpy_body(o, a, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    dot_body(a, b)
+}
+
+/// `o += a * x`
+fn axpy_row(o: &mut [f32], a: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        return unsafe { axpy_avx512(o, a, x) };
+    }
+    axpy_body(o, a, x)
+}
+
+/// `a . b` (see [`dot_body`])
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        return unsafe { dot_avx512(a, b) };
+    }
+    dot_body(a, b)
 }
 
 /// `out[e] = a[r, :] . w[idx[e], :]` for every stored entry `e` of row `r`.
@@ -1139,26 +1266,30 @@ pub fn csr_sampled_dot(
     out: &mut [f32],
 ) {
     let rows = offsets.len() - 1;
-    // Split `out` by rows so each task owns its entries.
-    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(rows);
+    if rows == 0 || d == 0 {
+        return;
+    }
+    // Column order within row tiles, as in `csr_matmul`; a tile's entries are the
+    // contiguous run of `out` from its first row's offset.
+    let cols = w.len() / d;
+    let mut parts = Vec::new();
     let mut rest = out;
-    for r in 0..rows {
-        let (p, q) = rest.split_at_mut((offsets[r + 1] - offsets[r]) as usize);
-        parts.push(p);
+    for r0 in (0..rows).step_by(ROW_TILE) {
+        let r1 = (r0 + ROW_TILE).min(rows);
+        let (p, q) = rest.split_at_mut((offsets[r1] - offsets[r0]) as usize);
+        parts.push((r0, r1, p));
         rest = q;
     }
-    parts
-        .into_par_iter()
-        .enumerate()
-        .with_min_len(grain(d).max(4))
-        .for_each(|(r, o)| {
-            let ar = &a[r * d..][..d];
-            let start = offsets[r] as usize;
-            for (i, o) in o.iter_mut().enumerate() {
-                let wr = &w[indices[start + i] as usize * d..][..d];
-                *o = ar.iter().zip(wr).map(|(a, w)| a * w).sum();
+    parts.into_par_iter().for_each(|(r0, r1, o)| {
+        let base = offsets[r0] as usize;
+        let csc = Csc::of_rows(offsets, indices, cols, r0, r1);
+        for j in 0..cols {
+            let wr = &w[j * d..][..d];
+            for (r, e) in csc.column(j) {
+                o[e - base] = dot_lanes(&a[r * d..][..d], wr);
             }
-        });
+        }
+    });
 }
 
 /// `out[j] = beta*out[j] + alpha * sum over entries in column j of vals[e] * other[e]`
@@ -1187,4 +1318,138 @@ pub fn csr_col_dot(
         let base = if beta == 0.0 { 0.0 } else { beta * *o };
         *o = base + alpha * a as f32;
     });
+}
+
+// ---------------------------------------------------------------------------------
+// ReLU latents as CSR (the sparse path of the L1-penalised SAEs)
+
+/// Number of entries `> 0`.
+pub fn count_positive(x: &[f32]) -> usize {
+    x.par_chunks(FLAT_GRAIN)
+        .map(|c| c.iter().filter(|&&v| v > 0.0).count())
+        .sum()
+}
+
+/// The entries `> 0` of `x` `[rows, cols]` as CSR with their values.
+pub fn positive_to_csr(
+    x: &[f32],
+    cols: usize,
+    offsets: &mut Vec<u32>,
+    indices: &mut Vec<u32>,
+    values: &mut Vec<f32>,
+) {
+    let counts: Vec<usize> = x
+        .par_chunks(cols)
+        .with_min_len(grain(cols))
+        .map(|row| row.iter().filter(|&&v| v > 0.0).count())
+        .collect();
+    offsets.clear();
+    offsets.push(0);
+    let mut acc = 0u32;
+    for &c in &counts {
+        acc += c as u32;
+        offsets.push(acc);
+    }
+    let nnz = acc as usize;
+    indices.resize(nnz, 0);
+    values.resize(nnz, 0.0);
+    let (idx_parts, val_parts) = (split_rows(offsets, indices), split_rows(offsets, values));
+    idx_parts
+        .into_par_iter()
+        .zip(val_parts.into_par_iter())
+        .zip(x.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|((idx, val), row)| {
+            let mut n = 0;
+            for (j, &v) in row.iter().enumerate() {
+                if v > 0.0 {
+                    idx[n] = j as u32;
+                    val[n] = v;
+                    n += 1;
+                }
+            }
+        });
+}
+
+/// `data` (`[nnz]`, in row order) cut into one slice per CSR row, so rows can be
+/// filled in parallel.
+fn split_rows<'a, T>(offsets: &[u32], data: &'a mut [T]) -> Vec<&'a mut [T]> {
+    let rows = offsets.len() - 1;
+    let mut parts = Vec::with_capacity(rows);
+    let mut rest = data;
+    for r in 0..rows {
+        let len = (offsets[r + 1] - offsets[r]) as usize;
+        let (a, b) = std::mem::take(&mut rest).split_at_mut(len);
+        parts.push(a);
+        rest = b;
+    }
+    parts
+}
+
+/// [`lp_sparsity`] of a CSR matrix (its absent entries are zeros): the same sums in
+/// the same order, the gradient only at stored entries (`dvals`, `[nnz]`).
+#[allow(clippy::too_many_arguments)]
+pub fn csr_lp_sparsity(
+    offsets: &[u32],
+    indices: &[u32],
+    values: &[f32],
+    n: Option<&[f32]>,
+    p: f32,
+    c: f32,
+    dvals: Option<&mut [f32]>,
+    dn: Option<&mut [f32]>,
+) -> f64 {
+    let nj = |j: u32| n.map_or(1.0, |n| n[j as usize]);
+    let rows = offsets.len() - 1;
+    let row = |r: usize| offsets[r] as usize..offsets[r + 1] as usize;
+    let norms: Vec<f64> = (0..rows)
+        .into_par_iter()
+        .with_min_len(64)
+        .map(|r| {
+            let w = row(r).map(|e| values[e] * nj(indices[e]));
+            if p == 1.0 {
+                w.map(|v| v.abs() as f64).sum()
+            } else if p == 2.0 {
+                w.map(|v| (v as f64).powi(2)).sum::<f64>().sqrt()
+            } else {
+                w.map(|v| (v.abs() as f64).powf(p as f64))
+                    .sum::<f64>()
+                    .powf(1.0 / p as f64)
+            }
+        })
+        .collect();
+    let total: f64 = norms.iter().sum();
+    let Some(dvals) = dvals else { return total };
+    let grad = |e: usize, norm: f64| -> f32 {
+        let w = values[e] * nj(indices[e]);
+        let dw = if p == 1.0 {
+            w.signum() * (w != 0.0) as i32 as f32
+        } else if norm == 0.0 {
+            0.0
+        } else {
+            (w.signum() as f64 * (w.abs() as f64).powf(p as f64 - 1.0) / norm.powf(p as f64 - 1.0))
+                as f32
+        };
+        c * dw
+    };
+    split_rows(offsets, dvals)
+        .into_par_iter()
+        .enumerate()
+        .with_min_len(64)
+        .for_each(|(r, d)| {
+            for (i, e) in row(r).enumerate() {
+                d[i] += grad(e, norms[r]) * nj(indices[e]);
+            }
+        });
+    if let Some(dn) = dn {
+        // d/dn_j = sum_r g_rj f_rj, in row order for a fixed result.
+        let mut acc = vec![0f64; dn.len()];
+        for (r, &norm) in norms.iter().enumerate() {
+            for e in row(r) {
+                acc[indices[e] as usize] += (grad(e, norm) * values[e]) as f64;
+            }
+        }
+        dn.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+    }
+    total
 }

@@ -1024,6 +1024,61 @@ pub fn csr_col_dot(a: &Csr, other: Option<&Tensor>, out: &mut Tensor, alpha: f32
     );
 }
 
+/// The number of entries `> 0` of `x` (CPU only: the sparse path of the L1 SAEs is
+/// chosen on the CPU).
+pub fn count_positive(x: &Tensor) -> usize {
+    cpu::count_positive(x.cpu())
+}
+
+/// ReLU's active latents: the entries `> 0` of `x` `[rows, cols]` into `out`, values
+/// `x` (CPU only). Allocates `[nnz]` indices and values.
+pub fn relu_to_csr(x: &Tensor, out: &mut Csr) {
+    let (r, c) = dims2(x);
+    out.rows = r;
+    out.cols = c;
+    cpu::positive_to_csr(
+        x.cpu(),
+        c,
+        out.offsets.cpu_mut(),
+        out.indices.cpu_mut(),
+        out.values.data.cpu_mut(),
+    );
+    let nnz = out.indices.cpu().len();
+    out.values.resize(&[nnz]);
+}
+
+/// [`lp_sparsity`] of CSR latents (absent entries are zeros): returns the same sum and
+/// adds `c` times the gradient at the stored entries to `dvals` `[nnz]` (CPU only).
+pub fn csr_lp_sparsity(
+    a: &Csr,
+    n: Option<&Tensor>,
+    p: f32,
+    c: f32,
+    dvals: Option<&mut Tensor>,
+    dn: Option<&mut Tensor>,
+) -> f64 {
+    if let Some(n) = n {
+        is_vec(n, a.cols, "csr_lp_sparsity norms");
+    }
+    if let Some(d) = &dvals {
+        is_vec(d, a.nnz(), "csr_lp_sparsity dvals");
+    }
+    if let Some(d) = &dn {
+        is_vec(d, a.cols, "csr_lp_sparsity dn");
+    }
+    assert!(p > 0.0, "csr_lp_sparsity: p must be positive, got {p}");
+    cpu::csr_lp_sparsity(
+        a.offsets.cpu(),
+        a.indices.cpu(),
+        a.values.cpu(),
+        n.map(|n| n.cpu()),
+        p,
+        c,
+        dvals.map(|d| d.cpu_mut()),
+        dn.map(|d| d.cpu_mut()),
+    )
+}
+
 /// `a.values[e] *= v[column of e]`.
 pub fn csr_scale_cols(a: &mut Csr, v: &Tensor) {
     is_vec(v, a.cols, "csr_scale_cols");

@@ -884,3 +884,63 @@ fn set_and_select_rows_and_cols() {
     select_rows(&mut dst, &t(&[2, 4], vec![9.; 8]), &[false, true]);
     assert_eq!(dst.to_vec(), vec![0., 1., 2., 0., 9., 9., 9., 9.]);
 }
+
+#[test]
+fn relu_latents_as_csr_give_the_dense_lp_sparsity() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let (r, c) = (9, 37);
+    // About a third positive, one all-negative row (a zero norm), an exact zero.
+    let mut hv: Vec<f32> = rand_vec(&mut rng, r * c).iter().map(|v| v - 0.4).collect();
+    hv[3 * c..4 * c]
+        .iter_mut()
+        .for_each(|v| *v = -v.abs() - 0.1);
+    hv[5] = 0.0;
+    let h = t(&[r, c], hv.clone());
+    assert_eq!(count_positive(&h), hv.iter().filter(|&&v| v > 0.0).count());
+    let mut csr = Csr::empty(&Device::Cpu);
+    relu_to_csr(&h, &mut csr);
+    let mut dense = t(&[r, c], vec![9.0; r * c]);
+    csr_to_dense(&csr, &mut dense);
+    let mut f = t(&[r, c], vec![0.0; r * c]);
+    relu(&h, &mut f);
+    assert_eq!(dense.to_vec(), f.to_vec(), "the CSR holds exactly ReLU(h)");
+    assert_eq!(
+        csr.offsets_to_vec()[4],
+        csr.offsets_to_vec()[3],
+        "row 3 is empty"
+    );
+    let n = t(
+        &[c],
+        rand_vec(&mut rng, c)
+            .iter()
+            .map(|v| v.abs() + 0.5)
+            .collect(),
+    );
+    for p in [1.0f32, 2.0, 1.5] {
+        for weighted in [true, false] {
+            let nw = weighted.then_some(&n);
+            let (mut df, mut dn) = (t(&[r, c], vec![0.0; r * c]), t(&[c], vec![0.0; c]));
+            let want = lp_sparsity(&f, nw, p, 0.7, Some(&mut df), Some(&mut dn));
+            let (mut dv, mut dn2) = (t(&[csr.nnz()], vec![0.0; csr.nnz()]), t(&[c], vec![0.0; c]));
+            let got = csr_lp_sparsity(&csr, nw, p, 0.7, Some(&mut dv), Some(&mut dn2));
+            let what = format!("p {p}, weighted {weighted}");
+            assert!(
+                (got - want).abs() <= 1e-12 * want.abs(),
+                "{what}: {got} vs {want}"
+            );
+            let mut df_at = t(&[csr.nnz()], vec![0.0; csr.nnz()]);
+            csr_gather(&csr, &df, &mut df_at);
+            assert_close(
+                &dv.to_vec(),
+                &df_at.to_vec(),
+                1e-6,
+                &format!("dvals, {what}"),
+            );
+            assert_close(&dn2.to_vec(), &dn.to_vec(), 1e-6, &format!("dn, {what}"));
+            // Off the pattern the dense gradient is zero (ReLU's zeros have no sign).
+            let on: f64 = df_at.to_vec().iter().map(|v| v.abs() as f64).sum();
+            let all: f64 = df.to_vec().iter().map(|v| v.abs() as f64).sum();
+            assert!((on - all).abs() <= 1e-6 * all, "{what}: {on} vs {all}");
+        }
+    }
+}

@@ -107,6 +107,8 @@ pub(crate) struct Shared {
     /// Decoder row norms `[d_sae]` and the gradient flowing into them.
     pub n: Tensor,
     pub dn: Tensor,
+    /// Overrides the dense/sparse choice of the architectures that have both.
+    pub force_path: Option<crate::StepPath>,
 }
 
 impl Shared {
@@ -123,6 +125,7 @@ impl Shared {
             mse_w: None,
             n: z(&[0]),
             dn: z(&[0]),
+            force_path: None,
         }
     }
 

@@ -21,7 +21,7 @@ mod params;
 pub mod pretrained;
 mod sae;
 
-pub use arch::{Acts, Buffers, Losses, StepInput};
+pub use arch::{Acts, Buffers, Losses, StepInput, StepPath, SPARSE_BELOW};
 pub use error::{Result, SaeError};
 pub use params::Params;
 pub use sae::{param_shapes, Sae, StepOutput};

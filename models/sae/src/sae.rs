@@ -1,4 +1,4 @@
-use crate::arch::{self, Acts, Arch, Buffers, Losses, StepInput};
+use crate::arch::{self, Acts, Arch, Buffers, Losses, StepInput, StepPath};
 use crate::common::{finish_output, process_input, RowNorm, Shared};
 use crate::{init, Params, Result, SaeError};
 use kernels::{ops, Device, Tensor};
@@ -203,6 +203,17 @@ impl Sae {
     pub fn backward(&mut self, grads: &mut Params) {
         self.arch
             .train_backward(&self.params, &mut self.shared, grads);
+    }
+
+    /// Makes every following training step take `path` where the architecture has
+    /// both (`None`: chosen by density). For tests and benchmarks.
+    pub fn force_path(&mut self, path: Option<StepPath>) {
+        self.shared.force_path = path;
+    }
+
+    /// Whether the last training step's decoder and backward ran dense or sparse.
+    pub fn last_path(&self) -> StepPath {
+        self.arch.path()
     }
 
     /// Latents of the last training forward pass.

@@ -15,7 +15,7 @@ use kernels::{ops, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-use sae::{Architecture, Params, Sae, SaeConfig, StepInput};
+use sae::{Architecture, Params, Sae, SaeConfig, StepInput, StepPath};
 use schemas::{ActivationFn, MseLossNormalization, NormalizeActivations};
 
 const DEV: Device = Device::Cpu;
@@ -69,6 +69,17 @@ fn shifted(p: &Params, v: &Params, e: f32) -> Params {
 /// For each parameter, tries random points until one has no activation within reach of
 /// a boundary along the chosen direction.
 fn check(name: &str, cfg: SaeConfig, coef: f64, mask: Option<&Tensor>) {
+    check_path(name, cfg, coef, mask, None)
+}
+
+/// [`check`] with the step's dense/sparse path forced where the architecture has both.
+fn check_path(
+    name: &str,
+    cfg: SaeConfig,
+    coef: f64,
+    mask: Option<&Tensor>,
+    path: Option<StepPath>,
+) {
     let names: Vec<String> = Sae::new(cfg.clone(), &DEV, 0)
         .unwrap()
         .params
@@ -78,13 +89,15 @@ fn check(name: &str, cfg: SaeConfig, coef: f64, mask: Option<&Tensor>) {
         .collect();
     for pname in &names {
         let mut tried = vec![];
-        let ok = (0..60).any(|seed| match check_at(name, &cfg, coef, mask, seed, pname) {
-            Ok(()) => true,
-            Err(e) => {
-                tried.push(e);
-                false
-            }
-        });
+        let ok = (0..60).any(
+            |seed| match check_at(name, &cfg, coef, mask, seed, pname, path) {
+                Ok(()) => true,
+                Err(e) => {
+                    tried.push(e);
+                    false
+                }
+            },
+        );
         assert!(
             ok,
             "{name}, {pname}: every point was too close to a boundary: {tried:?}"
@@ -99,13 +112,18 @@ fn check_at(
     mask: Option<&Tensor>,
     seed: u64,
     pname: &str,
+    path: Option<StepPath>,
 ) -> Result<(), String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut sae = Sae::new(cfg.clone(), &DEV, seed).unwrap();
+    sae.force_path(path);
     perturb(&mut sae, &mut rng, 0.05);
     let x = randn(&mut rng, &[4, cfg.d_in], 1.0);
     let base = sae.params.clone();
     let (_, pattern) = loss(&mut sae, &x, coef, mask);
+    if let Some(p) = path {
+        assert_eq!(sae.last_path(), p, "{name}");
+    }
     let mut g = sae.zero_grads();
     sae.backward(&mut g);
     let mut v = sae.params.zeros_like();
@@ -228,6 +246,24 @@ fn standard_variants() {
             None,
         );
     }
+}
+
+#[test]
+fn standard_sparse_path_variants() {
+    let sparse = Some(StepPath::Sparse);
+    let mut c = cfg(Architecture::Standard);
+    check_path("standard sparse L1 weighted", c.clone(), 0.7, None, sparse);
+    c.lp_norm = 2.0;
+    check_path("standard sparse L2 weighted", c.clone(), 0.7, None, sparse);
+    c.lp_norm = 1.5;
+    c.scale_sparsity_penalty_by_decoder_norm = false;
+    check_path("standard sparse L1.5 unweighted", c, 0.7, None, sparse);
+    let mut c = cfg(Architecture::Standard);
+    c.activation_fn = ActivationFn::TanhRelu;
+    check_path("standard sparse tanh-relu", c, 0.7, None, sparse);
+    let mut c = cfg(Architecture::Standard);
+    c.normalize_activations = NormalizeActivations::LayerNorm;
+    check_path("standard sparse layer_norm", c, 0.7, None, sparse);
 }
 
 #[test]

@@ -20,7 +20,7 @@ mod common;
 
 use common::*;
 use sae::optim::{clip_grad_norm, Adam};
-use sae::{io, Sae, StepInput};
+use sae::{io, Sae, StepInput, StepPath};
 use serde_json::Value;
 
 const FWD: f64 = 1e-5;
@@ -64,9 +64,10 @@ fn coefficient(info: &Value) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn check_forward(c: &Case, dead: bool) {
+fn check_forward(c: &Case, dead: bool, path: Option<StepPath>) {
     let inputs = inputs();
     let mut sae = load(c.arch);
+    sae.force_path(path);
     let case = if dead { "dead" } else { "nodead" };
     let mask = dead.then_some(&inputs.dead_mask);
     let tol = Tol {
@@ -110,9 +111,10 @@ fn check_forward(c: &Case, dead: bool) {
 }
 
 /// Five `SAETrainer.step` calls: constant LR 3e-4, Adam (0.9, 0.999), clipping at 1.
-fn check_five_steps(c: &Case) -> Sae {
+fn check_five_steps(c: &Case, path: Option<StepPath>) -> Sae {
     let inputs = inputs();
     let mut sae = load(c.arch);
+    sae.force_path(path);
     let mut adam = Adam::new(&sae.params, 3e-4, 0.9, 0.999);
     let steps = c.info["trainer_5_steps"]["per_step"]
         .as_array()
@@ -127,6 +129,9 @@ fn check_five_steps(c: &Case) -> Sae {
                 noise_seed: 0,
             })
             .unwrap();
+        if let Some(p) = path {
+            assert_eq!(sae.last_path(), p, "{} step {i}", c.arch);
+        }
         assert_rel(
             &format!("{} step {i} loss", c.arch),
             out.loss,
@@ -285,10 +290,25 @@ fn check_inference(c: &Case, trained: &Sae) {
 
 fn full(arch: &'static str) {
     let c = case(arch);
-    check_forward(&c, false);
-    check_forward(&c, true);
-    let trained = check_five_steps(&c);
+    check_forward(&c, false, None);
+    check_forward(&c, true, None);
+    let trained = check_five_steps(&c, None);
     check_inference(&c, &trained);
+}
+
+/// The sparse path of an architecture that chooses by density, forced (the fixtures'
+/// random latents are dense): the same reference numbers, the same tolerances.
+fn sparse_forced(arch: &'static str) {
+    let c = case(arch);
+    check_forward(&c, false, Some(StepPath::Sparse));
+    check_forward(&c, true, Some(StepPath::Sparse));
+    let trained = check_five_steps(&c, Some(StepPath::Sparse));
+    check_inference(&c, &trained);
+}
+
+#[test]
+fn standard_sparse_path() {
+    sparse_forced("standard");
 }
 
 #[test]

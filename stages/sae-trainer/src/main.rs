@@ -85,6 +85,15 @@ enum Command {
         /// CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// The decoder/backward path of architectures that have both (standard):
+        /// auto (by latent density), dense or sparse.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "dense", "sparse"])]
+        path: String,
+        /// Shift the encoder bias so that this fraction of the first batch's
+        /// pre-activations is positive, as in a trained L1 SAE (say 0.02); random
+        /// initialisations fire about half their latents.
+        #[arg(long)]
+        target_density: Option<f64>,
     },
     /// Apply an SAE to activations: writes `feature_acts` and `sae_out`.
     ///
@@ -175,6 +184,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             matmul,
             threads,
+            path,
+            target_density,
         } => {
             set_threads(threads)?;
             let summary = sae_trainer::bench::run(&sae_trainer::bench::BenchArgs {
@@ -183,6 +194,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 warmup,
                 device,
                 matmul,
+                path,
+                target_density,
             })?;
             println!("{}", serde_json::to_string(&summary)?);
         }

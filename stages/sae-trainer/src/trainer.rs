@@ -40,6 +40,8 @@ pub struct Counters {
 pub struct StepRecord {
     pub out: StepOutput,
     pub grad_norm: f32,
+    /// Whether the step's decoder and backward ran over all latents or the active ones.
+    pub path: sae::StepPath,
     /// The feature-density metrics of the window that ended before this step.
     pub sparsity_log: Option<Map<String, Value>>,
 }
@@ -186,6 +188,7 @@ impl Trainer {
         }
         self.counters.n_frac_active_tokens += x.rows() as u64;
 
+        let path = self.sae.last_path();
         self.grads.zero();
         self.sae.backward(&mut self.grads);
         let lr = self.next_lr();
@@ -198,6 +201,7 @@ impl Trainer {
         Ok(StepRecord {
             out,
             grad_norm,
+            path,
             sparsity_log,
         })
     }
@@ -375,6 +379,7 @@ impl Trainer {
             json!(self.counters.n_training_tokens),
         );
         m.insert("details/grad_norm".into(), json!(rec.grad_norm));
+        m.insert("details/step_path".into(), json!(rec.path.as_str()));
         m
     }
 

@@ -66,6 +66,10 @@ impl Arch for BatchTopK {
         Acts::Sparse(&self.core.sel)
     }
 
+    fn path(&self) -> super::StepPath {
+        self.core.path()
+    }
+
     fn hidden_pre(&self) -> &Tensor {
         self.core.hidden()
     }

@@ -166,6 +166,10 @@ impl Arch for Matryoshka {
         Acts::Sparse(&self.core.sel)
     }
 
+    fn path(&self) -> super::StepPath {
+        self.core.path()
+    }
+
     fn hidden_pre(&self) -> &Tensor {
         self.core.hidden()
     }

@@ -35,6 +35,50 @@ pub enum Acts<'a> {
 /// Loss terms in the order SAELens reports them, `mse_loss` first.
 pub type Losses = Vec<(String, f64)>;
 
+/// How a training step's decoder and backward products ran: over the full `[B, d_sae]`
+/// latent matrix (SAELens's way), or over its active entries only (CSR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPath {
+    Dense,
+    Sparse,
+}
+
+impl StepPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepPath::Dense => "dense",
+            StepPath::Sparse => "sparse",
+        }
+    }
+}
+
+/// Latent density (active entries / (B × d_sae)) below which the sparse products beat
+/// the dense GEMMs on the CPU (measured with `sae-trainer bench`, see the README).
+pub const SPARSE_BELOW: f64 = 0.1;
+
+/// The path for a step whose latents have `nnz()` active entries out of `rows × cols`:
+/// sparse on the CPU below [`SPARSE_BELOW`] (a function of the data alone, so resume
+/// stays exact), dense otherwise and on CUDA (whose products are all dense so far).
+/// [`Shared::force_path`] overrides the density (tests and benches compare the two).
+pub(crate) fn choose_path(
+    s: &Shared,
+    nnz: impl FnOnce() -> usize,
+    rows: usize,
+    cols: usize,
+) -> StepPath {
+    if s.device != Device::Cpu {
+        return StepPath::Dense;
+    }
+    if let Some(p) = s.force_path {
+        return p;
+    }
+    let density = nnz() as f64 / (rows * cols).max(1) as f64;
+    match density < SPARSE_BELOW {
+        true => StepPath::Sparse,
+        false => StepPath::Dense,
+    }
+}
+
 pub(crate) trait Arch: Send + Sync {
     /// Parameter names (SAELens state-dict keys) and shapes.
     fn param_shapes(&self) -> Vec<(&'static str, Vec<usize>)>;
@@ -64,6 +108,10 @@ pub(crate) trait Arch: Send + Sync {
 
     /// The latents and pre-activations of the last training forward pass.
     fn acts(&self) -> Acts<'_>;
+    /// The path the last training step took.
+    fn path(&self) -> StepPath {
+        StepPath::Dense
+    }
     fn hidden_pre(&self) -> &Tensor;
 
     /// Folds decoder row norms into the encoder (`fold_W_dec_norm`).

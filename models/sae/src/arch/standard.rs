@@ -1,11 +1,18 @@
 //! The standard SAE: `f = ReLU(sae_in @ W_enc + b_enc)`, penalised by the Lp norm of
 //! `f` weighted by decoder row norms (SAELens 6; SAELens 5 optionally unweighted), with
 //! SAELens 5's ghost grads, `tanh-relu` and pre-activation noise.
+//!
+//! Two paths with the same math, chosen per step from the latents' density
+//! ([`super::choose_path`]): the dense one multiplies `[B, d_sae]` matrices as SAELens
+//! does; the sparse one keeps the active latents as CSR and runs the decoder, its
+//! gradients and the encoder-weight gradient over them only. Ghost grads are dense.
 
-use super::{linear_into, maybe_noise, Acts, Arch, Buffers, Losses, StepInput};
+use super::{
+    choose_path, linear_into, maybe_noise, Acts, Arch, Buffers, Losses, StepInput, StepPath,
+};
 use crate::common::{dense_batch_weights, per_item_mse, Shared};
 use crate::{Params, Result};
-use kernels::{ops, Device, Tensor};
+use kernels::{ops, Csr, Device, Tensor};
 use schemas::tensors::{B_DEC, B_ENC, W_DEC, W_ENC};
 use schemas::{ActivationFn, SaeConfig};
 
@@ -21,9 +28,41 @@ pub(crate) struct Standard {
     d_h_ghost: Option<Tensor>,
     /// Ghost-grad decoder input `exp(h)` on dead latents and its gradient.
     ghost: Option<(Tensor, Tensor)>,
+    path: StepPath,
+    /// Sparse path: the latents as CSR, the pre-activations at its entries (for
+    /// `tanh-relu`'s backward), and the sparsity loss's gradient there, `[nnz]`.
+    fc: Csr,
+    hv: Tensor,
+    d_fc: Tensor,
 }
 
 impl Standard {
+    /// The backward pass over the active latents only: the decoder's gradients, the
+    /// latents' gradient at the active entries, the encoder's from those.
+    fn sparse_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
+        let dev = s.device.clone();
+        let w_dec = p.get(W_DEC);
+        ops::col_sums(&s.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
+        ops::csr_t_matmul(g.get_mut(W_DEC), &self.fc, &s.d_recon, false, 1.0, 1.0);
+        let mut d = Tensor::zeros(&dev, &[self.fc.nnz()]);
+        ops::csr_sampled_dot(&self.fc, &s.d_recon, w_dec, &mut d);
+        ops::axpy(&mut d, 1.0, &self.d_fc);
+        // Every stored entry has h > 0: ReLU passes the gradient, tanh-relu scales it.
+        let mut d_h = self.fc.clone();
+        match self.cfg.activation_fn {
+            ActivationFn::Relu => *d_h.values_mut() = d,
+            ActivationFn::TanhRelu => ops::tanh_relu_backward(&self.hv, &d, d_h.values_mut()),
+        }
+        ops::csr_t_matmul(g.get_mut(W_ENC), &d_h, &s.sae_in, true, 1.0, 1.0);
+        let mut db = Tensor::zeros(&dev, &[self.cfg.d_sae]);
+        ops::csr_col_dot(&d_h, None, &mut db, 1.0, 0.0);
+        ops::axpy(g.get_mut(B_ENC), 1.0, &db);
+        if self.cfg.apply_b_dec_to_input {
+            s.b_dec_through_encoder(p.get(W_ENC), &db, g.get_mut(B_DEC));
+        }
+        s.norms_backward(p, g);
+    }
+
     pub fn new(cfg: &SaeConfig, device: &Device) -> Standard {
         let z = Tensor::zeros(device, &[0, 0]);
         Standard {
@@ -33,6 +72,10 @@ impl Standard {
             d_f: z,
             d_h_ghost: None,
             ghost: None,
+            path: StepPath::Dense,
+            fc: Csr::empty(device),
+            hv: Tensor::zeros(device, &[0]),
+            d_fc: Tensor::zeros(device, &[0]),
         }
     }
 
@@ -116,27 +159,42 @@ impl Arch for Standard {
         let b = s.batch();
         linear_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
         maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
-        self.f.resize(self.h.shape());
-        activate(&self.cfg, &self.h, &mut self.f);
-        ops::matmul(&mut s.recon, &self.f, false, p.get(W_DEC), false, 1.0, 0.0);
-        ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
-        let mse = s.finish();
-
-        // Sparsity: coefficient * mean_r ||f_r * n||_p (n = 1 when unweighted).
-        self.d_f.resize(self.f.shape());
-        ops::fill(&mut self.d_f, 0.0);
+        self.path = match self.cfg.use_ghost_grads {
+            true => StepPath::Dense,
+            false => choose_path(s, || ops::count_positive(&self.h), b, self.cfg.d_sae),
+        };
         let c = input.coefficient as f32 / b as f32;
         let weighted = self.cfg.scale_sparsity_penalty_by_decoder_norm;
         let n = weighted.then_some(&s.n);
-        let dn = if weighted { Some(&mut s.dn) } else { None };
-        let sparsity = ops::lp_sparsity(
-            &self.f,
-            n,
-            self.cfg.lp_norm as f32,
-            c,
-            Some(&mut self.d_f),
-            dn,
-        );
+        let p_norm = self.cfg.lp_norm as f32;
+        let sparsity = match self.path {
+            StepPath::Sparse => {
+                // The dense buffers are not needed on this path: free them.
+                (self.f, self.d_f) = (Tensor::zeros(&dev, &[0, 0]), Tensor::zeros(&dev, &[0, 0]));
+                ops::relu_to_csr(&self.h, &mut self.fc);
+                if self.cfg.activation_fn == ActivationFn::TanhRelu {
+                    self.hv = self.fc.values().clone();
+                    ops::tanh(self.fc.values_mut());
+                }
+                ops::csr_matmul(&mut s.recon, &self.fc, p.get(W_DEC), 1.0, 0.0);
+                self.d_fc = Tensor::zeros(&dev, &[self.fc.nnz()]);
+                let dn = if weighted { Some(&mut s.dn) } else { None };
+                ops::csr_lp_sparsity(&self.fc, n, p_norm, c, Some(&mut self.d_fc), dn)
+            }
+            StepPath::Dense => {
+                self.fc = Csr::empty(&dev);
+                self.f.resize(self.h.shape());
+                activate(&self.cfg, &self.h, &mut self.f);
+                ops::matmul(&mut s.recon, &self.f, false, p.get(W_DEC), false, 1.0, 0.0);
+                // Sparsity: coefficient * mean_r ||f_r * n||_p (n = 1 when unweighted).
+                self.d_f.resize(self.f.shape());
+                ops::fill(&mut self.d_f, 0.0);
+                let dn = if weighted { Some(&mut s.dn) } else { None };
+                ops::lp_sparsity(&self.f, n, p_norm, c, Some(&mut self.d_f), dn)
+            }
+        };
+        ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
+        let mse = s.finish();
         let l1 = input.coefficient * sparsity / b as f64;
 
         let mut losses = vec![];
@@ -155,6 +213,9 @@ impl Arch for Standard {
     }
 
     fn train_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
+        if self.path == StepPath::Sparse {
+            return self.sparse_backward(p, s, g);
+        }
         let mut d_f = std::mem::replace(&mut self.d_f, Tensor::zeros(&s.device, &[0, 0]));
         s.decoder_backward_dense(p, &self.f, g, &mut d_f, true);
         let mut d_h = Tensor::zeros(&s.device, self.h.shape());
@@ -174,7 +235,14 @@ impl Arch for Standard {
     }
 
     fn acts(&self) -> Acts<'_> {
-        Acts::Dense(&self.f)
+        match self.path {
+            StepPath::Sparse => Acts::Sparse(&self.fc),
+            StepPath::Dense => Acts::Dense(&self.f),
+        }
+    }
+
+    fn path(&self) -> StepPath {
+        self.path
     }
 
     fn hidden_pre(&self) -> &Tensor {

@@ -307,6 +307,14 @@ impl TopK {
     pub(crate) fn hidden(&self) -> &Tensor {
         &self.h
     }
+
+    /// TopK's products are sparse when `use_sparse_activations` says so.
+    pub(crate) fn path(&self) -> super::StepPath {
+        match self.sparse {
+            true => super::StepPath::Sparse,
+            false => super::StepPath::Dense,
+        }
+    }
 }
 
 /// `out = beta*out + a @ w`, sparse or through a dense copy of `a`.
@@ -382,6 +390,10 @@ impl Arch for TopK {
 
     fn acts(&self) -> Acts<'_> {
         Acts::Sparse(&self.sel)
+    }
+
+    fn path(&self) -> super::StepPath {
+        self.path()
     }
 
     fn hidden_pre(&self) -> &Tensor {
