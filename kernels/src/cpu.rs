@@ -1247,7 +1247,7 @@ fn axpy_row(o: &mut [f32], a: f32, x: &[f32]) {
 }
 
 /// `a . b` (see [`dot_body`])
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: the CPU has AVX-512F (checked above).

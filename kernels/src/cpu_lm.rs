@@ -4,6 +4,7 @@
 //! Row statistics are accumulated in `f64` and rounded once, so results differ from
 //! PyTorch's `f32` reductions by at most a few ulps.
 
+use crate::cpu::dot_lanes as dot;
 use rayon::prelude::*;
 
 /// Rows per rayon task so that small matrices do not pay for splitting.
@@ -185,20 +186,6 @@ impl AttnShape {
             None => 0,
         }
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent lanes so the compiler vectorises the loop.
-    let mut acc = [0f32; 8];
-    let (ca, ra) = a.split_at(a.len() / 8 * 8);
-    let (cb, rb) = b.split_at(ca.len());
-    for (x, y) in ca.chunks_exact(8).zip(cb.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Scores `q·k * scale` (soft-capped if asked) for the key positions query `i` sees into

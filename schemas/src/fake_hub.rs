@@ -123,6 +123,24 @@ fn etag(bytes: &[u8]) -> String {
     format!("{h:016x}{:08x}", bytes.len())
 }
 
+/// The commit `rev` names in a repo and its files, or the hub's error code.
+fn lookup<'a>(
+    st: &'a State,
+    kind: &str,
+    repo_id: &str,
+    rev: String,
+) -> Result<(String, &'a BTreeMap<String, Vec<u8>>), &'static str> {
+    let repo = st
+        .repos
+        .iter()
+        .find(|((k, r), _)| *k == kind && r == repo_id)
+        .map(|(_, repo)| repo)
+        .ok_or("RepositoryNotFound")?;
+    let commit = repo.refs.get(&rev).cloned().unwrap_or(rev);
+    let files = repo.commits.get(&commit).ok_or("RevisionNotFound")?;
+    Ok((commit, files))
+}
+
 fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -157,18 +175,12 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         };
         let repo_id = parts[2..rpos].join("/");
         let rev = parts[rpos + 1..].join("/").replace("%2F", "/");
-        let Some(repo) = st
-            .repos
-            .iter()
-            .find(|((k, r), _)| *k == kind && *r == repo_id)
-        else {
-            not_found(&mut conn, "RepositoryNotFound");
-            return Ok(());
-        };
-        let commit = repo.1.refs.get(&rev).cloned().unwrap_or(rev);
-        let Some(files) = repo.1.commits.get(&commit) else {
-            not_found(&mut conn, "RevisionNotFound");
-            return Ok(());
+        let (commit, files) = match lookup(&st, kind, &repo_id, rev) {
+            Ok(found) => found,
+            Err(code) => {
+                not_found(&mut conn, code);
+                return Ok(());
+            }
         };
         let siblings: Vec<_> = files
             .keys()
@@ -195,18 +207,12 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let repo_id = rest[..rpos].join("/");
     let rev = rest.get(rpos + 1).unwrap_or(&"").replace("%2F", "/");
     let file = rest.get(rpos + 2..).unwrap_or(&[]).join("/");
-    let Some(repo) = st
-        .repos
-        .iter()
-        .find(|((k, r), _)| *k == kind && *r == repo_id)
-    else {
-        not_found(&mut conn, "RepositoryNotFound");
-        return Ok(());
-    };
-    let commit = repo.1.refs.get(&rev).cloned().unwrap_or(rev);
-    let Some(files) = repo.1.commits.get(&commit) else {
-        not_found(&mut conn, "RevisionNotFound");
-        return Ok(());
+    let (commit, files) = match lookup(&st, kind, &repo_id, rev) {
+        Ok(found) => found,
+        Err(code) => {
+            not_found(&mut conn, code);
+            return Ok(());
+        }
     };
     let Some(bytes) = files.get(&file) else {
         not_found(&mut conn, "EntryNotFound");

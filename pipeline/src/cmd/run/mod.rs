@@ -357,25 +357,34 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// Rewrites the run's report while it trains: whenever a `metrics.jsonl` grew (a log
-/// step was written), at most once a second.
+/// step was written), at most once a second, and once more when training ends.
 struct Refresh {
     sizes: Vec<u64>,
-    checked: Instant,
+    checked: Option<Instant>,
 }
 
 impl Refresh {
     fn new() -> Refresh {
         Refresh {
             sizes: Vec::new(),
-            checked: Instant::now(),
+            checked: None,
         }
     }
 
     fn tick(&mut self, sweep: &Sweep, run_dir: &Path) {
-        if self.checked.elapsed() < Duration::from_secs(1) {
+        if self
+            .checked
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
             return;
         }
-        self.checked = Instant::now();
+        self.flush(sweep, run_dir);
+    }
+
+    /// Rewrites the report now if a `metrics.jsonl` grew since the last look (training
+    /// may end within the second the ticks wait: a short run had no page until its end).
+    fn flush(&mut self, sweep: &Sweep, run_dir: &Path) {
+        self.checked = Some(Instant::now());
         let sizes: Vec<u64> = sweep
             .points
             .iter()
@@ -1220,6 +1229,7 @@ fn supervise(
         if done {
             // the last sample: what each stage made (progress.json, for the report)
             display.draw(sweep, run_dir, stages, t0.elapsed());
+            refresh.flush(sweep, run_dir);
             return Ok(());
         }
         if last.elapsed() >= interval {

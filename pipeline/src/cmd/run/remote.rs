@@ -162,6 +162,7 @@ pub(super) fn follow(
                 Ok(l) => {
                     last_ok = Instant::now();
                     if let Some(s) = summaries(&l, &trainers) {
+                        refresh.flush(c.sweep, c.run_dir);
                         return Ok(s);
                     }
                     if let Some(reason) = trouble(&l, specs) {
