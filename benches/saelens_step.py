@@ -15,6 +15,7 @@ it needs and those machines lack are carried as wheels: benches/saelens_wheels.s
 import argparse
 import importlib.util
 import json
+import resource
 import sys
 import time
 import types
@@ -39,6 +40,10 @@ if importlib.util.find_spec("wandb") is None:
     _stand_in_for_wandb()
 
 from sae_lens import (  # noqa: E402
+    GatedTrainingSAE,
+    GatedTrainingSAEConfig,
+    JumpReLUTrainingSAE,
+    JumpReLUTrainingSAEConfig,
     StandardTrainingSAE,
     StandardTrainingSAEConfig,
     TopKTrainingSAE,
@@ -49,7 +54,7 @@ from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--arch", choices=["standard", "topk"], default="topk")
+    p.add_argument("--arch", choices=["standard", "gated", "jumprelu", "topk"], default="topk")
     p.add_argument("--d-in", type=int, default=768)
     p.add_argument("--d-sae", type=int, default=24576)
     p.add_argument("--k", type=int, default=32)
@@ -64,6 +69,12 @@ def main() -> None:
     if a.arch == "standard":
         cfg = StandardTrainingSAEConfig(d_in=a.d_in, d_sae=a.d_sae, l1_coefficient=5.0, device=a.device)
         sae = StandardTrainingSAE(cfg)
+    elif a.arch == "gated":
+        cfg = GatedTrainingSAEConfig(d_in=a.d_in, d_sae=a.d_sae, l1_coefficient=5.0, device=a.device)
+        sae = GatedTrainingSAE(cfg)
+    elif a.arch == "jumprelu":
+        cfg = JumpReLUTrainingSAEConfig(d_in=a.d_in, d_sae=a.d_sae, l0_coefficient=5.0, device=a.device)
+        sae = JumpReLUTrainingSAE(cfg)
     else:
         cfg = TopKTrainingSAEConfig(d_in=a.d_in, d_sae=a.d_sae, k=a.k, device=a.device)
         sae = TopKTrainingSAE(cfg)
@@ -108,7 +119,7 @@ def main() -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
-    flops = (10 if a.arch == "standard" else 2) * a.d_in * a.d_sae * a.batch
+    flops = (2 if a.arch == "topk" else 10) * a.d_in * a.d_sae * a.batch
     if a.arch == "topk":
         flops += 8 * a.k * a.d_in * a.batch
     print(
@@ -125,6 +136,7 @@ def main() -> None:
                 "step_seconds_median": med,
                 "tokens_per_second": a.batch / med,
                 "needed_tflops_per_second": flops / med / 1e12,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         )
     )

@@ -6,6 +6,7 @@
 //! Nothing here allocates a `[rows, cols]` buffer unless its doc line says so.
 
 use crate::{cpu, Csr, Tensor};
+use rayon::prelude::*;
 
 /// When `$t` lives on a GPU, runs `$body` with its backend bound to `$g` and returns
 /// its result; a CUDA failure (a launch, out of memory) panics with CUDA's message, as
@@ -1027,24 +1028,148 @@ pub fn csr_col_dot(a: &Csr, other: Option<&Tensor>, out: &mut Tensor, alpha: f32
 /// The number of entries `> 0` of `x` (CPU only: the sparse path of the L1 SAEs is
 /// chosen on the CPU).
 pub fn count_positive(x: &Tensor) -> usize {
-    cpu::count_positive(x.cpu())
+    cpu::count_where(x.cpu(), x.cols(), |_, v| v > 0.0)
 }
 
 /// ReLU's active latents: the entries `> 0` of `x` `[rows, cols]` into `out`, values
 /// `x` (CPU only). Allocates `[nnz]` indices and values.
 pub fn relu_to_csr(x: &Tensor, out: &mut Csr) {
     let (r, c) = dims2(x);
-    out.rows = r;
-    out.cols = c;
-    cpu::positive_to_csr(
-        x.cpu(),
+    let bufs = out.fill_cpu(r, c);
+    cpu::where_to_csr(x.cpu(), c, |_, v| v > 0.0, bufs);
+    out.fit_values();
+}
+
+/// Whether a JumpReLU with threshold `t` and estimator bandwidth `bw` can pass a
+/// gradient through pre-activation `h`: it is active (`h > t`) or inside the
+/// straight-through estimator's rectangle (`(h - t)/bw > -0.5`, as its kernel tests).
+fn jumprelu_reaches(h: f32, t: f32, bw: f32) -> bool {
+    h > t || (h - t) / bw > -0.5
+}
+
+/// The number of entries of `h` `[rows, cols]` that a JumpReLU with thresholds `t`
+/// `[cols]` and bandwidth `bw` passes a gradient through (CPU only).
+pub fn count_jumprelu_pattern(h: &Tensor, t: &Tensor, bw: f32) -> usize {
+    is_vec(t, h.cols(), "count_jumprelu_pattern threshold");
+    let t = t.cpu();
+    cpu::count_where(h.cpu(), h.cols(), |j, v| jumprelu_reaches(v, t[j], bw))
+}
+
+/// Those entries of `h`, values `h`, in two CSR matrices: the active ones (`h > t`,
+/// where the latent is `h`) in `active`, the inactive ones inside the estimator's
+/// rectangle in `rect` (CPU only).
+pub fn jumprelu_to_csr(h: &Tensor, t: &Tensor, bw: f32, active: &mut Csr, rect: &mut Csr) {
+    let (r, c) = dims2(h);
+    is_vec(t, c, "jumprelu_to_csr threshold");
+    let t = t.cpu();
+    let class = |j: usize, v: f32| match v > t[j] {
+        true => Some(false),
+        false => jumprelu_reaches(v, t[j], bw).then_some(true),
+    };
+    cpu::split_to_csr(
+        h.cpu(),
         c,
-        out.offsets.cpu_mut(),
-        out.indices.cpu_mut(),
-        out.values.data.cpu_mut(),
+        class,
+        active.fill_cpu(r, c),
+        rect.fill_cpu(r, c),
     );
-    let nnz = out.indices.cpu().len();
-    out.values.resize(&[nnz]);
+    active.fit_values();
+    rect.fit_values();
+}
+
+/// `out[e] = v[column of e]` `[nnz]` (CPU only).
+pub fn csr_col_expand(a: &Csr, v: &Tensor, out: &mut Tensor) {
+    is_vec(v, a.cols, "csr_col_expand");
+    is_vec(out, a.nnz(), "csr_col_expand out");
+    let v = v.cpu();
+    out.cpu_mut()
+        .par_iter_mut()
+        .zip(a.indices.cpu().par_iter())
+        .with_min_len(cpu::FLAT_GRAIN)
+        .for_each(|(o, &j)| *o = v[j as usize]);
+}
+
+/// [`jumprelu_backward`] at the entries of `a` (values `h`): `df` and `dh` `[nnz]`,
+/// `dt` `[cols]` (CPU only).
+#[allow(clippy::too_many_arguments)]
+pub fn csr_jumprelu_backward(
+    a: &Csr,
+    t: &Tensor,
+    df: &Tensor,
+    bandwidth: f32,
+    ste_to_input: bool,
+    dh: &mut Tensor,
+    dt: &mut Tensor,
+) {
+    is_vec(t, a.cols, "csr_jumprelu_backward threshold");
+    is_vec(df, a.nnz(), "csr_jumprelu_backward df");
+    is_vec(dh, a.nnz(), "csr_jumprelu_backward dh");
+    is_vec(dt, a.cols, "csr_jumprelu_backward dt");
+    cpu::csr_jumprelu_backward(
+        a.offsets.cpu(),
+        a.indices.cpu(),
+        a.values.cpu(),
+        t.cpu(),
+        df.cpu(),
+        bandwidth,
+        ste_to_input,
+        dh.cpu_mut(),
+        dt.cpu_mut(),
+    );
+}
+
+/// [`step_backward`] at the entries of `a` (values `h`): `g` `[rows]`, `dh` `[nnz]`,
+/// `dt` `[cols]` (CPU only).
+#[allow(clippy::too_many_arguments)]
+pub fn csr_step_backward(
+    a: &Csr,
+    t: &Tensor,
+    g: &Tensor,
+    bandwidth: f32,
+    ste_to_input: bool,
+    dh: &mut Tensor,
+    dt: &mut Tensor,
+) {
+    is_vec(t, a.cols, "csr_step_backward threshold");
+    is_vec(g, a.rows, "csr_step_backward g");
+    is_vec(dh, a.nnz(), "csr_step_backward dh");
+    is_vec(dt, a.cols, "csr_step_backward dt");
+    cpu::csr_step_backward(
+        a.offsets.cpu(),
+        a.indices.cpu(),
+        a.values.cpu(),
+        t.cpu(),
+        g.cpu(),
+        bandwidth,
+        ste_to_input,
+        dh.cpu_mut(),
+        dt.cpu_mut(),
+    );
+}
+
+/// [`tanh_sparsity`] of CSR latents (values `f`; absent entries are zeros and add
+/// nothing): `df` `[nnz]` (CPU only).
+pub fn csr_tanh_sparsity(
+    a: &Csr,
+    n: &Tensor,
+    s: f32,
+    c: f32,
+    df: &mut Tensor,
+    dn: &mut Tensor,
+) -> f64 {
+    is_vec(n, a.cols, "csr_tanh_sparsity norms");
+    is_vec(df, a.nnz(), "csr_tanh_sparsity df");
+    is_vec(dn, a.cols, "csr_tanh_sparsity dn");
+    cpu::csr_tanh_sparsity(
+        a.offsets.cpu(),
+        a.indices.cpu(),
+        a.values.cpu(),
+        n.cpu(),
+        s,
+        c,
+        df.cpu_mut(),
+        dn.cpu_mut(),
+    )
 }
 
 /// [`lp_sparsity`] of CSR latents (absent entries are zeros): returns the same sum and

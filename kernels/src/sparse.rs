@@ -54,6 +54,23 @@ impl Csr {
         }
     }
 
+    /// Sets the shape and hands out the host buffers for a CPU kernel to fill; call
+    /// [`Csr::fit_values`] after.
+    pub(crate) fn fill_cpu(&mut self, rows: usize, cols: usize) -> crate::cpu::CsrBufs<'_> {
+        (self.rows, self.cols) = (rows, cols);
+        crate::cpu::CsrBufs {
+            offsets: self.offsets.cpu_mut(),
+            indices: self.indices.cpu_mut(),
+            values: self.values.data.cpu_mut(),
+        }
+    }
+
+    /// The values' shape after their buffer was filled: `[nnz]`.
+    pub(crate) fn fit_values(&mut self) {
+        let nnz = self.indices.cpu().len();
+        self.values.resize(&[nnz]);
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }

@@ -944,3 +944,108 @@ fn relu_latents_as_csr_give_the_dense_lp_sparsity() {
         }
     }
 }
+
+/// JumpReLU's two sparse sets hold exactly the active entries and the inactive ones
+/// inside the rectangle, and the per-entry estimator kernels over them give the dense
+/// kernels' gradients: `dh` at the stored entries bit for bit (zero elsewhere), the
+/// column sums `dt`/`dn` at 1e-6 of their largest magnitude (each set's sum is
+/// rounded to f32 before the two are added) and the tanh total at 1e-9 relative.
+#[test]
+fn jumprelu_sets_as_csr_give_the_dense_estimators() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(22);
+    let (r, c, bw) = (70, 23, 0.3f32);
+    let h = t(&[r, c], rand_vec(&mut rng, r * c));
+    let tv: Vec<f32> = rand_vec(&mut rng, c)
+        .iter()
+        .map(|v| v.abs() * 0.5)
+        .collect();
+    let th = t(&[c], tv.clone());
+    let (mut act, mut rect) = (Csr::empty(&Device::Cpu), Csr::empty(&Device::Cpu));
+    jumprelu_to_csr(&h, &th, bw, &mut act, &mut rect);
+    let hv = h.to_vec();
+    let dense = |a: &Csr, vals: &Tensor| {
+        let mut d = t(&[r, c], vec![0.0; r * c]);
+        let mut b = a.clone();
+        *b.values_mut() = vals.clone();
+        csr_to_dense(&b, &mut d);
+        d.to_vec()
+    };
+    let ones = |a: &Csr| t(&[a.nnz()], vec![1.0; a.nnz()]);
+    let (ma, mr) = (dense(&act, &ones(&act)), dense(&rect, &ones(&rect)));
+    for (i, &v) in hv.iter().enumerate() {
+        let tj = tv[i % c];
+        assert_eq!(ma[i] == 1.0, v > tj, "entry {i}: active");
+        assert_eq!(
+            mr[i] == 1.0,
+            v <= tj && (v - tj) / bw > -0.5,
+            "entry {i}: rectangle"
+        );
+    }
+    assert!(act.nnz() > 0 && rect.nnz() > 0);
+    assert_eq!(count_jumprelu_pattern(&h, &th, bw), act.nnz() + rect.nnz());
+    let close = |what: &str, got: &[f32], want: &[f32]| {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (j, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-6 * scale, "{what}[{j}]: {g} vs {w}");
+        }
+    };
+    let df = t(&[r, c], rand_vec(&mut rng, r * c));
+    let g = t(&[r], rand_vec(&mut rng, r));
+    let n = t(
+        &[c],
+        rand_vec(&mut rng, c)
+            .iter()
+            .map(|v| v.abs() + 0.5)
+            .collect(),
+    );
+    for ste in [false, true] {
+        // jumprelu_backward
+        let (mut dh, mut dt) = (t(&[r, c], vec![0.0; r * c]), t(&[c], vec![0.0; c]));
+        jumprelu_backward(&h, &th, &df, bw, ste, &mut dh, &mut dt);
+        let mut dt2 = t(&[c], vec![0.0; c]);
+        let mut got = vec![0.0; r * c];
+        for a in [&act, &rect] {
+            let mut dfe = t(&[a.nnz()], vec![0.0; a.nnz()]);
+            csr_gather(a, &df, &mut dfe);
+            let mut dhe = t(&[a.nnz()], vec![0.0; a.nnz()]);
+            csr_jumprelu_backward(a, &th, &dfe, bw, ste, &mut dhe, &mut dt2);
+            got.iter_mut()
+                .zip(dense(a, &dhe))
+                .for_each(|(o, v)| *o += v);
+        }
+        assert_eq!(got, dh.to_vec(), "jumprelu dh, ste {ste}");
+        close("jumprelu dt", &dt2.to_vec(), &dt.to_vec());
+        // step_backward
+        let (mut dh, mut dt) = (t(&[r, c], vec![0.0; r * c]), t(&[c], vec![0.0; c]));
+        step_backward(&h, &th, &g, bw, ste, &mut dh, &mut dt);
+        let mut dt2 = t(&[c], vec![0.0; c]);
+        let mut got = vec![0.0; r * c];
+        for a in [&act, &rect] {
+            let mut dhe = t(&[a.nnz()], vec![0.0; a.nnz()]);
+            csr_step_backward(a, &th, &g, bw, ste, &mut dhe, &mut dt2);
+            got.iter_mut()
+                .zip(dense(a, &dhe))
+                .for_each(|(o, v)| *o += v);
+        }
+        assert_eq!(got, dh.to_vec(), "step dh, ste {ste}");
+        close("step dt", &dt2.to_vec(), &dt.to_vec());
+    }
+    // tanh over the latents: the active set carries them (absent entries are zeros)
+    let mut f = t(&[r, c], vec![0.0; r * c]);
+    jumprelu(&h, &th, &mut f);
+    let (mut df1, mut dn1) = (t(&[r, c], vec![0.0; r * c]), t(&[c], vec![0.0; c]));
+    let want = tanh_sparsity(&f, &n, 4.0, 0.3, &mut df1, &mut dn1);
+    let (mut dfe, mut dn2) = (t(&[act.nnz()], vec![0.0; act.nnz()]), t(&[c], vec![0.0; c]));
+    let got = csr_tanh_sparsity(&act, &n, 4.0, 0.3, &mut dfe, &mut dn2);
+    assert!(
+        (got - want).abs() <= 1e-9 * want.abs(),
+        "tanh total {got} vs {want}"
+    );
+    close("tanh dn", &dn2.to_vec(), &dn1.to_vec());
+    let d1 = df1.to_vec();
+    for (i, (&m, &v)) in ma.iter().zip(&dense(&act, &dfe)).enumerate() {
+        if m == 1.0 {
+            assert_eq!(v, d1[i], "tanh df at active entry {i}");
+        }
+    }
+}

@@ -278,6 +278,23 @@ fn gated_variants() {
 }
 
 #[test]
+fn gated_sparse_path_variants() {
+    let sparse = Some(StepPath::Sparse);
+    let mut c = cfg(Architecture::Gated);
+    check_path("gated sparse", c.clone(), 0.5, None, sparse);
+    c.apply_b_dec_to_input = false;
+    check_path("gated sparse without b_dec on input", c, 0.5, None, sparse);
+    // the auxiliary path's own input makes a second gate: dense whatever is forced
+    let mut c = cfg(Architecture::Gated);
+    c.normalize_activations = NormalizeActivations::LayerNorm;
+    let mut sae = Sae::new(c, &DEV, 0).unwrap();
+    sae.force_path(sparse);
+    let x = randn(&mut ChaCha8Rng::seed_from_u64(3), &[4, 12], 1.0);
+    run(&mut sae, &x, 0.5, None);
+    assert_eq!(sae.last_path(), StepPath::Dense);
+}
+
+#[test]
 fn topk_family_dense_and_sparse() {
     for arch in [Architecture::TopK, Architecture::BatchTopK] {
         for sparse in [false, true] {
@@ -294,17 +311,21 @@ fn topk_family_dense_and_sparse() {
             }
         }
     }
-    let mut c = cfg(Architecture::MatryoshkaBatchTopK);
-    c.matryoshka_widths = vec![4, 10, 24];
-    check("matryoshka", c.clone(), 0.0, None);
-    c.matryoshka_widths = vec![6, 15]; // final level appended
-    c.normalize_activations = NormalizeActivations::ConstantNormRescale;
-    check(
-        "matryoshka with appended level and constant_norm_rescale",
-        c,
-        0.0,
-        None,
-    );
+    for sparse in [false, true] {
+        let mut c = cfg(Architecture::MatryoshkaBatchTopK);
+        c.use_sparse_activations = sparse;
+        c.matryoshka_widths = vec![4, 10, 24];
+        check(&format!("matryoshka sparse={sparse}"), c.clone(), 0.0, None);
+        c.matryoshka_widths = vec![6, 15]; // final level appended
+        c.normalize_activations = NormalizeActivations::ConstantNormRescale;
+        c.rescale_acts_by_decoder_norm = sparse;
+        check(
+            &format!("matryoshka with appended level, constant_norm_rescale, sparse={sparse}"),
+            c,
+            0.0,
+            None,
+        );
+    }
 }
 
 fn run(sae: &mut Sae, x: &Tensor, coef: f64, mask: Option<&Tensor>) -> (sae::StepOutput, Params) {
@@ -453,4 +474,93 @@ fn jumprelu_quadratic_is_scaled_step() {
             "{p} * {factor} vs {q}"
         );
     }
+}
+
+/// JumpReLU's estimator is not a derivative, so its sparse path is checked against its
+/// dense path (itself checked against SAELens's fixtures for `step` and `tanh`): every
+/// penalty mode, the log threshold, the estimator passed to the input, a batch of many
+/// rows (the quadratic penalty's factor differs per row), a bandwidth wide enough that
+/// many inactive entries sit inside the rectangle. Losses at 1e-6 relative; gradients
+/// at 1e-5 of their largest magnitude (f32, other summation orders).
+#[test]
+fn jumprelu_sparse_path_equals_dense() {
+    use schemas::SparsityLossMode::{Quadratic, Step, Tanh};
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let x = randn(&mut rng, &[40, 12], 1.0);
+    let mut inside = 0;
+    for mode in [Step, Tanh, Quadratic] {
+        for (log_t, ste_in) in [(false, false), (false, true), (true, false)] {
+            let mut c = cfg(Architecture::JumpRelu);
+            c.jumprelu_bandwidth = 0.5;
+            c.jumprelu_sparsity_loss_mode = mode;
+            c.target_l0 = (mode == Quadratic).then_some(5.0);
+            c.jumprelu_log_threshold = log_t;
+            c.jumprelu_ste_to_input = ste_in;
+            c.jumprelu_init_threshold = 0.3;
+            let name = format!("{mode:?} log_threshold={log_t} ste_to_input={ste_in}");
+            let mut dense = Sae::new(c, &DEV, 3).unwrap();
+            perturb(&mut dense, &mut rng, 0.3);
+            let mut sparse = dense.clone();
+            dense.force_path(Some(StepPath::Dense));
+            sparse.force_path(Some(StepPath::Sparse));
+            let (a, ga) = run(&mut dense, &x, 0.8, None);
+            let (b, gb) = run(&mut sparse, &x, 0.8, None);
+            assert_eq!(sparse.last_path(), StepPath::Sparse, "{name}");
+            assert_eq!(dense.last_path(), StepPath::Dense, "{name}");
+            let (fa, fb) = (dense.last_feature_acts(), sparse.last_feature_acts());
+            assert_eq!(fa.to_vec(), fb.to_vec(), "{name}: latents");
+            let acts = fa.to_vec();
+            let pre = dense.last_hidden_pre().to_vec();
+            inside += acts
+                .iter()
+                .zip(&pre)
+                .filter(|(f, h)| **f == 0.0 && **h > 0.0)
+                .count();
+            for (k, v) in a.losses.iter() {
+                let w = b.get(k).unwrap();
+                assert!(
+                    (v - w).abs() <= 1e-6 * v.abs().max(1e-3),
+                    "{name} {k}: {v} vs {w}"
+                );
+            }
+            for (p, t) in ga.iter() {
+                let (u, w) = (t.to_vec(), gb.get(p).to_vec());
+                let scale = u.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                assert!(scale > 1e-6, "{name}: grad.{p} is zero");
+                for (i, (y, z)) in u.iter().zip(&w).enumerate() {
+                    assert!(
+                        (y - z).abs() <= 1e-5 * scale,
+                        "{name} grad.{p}[{i}]: {y} vs {z}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        inside > 0,
+        "no inactive entry inside the estimator's rectangle"
+    );
+}
+
+/// With the pre-activation loss and dead latents the step is dense whatever is forced:
+/// that loss reads every sub-threshold entry of a dead latent.
+#[test]
+fn jumprelu_pre_act_loss_with_dead_latents_runs_dense() {
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    let mut c = cfg(Architecture::JumpRelu);
+    c.pre_act_loss_coefficient = Some(0.1);
+    let mut sae = Sae::new(c, &DEV, 4).unwrap();
+    perturb(&mut sae, &mut rng, 0.3);
+    sae.force_path(Some(StepPath::Sparse));
+    let x = randn(&mut rng, &[8, 12], 1.0);
+    let dead = Tensor::from_vec(
+        &DEV,
+        &[24],
+        (0..24).map(|i| (i % 3 == 0) as u8 as f32).collect(),
+    )
+    .unwrap();
+    run(&mut sae, &x, 0.5, Some(&dead));
+    assert_eq!(sae.last_path(), StepPath::Dense);
+    run(&mut sae, &x, 0.5, None);
+    assert_eq!(sae.last_path(), StepPath::Sparse);
 }

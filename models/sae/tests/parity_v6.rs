@@ -311,6 +311,23 @@ fn standard_sparse_path() {
     sparse_forced("standard");
 }
 
+/// The `step` penalty; in `jumprelu_tanh` the tanh penalty with the estimator passed to
+/// the input (its dead case also has the pre-activation loss, which is dense).
+#[test]
+fn jumprelu_sparse_path() {
+    sparse_forced("jumprelu");
+}
+
+#[test]
+fn gated_sparse_path() {
+    sparse_forced("gated");
+}
+
+#[test]
+fn jumprelu_tanh_sparse_path() {
+    sparse_forced("jumprelu_tanh");
+}
+
 #[test]
 fn standard() {
     full("standard");
@@ -349,7 +366,7 @@ fn matryoshka_batchtopk() {
 /// The sparse path gives the dense path's numbers.
 #[test]
 fn sparse_path_matches_reference() {
-    for arch in ["topk", "batchtopk"] {
+    for arch in ["topk", "batchtopk", "matryoshka_batchtopk"] {
         let c = case(arch);
         let mut sae = load(arch);
         let mut cfg = sae.cfg().clone();

@@ -25,8 +25,9 @@ pub struct BenchArgs {
     pub target_density: Option<f64>,
 }
 
-/// The encoder bias that makes `density` of `x @ W_enc + b_enc`'s entries positive:
-/// `b_enc` minus the `1 - density` quantile of the pre-activations.
+/// The encoder bias (`b_gate` for gated) that makes `density` of `x @ W_enc + b`'s
+/// entries fire (exceed JumpReLU's threshold, or 0): the threshold minus the `1 - density` quantile of
+/// `x @ W_enc`.
 fn shift_b_enc(sae: &mut Sae, x: &Tensor, density: f64) -> Result<()> {
     anyhow::ensure!(
         density > 0.0 && density < 1.0,
@@ -39,8 +40,20 @@ fn shift_b_enc(sae: &mut Sae, x: &Tensor, density: f64) -> Result<()> {
     let at = ((1.0 - density) * (v.len() - 1) as f64) as usize;
     let (_, q, _) = v.select_nth_unstable_by(at, f32::total_cmp);
     let q = *q;
-    let b = sae.params.get_mut(schemas::tensors::B_ENC);
-    let shifted: Vec<f32> = vec![-q; b.numel()];
+    let threshold = match sae.params.try_get(schemas::tensors::THRESHOLD) {
+        Some(t) => t.to_vec()[0],
+        None => sae
+            .params
+            .try_get(schemas::tensors::LOG_THRESHOLD)
+            .map_or(0.0, |t| t.to_vec()[0].exp()),
+    };
+    // the gated SAE's gate decides which latents fire
+    let bias = match sae.params.contains(schemas::tensors::B_GATE) {
+        true => schemas::tensors::B_GATE,
+        false => schemas::tensors::B_ENC,
+    };
+    let b = sae.params.get_mut(bias);
+    let shifted: Vec<f32> = vec![threshold - q; b.numel()];
     *b = Tensor::from_vec(&x.device(), &[shifted.len()], shifted)?;
     Ok(())
 }
@@ -165,7 +178,12 @@ fn active_fraction(sae: &Sae) -> f64 {
             kernels::ops::row_nonzero_counts(f, &mut per_row);
             (kernels::ops::sum(&per_row) as usize, f.numel())
         }
-        sae::Acts::Sparse(c) => (c.nnz(), c.rows() * c.cols()),
+        // JumpReLU's pattern also holds the estimator's inactive entries: count values.
+        sae::Acts::Sparse(c) => {
+            let mut per_row = Tensor::zeros(&c.device(), &[c.rows()]);
+            kernels::ops::csr_row_nonzero_counts(c, &mut per_row);
+            (kernels::ops::sum(&per_row) as usize, c.rows() * c.cols())
+        }
     };
     n as f64 / total.max(1) as f64
 }

@@ -2,11 +2,19 @@
 //! is `ReLU(sae_in @ (W_enc * exp(r_mag)) + b_mag)`. Training adds an L1 penalty on the
 //! ReLU'd gate pre-activations (weighted by decoder norms) and an auxiliary
 //! reconstruction from the gate path alone.
+//!
+//! Sparse path ([`super::choose_path`], on the density of open gates): the main
+//! latents, the penalised `ReLU(pi_gate)` and the auxiliary decode all live on the open
+//! gates, so they are kept as one CSR pattern and every product after the gate GEMM
+//! runs over it. The magnitude pre-activations need no second GEMM there:
+//! `sae_in @ (W_enc * e^r) + b_mag = (pi_gate - b_gate) * e^r + b_mag`. When the
+//! auxiliary path reads another input (run-time normalisation, reshaping) its gate
+//! differs from the main one and the step is dense.
 
-use super::{linear_into, Acts, Arch, Buffers, Losses, StepInput};
+use super::{choose_path, linear_into, Acts, Arch, Buffers, Losses, StepInput, StepPath};
 use crate::common::Shared;
 use crate::{Params, Result};
-use kernels::{ops, Device, Tensor};
+use kernels::{ops, Csr, Device, Tensor};
 use schemas::tensors::{B_DEC, B_GATE, B_MAG, R_MAG, W_DEC, W_ENC};
 use schemas::{NormalizeActivations, ReshapeActivations, SaeConfig};
 
@@ -14,7 +22,9 @@ pub(crate) struct Gated {
     cfg: SaeConfig,
     /// `W_enc * exp(r_mag)` `[d_in, d_sae]`.
     w_mag: Tensor,
-    /// Gate pre-activations `[B, d_sae]` on the processed input.
+    /// Gate pre-activations `[B, d_sae]` on the processed input; on the sparse path,
+    /// once the open gates are taken, the magnitude pre-activations (the step's one
+    /// `[B, d_sae]` buffer).
     pi_gate: Tensor,
     /// Magnitude pre-activations (SAELens's `hidden_pre`) `[B, d_sae]`.
     h_mag: Tensor,
@@ -27,6 +37,14 @@ pub(crate) struct Gated {
     pi_act: Tensor,
     d_pi_act: Tensor,
     d_via: Tensor,
+    path: StepPath,
+    /// Sparse path: the open gates with `pi_gate` as values (= its ReLU there), the
+    /// latents on the same entries, the magnitude pre-activations there `[nnz]`, and
+    /// the gradient with respect to `ReLU(pi_gate)` at them (L1, then aux).
+    gc: Csr,
+    fc: Csr,
+    hv: Tensor,
+    d_pg: Tensor,
 }
 
 impl Gated {
@@ -43,7 +61,86 @@ impl Gated {
             pi_act: z.clone(),
             d_pi_act: z.clone(),
             d_via: z,
+            path: StepPath::Dense,
+            gc: Csr::empty(device),
+            fc: Csr::empty(device),
+            hv: Tensor::zeros(device, &[0]),
+            d_pg: Tensor::zeros(device, &[0]),
         }
+    }
+
+    /// The sparse forward from the gate GEMM on: open gates, magnitudes, decode.
+    fn sparse_forward(&mut self, p: &Params, s: &mut Shared) {
+        let dev = s.device.clone();
+        let empty = || Tensor::zeros(&dev, &[0, 0]);
+        (self.w_mag, self.h_mag, self.f) = (empty(), empty(), empty());
+        (self.pi_act, self.d_pi_act) = (empty(), empty());
+        ops::relu_to_csr(&self.pi_gate, &mut self.gc);
+        // pi_gate becomes the magnitudes: pi_gate * e^r + (b_mag - b_gate * e^r)
+        let mut e = p.get(R_MAG).clone();
+        ops::exp(p.get(R_MAG), &mut e);
+        let mut b_gate_e = p.get(B_GATE).clone();
+        ops::mul(&mut b_gate_e, &e);
+        let mut shift = p.get(B_MAG).clone();
+        ops::axpy(&mut shift, -1.0, &b_gate_e);
+        ops::mul_row_vec(&mut self.pi_gate, &e);
+        ops::add_row_vec(&mut self.pi_gate, &shift, 1.0);
+        let nnz = self.gc.nnz();
+        self.hv = Tensor::zeros(&dev, &[nnz]);
+        ops::csr_gather(&self.gc, &self.pi_gate, &mut self.hv);
+        self.fc = self.gc.clone();
+        ops::relu(&self.hv, self.fc.values_mut());
+        ops::csr_matmul(&mut s.recon, &self.fc, p.get(W_DEC), 1.0, 0.0);
+    }
+
+    /// The backward pass over the open gates only.
+    fn sparse_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
+        let dev = s.device.clone();
+        let (m, nnz) = (self.cfg.d_sae, self.gc.nnz());
+        let w_dec = p.get(W_DEC);
+        // Main path: decoder, then the magnitudes (the gate is a constant mask).
+        ops::col_sums(&s.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
+        ops::csr_t_matmul(g.get_mut(W_DEC), &self.fc, &s.d_recon, false, 1.0, 1.0);
+        let mut d_f = Tensor::zeros(&dev, &[nnz]);
+        ops::csr_sampled_dot(&self.fc, &s.d_recon, w_dec, &mut d_f);
+        let mut d_h = self.gc.clone();
+        ops::relu_backward(&self.hv, &d_f, d_h.values_mut());
+        let mut db_mag = Tensor::zeros(&dev, &[m]);
+        ops::csr_col_dot(&d_h, None, &mut db_mag, 1.0, 0.0);
+        ops::axpy(g.get_mut(B_MAG), 1.0, &db_mag);
+        // d r_j = sum_r d_h * (sae_in @ W_enc * e^r)_j = sum_r d_h * h_mag - b_mag_j db_mag_j
+        let mut dr = Tensor::zeros(&dev, &[m]);
+        ops::csr_col_dot(&d_h, Some(&self.hv), &mut dr, 1.0, 0.0);
+        let mut t = p.get(B_MAG).clone();
+        ops::mul(&mut t, &db_mag);
+        ops::axpy(&mut dr, -1.0, &t);
+        ops::axpy(g.get_mut(R_MAG), 1.0, &dr);
+
+        // Auxiliary path: via = ReLU(pi_gate) @ W_dec + b_dec.
+        ops::col_sums(&self.d_via, g.get_mut(B_DEC), 1.0, 1.0);
+        ops::csr_t_matmul(g.get_mut(W_DEC), &self.gc, &self.d_via, false, 1.0, 1.0);
+        let mut d_aux = Tensor::zeros(&dev, &[nnz]);
+        ops::csr_sampled_dot(&self.gc, &self.d_via, w_dec, &mut d_aux);
+        ops::axpy(&mut self.d_pg, 1.0, &d_aux);
+
+        // Encoder: W_enc gets sae_in^T (d_h * e^r + d_gate) (every entry has an open
+        // gate, so ReLU passes d_pg), b_dec both paths' bias gradients through W_enc.
+        let mut e = p.get(R_MAG).clone();
+        ops::exp(p.get(R_MAG), &mut e);
+        ops::csr_scale_cols(&mut d_h, &e);
+        let mut d_gate = self.gc.clone();
+        *d_gate.values_mut() = std::mem::replace(&mut self.d_pg, Tensor::zeros(&dev, &[0]));
+        let mut db = Tensor::zeros(&dev, &[m]);
+        ops::csr_col_dot(&d_gate, None, &mut db, 1.0, 0.0);
+        ops::axpy(g.get_mut(B_GATE), 1.0, &db);
+        ops::axpy(d_h.values_mut(), 1.0, d_gate.values());
+        ops::csr_t_matmul(g.get_mut(W_ENC), &d_h, &s.sae_in, true, 1.0, 1.0);
+        if self.cfg.apply_b_dec_to_input {
+            ops::mul(&mut db_mag, &e);
+            ops::axpy(&mut db, 1.0, &db_mag);
+            s.b_dec_through_encoder(p.get(W_ENC), &db, g.get_mut(B_DEC));
+        }
+        s.norms_backward(p, g);
     }
 
     fn magnitude_weights(p: &Params) -> Tensor {
@@ -52,6 +149,20 @@ impl Gated {
         ops::exp(p.get(R_MAG), &mut e);
         ops::mul_row_vec(&mut w, &e);
         w
+    }
+
+    /// The loss terms, given the auxiliary decode `ReLU(pi_gate) @ W_dec` (no bias yet):
+    /// aux reconstruction `||via + b_dec - x||^2`, mean over rows; keeps its gradient.
+    fn losses(&mut self, p: &Params, s: &Shared, mut via: Tensor, mse: f64, l1: f64) -> Losses {
+        let b = s.batch();
+        ops::add_row_vec(&mut via, p.get(B_DEC), 1.0);
+        self.d_via.resize(via.shape());
+        let aux = ops::mse(&via, &s.x, None, Some((&mut self.d_via, 1.0 / b as f32))) / b as f64;
+        vec![
+            ("mse_loss".into(), mse),
+            ("l1_loss".into(), l1),
+            ("auxiliary_reconstruction_loss".into(), aux),
+        ]
     }
 
     /// The auxiliary losses read `step_input.sae_in - b_dec` directly, skipping the
@@ -98,8 +209,32 @@ impl Arch for Gated {
     ) -> Result<Losses> {
         let dev = s.device.clone();
         let b = s.batch();
-        self.w_mag = Self::magnitude_weights(p);
         linear_into(&mut self.pi_gate, &s.sae_in, p.get(W_ENC), p.get(B_GATE));
+        self.path = match self.aux_input_differs() {
+            true => StepPath::Dense,
+            false => choose_path(s, || ops::count_positive(&self.pi_gate), b, self.cfg.d_sae),
+        };
+        let c = input.coefficient as f32 / b as f32;
+        if self.path == StepPath::Sparse {
+            self.sparse_forward(p, s);
+            ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
+            let mse = s.finish();
+            self.d_pg = Tensor::zeros(&dev, &[self.gc.nnz()]);
+            let l1 = ops::csr_lp_sparsity(
+                &self.gc,
+                Some(&s.n),
+                1.0,
+                c,
+                Some(&mut self.d_pg),
+                Some(&mut s.dn),
+            );
+            let mut via = Tensor::zeros(&dev, &[b, self.cfg.d_in]);
+            ops::csr_matmul(&mut via, &self.gc, p.get(W_DEC), 1.0, 0.0);
+            return Ok(self.losses(p, s, via, mse, input.coefficient * l1 / b as f64));
+        }
+        self.gc = Csr::empty(&dev);
+        self.fc = Csr::empty(&dev);
+        self.w_mag = Self::magnitude_weights(p);
         linear_into(&mut self.h_mag, &s.sae_in, &self.w_mag, p.get(B_MAG));
         self.f.resize(self.h_mag.shape());
         ops::relu(&self.h_mag, &mut self.f);
@@ -126,7 +261,6 @@ impl Arch for Gated {
         // l1 = coefficient * mean_r sum_j relu(pi_gate) * ||W_dec[j]||
         self.d_pi_act.resize(gate.shape());
         ops::fill(&mut self.d_pi_act, 0.0);
-        let c = input.coefficient as f32 / b as f32;
         let l1 = ops::lp_sparsity(
             &self.pi_act,
             Some(&s.n),
@@ -136,20 +270,15 @@ impl Arch for Gated {
             Some(&mut s.dn),
         );
         let l1 = input.coefficient * l1 / b as f64;
-        // aux reconstruction: ||relu(pi_gate) @ W_dec + b_dec - x||^2, mean over rows
         let mut via = Tensor::zeros(&dev, &[b, self.cfg.d_in]);
         ops::matmul(&mut via, &self.pi_act, false, p.get(W_DEC), false, 1.0, 0.0);
-        ops::add_row_vec(&mut via, p.get(B_DEC), 1.0);
-        self.d_via.resize(via.shape());
-        let aux = ops::mse(&via, &s.x, None, Some((&mut self.d_via, 1.0 / b as f32))) / b as f64;
-        Ok(vec![
-            ("mse_loss".into(), mse),
-            ("l1_loss".into(), l1),
-            ("auxiliary_reconstruction_loss".into(), aux),
-        ])
+        Ok(self.losses(p, s, via, mse, l1))
     }
 
     fn train_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
+        if self.path == StepPath::Sparse {
+            return self.sparse_backward(p, s, g);
+        }
         let dev = s.device.clone();
         // Main path: decoder, then the magnitude encoder (the gate is a constant mask).
         let mut d_f = Tensor::zeros(&dev, self.f.shape());
@@ -202,11 +331,21 @@ impl Arch for Gated {
     }
 
     fn acts(&self) -> Acts<'_> {
-        Acts::Dense(&self.f)
+        match self.path {
+            StepPath::Sparse => Acts::Sparse(&self.fc),
+            StepPath::Dense => Acts::Dense(&self.f),
+        }
+    }
+
+    fn path(&self) -> StepPath {
+        self.path
     }
 
     fn hidden_pre(&self) -> &Tensor {
-        &self.h_mag
+        match self.path {
+            StepPath::Sparse => &self.pi_gate,
+            StepPath::Dense => &self.h_mag,
+        }
     }
 
     fn fold_w_dec_norm(&self, p: &mut Params, n: &Tensor) -> Result<()> {

@@ -6,11 +6,22 @@
 //! `quadratic` around `target_l0`), an optional pre-activation loss on dead latents, and
 //! optionally passes the estimator to the pre-activations (`jumprelu_ste_to_input`).
 //! SAELens 5 trained `log_threshold` with the `step` penalty (`jumprelu_log_threshold`).
+//!
+//! Like the standard SAE it has a sparse path ([`super::choose_path`], on the density
+//! of the entries a gradient can reach): the active latents (`h > t`) and the inactive
+//! entries inside the estimator's rectangle are kept as two CSR matrices. The decoder,
+//! its weight gradient and the encoder's run over the active ones; the inactive ones
+//! need only the latents' gradient (one dot product each), for the threshold's
+//! estimator (and for the input's with `jumprelu_ste_to_input`). The pre-activation
+//! loss touches every sub-threshold entry of a dead latent, so steps with dead latents
+//! and that loss are dense.
 
-use super::{linear_into, maybe_noise, n_dead, Acts, Arch, Buffers, Losses, StepInput};
+use super::{
+    choose_path, linear_into, maybe_noise, n_dead, Acts, Arch, Buffers, Losses, StepInput, StepPath,
+};
 use crate::common::Shared;
 use crate::{Params, Result};
-use kernels::{ops, Device, Tensor};
+use kernels::{ops, Csr, Device, Tensor};
 use schemas::tensors::{B_DEC, B_ENC, LOG_THRESHOLD, THRESHOLD, W_DEC, W_ENC};
 use schemas::{SaeConfig, SparsityLossMode};
 
@@ -25,6 +36,16 @@ pub(crate) struct JumpRelu {
     d_f: Tensor,
     d_h: Tensor,
     d_t: Tensor,
+    path: StepPath,
+    /// Sparse path: the active entries (values `h`, which is the latent there) and the
+    /// inactive ones inside the rectangle (values `h`); at each, `[nnz]`, the gradient
+    /// the losses put on the latent and on `h` in the forward pass.
+    fc: Csr,
+    rc: Csr,
+    df_a: Tensor,
+    df_r: Tensor,
+    dh_a: Tensor,
+    dh_r: Tensor,
 }
 
 impl JumpRelu {
@@ -38,6 +59,54 @@ impl JumpRelu {
             d_f: z.clone(),
             d_h: z,
             d_t: Tensor::zeros(device, &[0]),
+            path: StepPath::Dense,
+            fc: Csr::empty(device),
+            rc: Csr::empty(device),
+            df_a: Tensor::zeros(device, &[0]),
+            df_r: Tensor::zeros(device, &[0]),
+            dh_a: Tensor::zeros(device, &[0]),
+            dh_r: Tensor::zeros(device, &[0]),
+        }
+    }
+
+    /// The backward pass over the two sparse sets only.
+    fn sparse_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
+        let dev = s.device.clone();
+        let (bw, ste_in) = (
+            self.cfg.jumprelu_bandwidth as f32,
+            self.cfg.jumprelu_ste_to_input,
+        );
+        let w_dec = p.get(W_DEC);
+        ops::col_sums(&s.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
+        ops::csr_t_matmul(g.get_mut(W_DEC), &self.fc, &s.d_recon, false, 1.0, 1.0);
+        let mut d_t = std::mem::replace(&mut self.d_t, Tensor::zeros(&dev, &[0]));
+        let mut d_h = Vec::with_capacity(2);
+        for (a, df, dh) in [
+            (&self.fc, &mut self.df_a, &mut self.dh_a),
+            (&self.rc, &mut self.df_r, &mut self.dh_r),
+        ] {
+            let mut d_f = Tensor::zeros(&dev, &[a.nnz()]);
+            ops::csr_sampled_dot(a, &s.d_recon, w_dec, &mut d_f);
+            ops::axpy(&mut d_f, 1.0, df);
+            ops::csr_jumprelu_backward(a, &self.t, &d_f, bw, ste_in, dh, &mut d_t);
+            d_h.push(std::mem::replace(dh, Tensor::zeros(&dev, &[0])));
+        }
+        self.d_t = d_t;
+        // Inactive entries pass nothing to h unless the estimator goes to the input.
+        let sets = match ste_in {
+            true => 2,
+            false => 1,
+        };
+        let mut db = Tensor::zeros(&dev, &[self.cfg.d_sae]);
+        for (a, dh) in [&mut self.fc, &mut self.rc].into_iter().zip(d_h).take(sets) {
+            let h = std::mem::replace(a.values_mut(), dh);
+            ops::csr_t_matmul(g.get_mut(W_ENC), a, &s.sae_in, true, 1.0, 1.0);
+            ops::csr_col_dot(a, None, &mut db, 1.0, 1.0);
+            *a.values_mut() = h;
+        }
+        ops::axpy(g.get_mut(B_ENC), 1.0, &db);
+        if self.cfg.apply_b_dec_to_input {
+            s.b_dec_through_encoder(p.get(W_ENC), &db, g.get_mut(B_DEC));
         }
     }
 
@@ -91,25 +160,51 @@ impl Arch for JumpRelu {
         self.t = self.threshold(p);
         linear_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
         maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
-        self.f.resize(self.h.shape());
-        ops::jumprelu(&self.h, &self.t, &mut self.f);
-        ops::matmul(&mut s.recon, &self.f, false, p.get(W_DEC), false, 1.0, 0.0);
+        let bw = self.cfg.jumprelu_bandwidth as f32;
+        let pre_act_dense =
+            self.cfg.pre_act_loss_coefficient.is_some() && n_dead(input.dead_neuron_mask) > 0;
+        self.path = match pre_act_dense {
+            true => StepPath::Dense,
+            false => choose_path(
+                s,
+                || ops::count_jumprelu_pattern(&self.h, &self.t, bw),
+                b,
+                m,
+            ),
+        };
+        let sparse = self.path == StepPath::Sparse;
+        if sparse {
+            let empty = || Tensor::zeros(&dev, &[0, 0]);
+            (self.f, self.d_f, self.d_h) = (empty(), empty(), empty());
+            ops::jumprelu_to_csr(&self.h, &self.t, bw, &mut self.fc, &mut self.rc);
+            ops::csr_matmul(&mut s.recon, &self.fc, p.get(W_DEC), 1.0, 0.0);
+            let (na, nr) = (self.fc.nnz(), self.rc.nnz());
+            (self.df_a, self.dh_a) = (Tensor::zeros(&dev, &[na]), Tensor::zeros(&dev, &[na]));
+            (self.df_r, self.dh_r) = (Tensor::zeros(&dev, &[nr]), Tensor::zeros(&dev, &[nr]));
+        } else {
+            (self.fc, self.rc) = (Csr::empty(&dev), Csr::empty(&dev));
+            self.f.resize(self.h.shape());
+            ops::jumprelu(&self.h, &self.t, &mut self.f);
+            ops::matmul(&mut s.recon, &self.f, false, p.get(W_DEC), false, 1.0, 0.0);
+            for t in [&mut self.d_f, &mut self.d_h] {
+                t.resize(self.h.shape());
+                ops::fill(t, 0.0);
+            }
+        }
         ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
         let mse = s.finish();
 
-        for t in [&mut self.d_f, &mut self.d_h] {
-            t.resize(self.h.shape());
-            ops::fill(t, 0.0);
-        }
         self.d_t = Tensor::zeros(&dev, &[m]);
         let coef = input.coefficient;
         let c = (coef / b as f64) as f32;
-        let bw = self.cfg.jumprelu_bandwidth as f32;
         let ste_in = self.cfg.jumprelu_ste_to_input;
         let l0_loss = match self.cfg.jumprelu_sparsity_loss_mode {
             SparsityLossMode::Step | SparsityLossMode::Quadratic => {
                 let mut l0 = Tensor::zeros(&dev, &[b]);
-                ops::step_count_rows(&self.h, &self.t, &mut l0);
+                match sparse {
+                    true => ops::csr_row_nonzero_counts(&self.fc, &mut l0),
+                    false => ops::step_count_rows(&self.h, &self.t, &mut l0),
+                }
                 let l0v = l0.to_vec();
                 // per-row loss and its derivative with respect to the row's L0
                 let (per_row, grad): (Vec<f64>, Vec<f32>) =
@@ -124,20 +219,34 @@ impl Arch for JumpRelu {
                         _ => l0v.iter().map(|&l| (l as f64, c)).unzip(),
                     };
                 let g = crate::common::vector(&dev, grad);
-                ops::step_backward(
-                    &self.h,
-                    &self.t,
-                    &g,
-                    bw,
-                    ste_in,
-                    &mut self.d_h,
-                    &mut self.d_t,
-                );
+                if sparse {
+                    for (a, dh) in [(&self.fc, &mut self.dh_a), (&self.rc, &mut self.dh_r)] {
+                        ops::csr_step_backward(a, &self.t, &g, bw, ste_in, dh, &mut self.d_t);
+                    }
+                } else {
+                    ops::step_backward(
+                        &self.h,
+                        &self.t,
+                        &g,
+                        bw,
+                        ste_in,
+                        &mut self.d_h,
+                        &mut self.d_t,
+                    );
+                }
                 coef * per_row.iter().sum::<f64>() / b as f64
             }
             SparsityLossMode::Tanh => {
                 let scale = self.cfg.jumprelu_tanh_scale as f32;
-                let sum = ops::tanh_sparsity(&self.f, &s.n, scale, c, &mut self.d_f, &mut s.dn);
+                let sum = if sparse {
+                    // Inactive entries (latent 0) add nothing to the sum or to dn, and
+                    // c s n_j to their latent's gradient.
+                    ops::csr_col_expand(&self.rc, &s.n, &mut self.df_r);
+                    ops::scale(&mut self.df_r, c * scale);
+                    ops::csr_tanh_sparsity(&self.fc, &s.n, scale, c, &mut self.df_a, &mut s.dn)
+                } else {
+                    ops::tanh_sparsity(&self.f, &s.n, scale, c, &mut self.d_f, &mut s.dn)
+                };
                 coef * sum / b as f64
             }
         };
@@ -172,26 +281,30 @@ impl Arch for JumpRelu {
     }
 
     fn train_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
-        s.decoder_backward_dense(p, &self.f, g, &mut self.d_f, true);
-        let bw = self.cfg.jumprelu_bandwidth as f32;
-        ops::jumprelu_backward(
-            &self.h,
-            &self.t,
-            &self.d_f,
-            bw,
-            self.cfg.jumprelu_ste_to_input,
-            &mut self.d_h,
-            &mut self.d_t,
-        );
-        s.encoder_backward_dense(
-            &self.cfg,
-            p.get(W_ENC),
-            &s.sae_in,
-            &self.d_h,
-            g,
-            W_ENC,
-            B_ENC,
-        );
+        if self.path == StepPath::Sparse {
+            self.sparse_backward(p, s, g);
+        } else {
+            s.decoder_backward_dense(p, &self.f, g, &mut self.d_f, true);
+            let bw = self.cfg.jumprelu_bandwidth as f32;
+            ops::jumprelu_backward(
+                &self.h,
+                &self.t,
+                &self.d_f,
+                bw,
+                self.cfg.jumprelu_ste_to_input,
+                &mut self.d_h,
+                &mut self.d_t,
+            );
+            s.encoder_backward_dense(
+                &self.cfg,
+                p.get(W_ENC),
+                &s.sae_in,
+                &self.d_h,
+                g,
+                W_ENC,
+                B_ENC,
+            );
+        }
         s.norms_backward(p, g);
         if self.cfg.jumprelu_log_threshold {
             // d/d log t = t * d/dt
@@ -204,7 +317,14 @@ impl Arch for JumpRelu {
     }
 
     fn acts(&self) -> Acts<'_> {
-        Acts::Dense(&self.f)
+        match self.path {
+            StepPath::Sparse => Acts::Sparse(&self.fc),
+            StepPath::Dense => Acts::Dense(&self.f),
+        }
+    }
+
+    fn path(&self) -> StepPath {
+        self.path
     }
 
     fn hidden_pre(&self) -> &Tensor {

@@ -1,21 +1,28 @@
 //! Matryoshka BatchTopK: BatchTopK plus one reconstruction loss per nested prefix of
 //! the latents (`matryoshka_widths`), so early latents must reconstruct on their own.
 //! Optionally (`use_matryoshka_aux_loss`) each level's dead latents reconstruct that
-//! level's residual. Runs the dense path (the prefix decodes need dense latents).
+//! level's residual.
+//!
+//! With `use_sparse_activations` the prefix decodes are sparse too: level `l` decodes
+//! the selected latents with their values zeroed from column `w_l` on (one CSR product
+//! per level, `L k d` per token instead of the dense path's `d m`), and its backward is
+//! the same masked products.
 
 use super::batchtopk::update_threshold;
 use super::topk::{Select, TopK};
 use super::{Acts, Arch, Buffers, Losses, StepInput};
 use crate::common::{finish_output, Shared};
 use crate::{Params, Result};
-use kernels::{ops, Device, Tensor};
+use kernels::{ops, Csr, Device, Tensor};
 use schemas::tensors::{B_DEC, W_DEC};
 use schemas::SaeConfig;
 
 pub(crate) struct Matryoshka {
     core: TopK,
     levels: Vec<usize>,
-    /// Decoder input, dense `[B, d_sae]`.
+    /// Per level, `1` on the columns it decodes and `0` after (`[d_sae]`).
+    prefix_masks: Vec<Tensor>,
+    /// Decoder input, dense `[B, d_sae]` (dense path only).
     fs: Tensor,
     /// Gradient of each inner level's loss with respect to its decode, before output
     /// normalisation (`[B, d_in]` per level except the outermost).
@@ -24,11 +31,19 @@ pub(crate) struct Matryoshka {
 
 impl Matryoshka {
     pub fn new(cfg: &SaeConfig, device: &Device) -> Matryoshka {
-        let mut core = TopK::new(cfg, device, Select::Batch);
-        core.sparse = false;
+        let core = TopK::new(cfg, device, Select::Batch);
+        let levels = cfg.matryoshka_levels();
+        let prefix_masks = levels
+            .iter()
+            .map(|&w| {
+                let v = (0..cfg.d_sae).map(|j| (j < w) as u8 as f32).collect();
+                crate::common::vector(device, v)
+            })
+            .collect();
         Matryoshka {
             core,
-            levels: cfg.matryoshka_levels(),
+            levels,
+            prefix_masks,
             fs: Tensor::zeros(device, &[0, 0]),
             d_inner: Vec::new(),
         }
@@ -38,6 +53,17 @@ impl Matryoshka {
     /// output normalisation (`[B, d_in]` each; allocates).
     fn prefix_decodes(&self, p: &Params, s: &Shared) -> Vec<Tensor> {
         let (b, d) = (s.batch(), self.core.cfg.d_in);
+        if self.core.sparse {
+            return (0..self.levels.len())
+                .map(|l| {
+                    let mut o = Tensor::zeros(&s.device, &[b, d]);
+                    ops::csr_matmul(&mut o, &self.prefix(l), p.get(W_DEC), 1.0, 0.0);
+                    ops::add_row_vec(&mut o, p.get(B_DEC), 1.0);
+                    finish_output(&mut o, s.norm.as_ref());
+                    o
+                })
+                .collect();
+        }
         let mut decoded = Tensor::zeros(&s.device, &[b, d]);
         ops::add_row_vec(&mut decoded, p.get(B_DEC), 1.0);
         let mut out = Vec::with_capacity(self.levels.len());
@@ -51,6 +77,33 @@ impl Matryoshka {
             prev = w;
         }
         out
+    }
+
+    /// The decoder input with its values zeroed from level `l`'s width on.
+    fn prefix(&self, l: usize) -> Csr {
+        let mut f = self.core.fs.clone();
+        ops::csr_scale_cols(&mut f, &self.prefix_masks[l]);
+        f
+    }
+
+    /// The inner levels' backward over the selected latents only: weight gradients and
+    /// the decoder input's gradient at its stored entries.
+    fn sparse_inner_backward(&self, p: &Params, g: &mut Params) -> Tensor {
+        let dev = self.core.fs.device();
+        let nnz = self.core.fs.nnz();
+        let mut extra = Tensor::zeros(&dev, &[nnz]);
+        for (l, d) in self.d_inner.iter().enumerate() {
+            let mut f = self.prefix(l);
+            ops::csr_t_matmul(g.get_mut(W_DEC), &f, d, false, 1.0, 1.0);
+            ops::col_sums(d, g.get_mut(B_DEC), 1.0, 1.0);
+            // d @ W_dec^T at the entries, zero past the level's width
+            let mut at = Tensor::zeros(&dev, &[nnz]);
+            ops::csr_sampled_dot(&f, d, p.get(W_DEC), &mut at);
+            *f.values_mut() = at;
+            ops::csr_scale_cols(&mut f, &self.prefix_masks[l]);
+            ops::axpy(&mut extra, 1.0, f.values());
+        }
+        extra
     }
 
     /// Columns `[a, b)` of the decoder input and rows `[a, b)` of `W_dec`.
@@ -84,8 +137,10 @@ impl Arch for Matryoshka {
         b: &mut Buffers,
     ) -> Result<Losses> {
         let mse = self.core.forward_core(p, s, input);
-        self.fs = Tensor::zeros(&s.device, &[s.batch(), self.core.cfg.d_sae]);
-        ops::csr_to_dense(&self.core.fs, &mut self.fs);
+        if !self.core.sparse {
+            self.fs = Tensor::zeros(&s.device, &[s.batch(), self.core.cfg.d_sae]);
+            ops::csr_to_dense(&self.core.fs, &mut self.fs);
+        }
         let partial = self.prefix_decodes(p, s);
 
         let aux = if self.core.cfg.use_matryoshka_aux_loss {
@@ -141,6 +196,11 @@ impl Arch for Matryoshka {
     fn train_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
         // Segment i feeds every level l >= i: walk levels from the last inner one down,
         // accumulating their decode gradients.
+        if self.core.sparse {
+            self.core.d_fs_extra = Some(self.sparse_inner_backward(p, g));
+            self.core.backward_core(p, s, g);
+            return;
+        }
         let dev = s.device.clone();
         let m = self.core.cfg.d_sae;
         let mut d_fs = Tensor::zeros(&dev, &[s.batch(), m]);
@@ -158,7 +218,9 @@ impl Arch for Matryoshka {
             ops::add_cols(&mut d_fs, a, &df);
         }
         ops::col_sums(&acc, g.get_mut(B_DEC), 1.0, 1.0);
-        self.core.d_fs_extra = Some(d_fs);
+        let mut extra = Tensor::zeros(&dev, &[self.core.fs.nnz()]);
+        ops::csr_gather(&self.core.fs, &d_fs, &mut extra);
+        self.core.d_fs_extra = Some(extra);
         self.core.backward_core(p, s, g);
     }
 

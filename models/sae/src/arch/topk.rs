@@ -47,8 +47,8 @@ pub(crate) struct TopK {
     pub(crate) fs: Csr,
     inv_n: Tensor,
     aux: Vec<AuxTerm>,
-    /// Extra gradient with respect to the decoder input (dense `[B, d_sae]`), added by
-    /// Matryoshka's inner losses.
+    /// Extra gradient with respect to the decoder input at its stored entries
+    /// (`[nnz]`), added by Matryoshka's inner losses.
     pub(crate) d_fs_extra: Option<Tensor>,
 }
 
@@ -191,9 +191,7 @@ impl TopK {
         let mut d_sel = self.sel.clone();
         *d_sel.values_mut() = grad_at(&self.sel, &s.d_recon, w_dec, self.sparse);
         if let Some(extra) = &self.d_fs_extra {
-            let mut e = Tensor::zeros(&dev, &[self.sel.nnz()]);
-            ops::csr_gather(&self.sel, extra, &mut e);
-            ops::axpy(d_sel.values_mut(), 1.0, &e);
+            ops::axpy(d_sel.values_mut(), 1.0, extra);
         }
         if rescale {
             ops::csr_col_dot(&d_sel, Some(self.sel.values()), &mut d_inv_n, 1.0, 1.0);
