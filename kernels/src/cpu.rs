@@ -1354,6 +1354,23 @@ pub fn csr_col_dot(
 // ---------------------------------------------------------------------------------
 // ReLU latents as CSR (the sparse path of the L1-penalised SAEs)
 
+/// How many entries are NaN or infinite and the index of the first (`None` if none).
+pub fn non_finite(x: &[f32]) -> Option<(usize, usize)> {
+    let parts: Vec<(usize, Option<usize>)> = x
+        .par_chunks(FLAT_GRAIN)
+        .enumerate()
+        .map(|(i, c)| {
+            let n = c.iter().filter(|v| !v.is_finite()).count();
+            let first = (n > 0)
+                .then(|| c.iter().position(|v| !v.is_finite()))
+                .flatten();
+            (n, first.map(|f| i * FLAT_GRAIN + f))
+        })
+        .collect();
+    let count: usize = parts.iter().map(|p| p.0).sum();
+    parts.iter().find_map(|p| p.1).map(|first| (count, first))
+}
+
 /// Number of entries `(j, v)` of `x` `[rows, cols]` that `keep` accepts.
 pub fn count_where(x: &[f32], cols: usize, keep: impl Fn(usize, f32) -> bool + Sync) -> usize {
     x.par_chunks(cols)

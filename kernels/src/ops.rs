@@ -1025,6 +1025,15 @@ pub fn csr_col_dot(a: &Csr, other: Option<&Tensor>, out: &mut Tensor, alpha: f32
     );
 }
 
+/// How many entries of `x` are NaN or infinite and the flat index of the first; `None`
+/// when all are finite. (On CUDA through a host copy.)
+pub fn non_finite(x: &Tensor) -> Option<(usize, usize)> {
+    if x.device() != crate::Device::Cpu {
+        return cpu::non_finite(&x.to_vec());
+    }
+    cpu::non_finite(x.cpu())
+}
+
 /// The number of entries `> 0` of `x` (CPU only: the sparse path of the L1 SAEs is
 /// chosen on the CPU).
 pub fn count_positive(x: &Tensor) -> usize {

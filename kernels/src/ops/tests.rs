@@ -1049,3 +1049,14 @@ fn jumprelu_sets_as_csr_give_the_dense_estimators() {
         }
     }
 }
+
+#[test]
+fn non_finite_counts_and_finds_the_first_across_chunks() {
+    let n = 3 * cpu::FLAT_GRAIN + 17;
+    let mut v = vec![1.0f32; n];
+    assert_eq!(non_finite(&t(&[n], v.clone())), None);
+    v[2 * cpu::FLAT_GRAIN + 5] = f32::NEG_INFINITY;
+    v[3 * cpu::FLAT_GRAIN + 1] = f32::NAN;
+    v[cpu::FLAT_GRAIN + 9] = f32::INFINITY;
+    assert_eq!(non_finite(&t(&[n], v)), Some((3, cpu::FLAT_GRAIN + 9)));
+}

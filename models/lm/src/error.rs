@@ -50,6 +50,13 @@ pub enum LmError {
     },
     #[error("context of {len} positions is longer than the model's {n_ctx} (n_positions / max_position_embeddings)")]
     ContextTooLong { len: usize, n_ctx: usize },
+    #[error("hook '{hook}': the forward pass produced {count} non-finite value(s) (NaN or infinity) from finite token ids, the first at row {row}, column {col} of its [sequences x positions, width] activation")]
+    NonFiniteActivation {
+        hook: String,
+        count: usize,
+        row: usize,
+        col: usize,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

@@ -389,6 +389,12 @@ impl Hooks for Capture {
         self.hooks.contains(hook)
     }
     fn visit(&mut self, hook: &HookPoint, act: &mut Tensor) -> Result<()> {
+        // Every captured activation is checked once per batch (scores hold -inf at
+        // masked positions by design): token ids are always finite, so a NaN or an
+        // infinity here is the model's, and nothing downstream should train on it.
+        if hook.kind != AttnScores {
+            check_finite(hook, act)?;
+        }
         for (h, slot) in self.hooks.iter().zip(&mut self.acts) {
             if h == hook {
                 match slot {
@@ -400,6 +406,19 @@ impl Hooks for Capture {
         }
         Ok(())
     }
+}
+
+fn check_finite(hook: &HookPoint, act: &Tensor) -> Result<()> {
+    let Some((count, first)) = kernels::ops::non_finite(act) else {
+        return Ok(());
+    };
+    let cols = act.cols().max(1);
+    Err(LmError::NonFiniteActivation {
+        hook: hook.to_string(),
+        count,
+        row: first / cols,
+        col: first % cols,
+    })
 }
 
 /// Runs two visitors at every hook, `a` first.

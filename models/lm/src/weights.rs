@@ -3,7 +3,7 @@
 
 use crate::{LmError, Result};
 use kernels::{Device, Tensor};
-use sae::io::{read_safetensors, HostTensor};
+use sae::io::{check_finite_weights, read_safetensors, HostTensor};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 pub(crate) struct Checkpoint {
     dir: PathBuf,
     tensors: HashMap<String, HostTensor>,
+    /// The file each tensor came from.
+    origin: HashMap<String, PathBuf>,
 }
 
 impl Checkpoint {
@@ -41,7 +43,7 @@ impl Checkpoint {
                 dir.display()
             )));
         };
-        let mut tensors = HashMap::new();
+        let (mut tensors, mut origin) = (HashMap::new(), HashMap::new());
         // One shard in memory at a time, next to the f32 copies already taken.
         for f in files {
             if !f.exists() {
@@ -51,15 +53,21 @@ impl Checkpoint {
                     f.display()
                 )));
             }
-            tensors.extend(read_safetensors(&f)?);
+            for (name, t) in read_safetensors(&f)? {
+                origin.insert(name.clone(), f.clone());
+                tensors.insert(name, t);
+            }
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             tensors,
+            origin,
         })
     }
 
-    /// Removes and returns the first of `names` present, checking its shape.
+    /// Removes and returns the first of `names` present, checking its shape and that
+    /// its values are finite (only the tensors the model uses: checkpoints may carry
+    /// buffers such as masks that it ignores).
     pub fn take(&mut self, names: &[String], shape: &[usize]) -> Result<(String, HostTensor)> {
         for n in names {
             if let Some(t) = self.tensors.remove(n) {
@@ -70,6 +78,7 @@ impl Checkpoint {
                         want: shape.to_vec(),
                     });
                 }
+                check_finite_weights(&self.origin[n], n, &t)?;
                 return Ok((n.clone(), t));
             }
         }

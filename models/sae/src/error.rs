@@ -50,6 +50,17 @@ pub enum SaeError {
         row: usize,
         col: usize,
     },
+    #[error(
+        "{}: tensor '{name}' holds {count} non-finite value(s) (NaN or infinity), the first ({value}) at index {index:?}; these weights are corrupt or from a diverged run",
+        path.display()
+    )]
+    NonFiniteWeights {
+        path: PathBuf,
+        name: String,
+        count: usize,
+        index: Vec<usize>,
+        value: f32,
+    },
     #[error("{} already exists; pass --overwrite to replace it", path.display())]
     AlreadyExists { path: PathBuf },
     #[error("{0}")]

@@ -51,6 +51,28 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, HostTensor)>> {
     Ok(out)
 }
 
+/// Refuses weights holding NaN or infinity (SAEs, LM checkpoints, trainer checkpoints
+/// all load through here): the error names the file, the tensor, how many values are
+/// bad and the index of the first.
+pub fn check_finite_weights(path: &Path, name: &str, t: &HostTensor) -> Result<()> {
+    let Some(first) = t.values.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let mut index = vec![0; t.shape.len()];
+    let mut rest = first;
+    for (i, &n) in t.shape.iter().enumerate().rev() {
+        index[i] = rest % n.max(1);
+        rest /= n.max(1);
+    }
+    Err(SaeError::NonFiniteWeights {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        count: t.values.iter().filter(|v| !v.is_finite()).count(),
+        index,
+        value: t.values[first],
+    })
+}
+
 /// Reads one tensor of a safetensors file as f32: the one called `name`, or the only
 /// one in the file when `name` is `None`.
 pub fn read_tensor(path: &Path, name: Option<&str>) -> Result<(String, HostTensor)> {
@@ -279,6 +301,9 @@ fn from_tensors(
     path: &Path,
     device: &Device,
 ) -> Result<Sae> {
+    for (name, t) in &tensors {
+        check_finite_weights(path, name, t)?;
+    }
     let mut file: HashMap<String, HostTensor> = tensors.into_iter().collect();
     let present = {
         let mut v: Vec<_> = file_names(&file);

@@ -169,6 +169,20 @@ impl Sae {
         let acts = self.arch.encode(&self.params, &sae_in);
         let mut out = self.arch.decode(&self.params, &acts);
         finish_output(&mut out, norm.as_ref());
+        // Finite weights and inputs can still overflow; say so rather than hand on NaN.
+        if ops::non_finite(x).is_none() {
+            for (what, t) in [("feature_acts", &acts), ("sae_out", &out)] {
+                if let Some((count, first)) = ops::non_finite(t) {
+                    let cols = t.cols().max(1);
+                    return Err(SaeError::NonFinite {
+                        what: format!("the SAE's {what} from a finite input"),
+                        count,
+                        row: first / cols,
+                        col: first % cols,
+                    });
+                }
+            }
+        }
         Ok((acts, out))
     }
 

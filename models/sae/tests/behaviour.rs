@@ -314,3 +314,24 @@ fn unit_norm_decoder_helpers() {
         assert!(dot.abs() < 1e-6, "{dot}");
     }
 }
+
+/// Issue 18: finite weights and a finite input whose products overflow give an error
+/// naming the output and the first bad entry, not NaN latents.
+#[test]
+fn forward_refuses_to_hand_on_an_overflow() {
+    let dev = kernels::Device::Cpu;
+    let mut sae = Sae::new(SaeConfig::new(Architecture::Standard, 4, 6), &dev, 1).unwrap();
+    *sae.params.get_mut("W_enc") =
+        Tensor::from_vec(&dev, &[4, 6], vec![f32::MAX / 2.0; 24]).unwrap();
+    let x = Tensor::from_vec(&dev, &[2, 4], vec![1.0; 8]).unwrap();
+    let e = sae.forward(&x).unwrap_err().to_string();
+    assert!(
+        e.contains("the SAE's feature_acts from a finite input")
+            && e.contains("12 non-finite value(s)")
+            && e.contains("row 0, column 0"),
+        "{e}"
+    );
+    // an ordinary SAE and input pass
+    let ok = Sae::new(SaeConfig::new(Architecture::Standard, 4, 6), &dev, 1).unwrap();
+    assert!(ok.forward(&x).is_ok());
+}

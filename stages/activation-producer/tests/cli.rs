@@ -231,6 +231,88 @@ fn dump_errors_name_the_problem() {
     );
 }
 
+/// Issue 18: a checkpoint with a NaN in a layer-norm weight (NaN q/k/v, an all-zero
+/// attention pattern, a residual stream that looks finite but is wrong, exit 0) is
+/// refused, naming the file, the tensor and the index; a pass that makes infinities
+/// from finite weights is refused naming the hook. Nothing is written either way.
+#[test]
+fn dump_refuses_non_finite_weights() {
+    let fx = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in std::fs::read_dir(fx.join("tiny-gpt2")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let file = model.join("model.safetensors");
+    let all = sae::io::read_safetensors(&file).unwrap();
+    let outs: Vec<sae::io::OutTensor> = all
+        .iter()
+        .map(|(name, t)| {
+            let mut values = t.values.clone();
+            if name == "transformer.h.1.ln_1.weight" {
+                values[17] = f32::NAN;
+            }
+            sae::io::OutTensor {
+                name,
+                shape: t.shape.clone(),
+                values,
+                dtype: t.dtype,
+            }
+        })
+        .collect();
+    sae::io::write_safetensors(&file, &outs, true).unwrap();
+    let out = dir.path().join("a.safetensors");
+    let dump = |hook: &str| {
+        fails(&[
+            "dump",
+            "--model",
+            s(&model),
+            "--tokens",
+            s(&fx.join("acts/tokens.npy")),
+            "--hooks",
+            hook,
+            "--output",
+            s(&out),
+        ])
+    };
+    let e = dump("blocks.1.hook_resid_post");
+    assert!(
+        e.contains(&format!(
+            "{}: tensor 'transformer.h.1.ln_1.weight'",
+            file.display()
+        )) && e.contains("1 non-finite value(s)")
+            && e.contains("at index [17]"),
+        "{e}"
+    );
+    assert!(!out.exists());
+
+    // Finite weights whose products overflow: the pass itself makes infinities, and
+    // the captured hook is refused by name.
+    let outs: Vec<sae::io::OutTensor> = all
+        .iter()
+        .map(|(name, t)| sae::io::OutTensor {
+            name,
+            shape: t.shape.clone(),
+            values: match name.as_str() {
+                "transformer.h.0.mlp.c_fc.weight" => vec![f32::MAX / 2.0; t.values.len()],
+                _ => t.values.clone(),
+            },
+            dtype: t.dtype,
+        })
+        .collect();
+    sae::io::write_safetensors(&file, &outs, true).unwrap();
+    let e = dump("blocks.0.hook_resid_post");
+    assert!(
+        e.contains("hook 'blocks.0.hook_resid_post': the forward pass produced")
+            && e.contains("non-finite value(s)")
+            && e.contains("from finite token ids"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
 #[test]
 fn eval_prints_saelens_metrics_and_writes_per_latent_ones() {
     let fx = fixtures();

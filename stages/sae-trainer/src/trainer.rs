@@ -469,7 +469,11 @@ impl Trainer {
             .map_err(|e| anyhow::anyhow!("{}: config: {e}", json_path.display()))?;
         let sae_cfg = SaeConfig::from_json(&state["sae_config"])
             .map_err(|e| anyhow::anyhow!("{}: sae_config: {e}", json_path.display()))?;
-        let tensors = io::read_safetensors(&dir.join(TRAINER_STATE_TENSORS))?;
+        let tensors_path = dir.join(TRAINER_STATE_TENSORS);
+        let tensors = io::read_safetensors(&tensors_path)?;
+        for (name, t) in &tensors {
+            io::check_finite_weights(&tensors_path, name, t)?;
+        }
         let get = |name: &str| -> Result<Tensor> {
             let (_, t) = tensors
                 .iter()

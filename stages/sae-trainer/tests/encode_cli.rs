@@ -462,3 +462,62 @@ fn a_pretrained_release_and_id_encode_as_the_directory_does() {
         "{e}"
     );
 }
+
+/// A copy of `dir` whose weights file has `value` at flat position `at` of `tensor`.
+fn poisoned_copy(dir: &Path, into: &Path, file: &str, tensor: &str, at: usize, value: f32) {
+    std::fs::create_dir_all(into).unwrap();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, into.join(f.file_name().unwrap())).unwrap();
+    }
+    let all = io::read_safetensors(&dir.join(file)).unwrap();
+    let outs: Vec<OutTensor> = all
+        .iter()
+        .map(|(name, t)| {
+            let mut values = t.values.clone();
+            if name == tensor {
+                values[at] = value;
+            }
+            OutTensor {
+                name,
+                shape: t.shape.clone(),
+                values,
+                dtype: t.dtype,
+            }
+        })
+        .collect();
+    io::write_safetensors(&into.join(file), &outs, true).unwrap();
+}
+
+/// Issue 18: an SAE whose W_enc holds a NaN (one latent silently read 0) or whose b_dec
+/// holds one (an all-NaN output, exit 0) is refused at load, naming the file, the
+/// tensor, the count and the first bad index; nothing is written.
+#[test]
+fn non_finite_weights_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let src = fixtures().join("saes_inference/standard");
+    for (tensor, at, value, index) in [
+        ("W_enc", 3 * 128 + 7, f32::NAN, "[3, 7]"),
+        ("b_dec", 5, f32::INFINITY, "[5]"),
+    ] {
+        let bad = tmp.path().join(tensor);
+        poisoned_copy(&src, &bad, "sae_weights.safetensors", tensor, at, value);
+        let e = run_err(&[
+            "--sae",
+            bad.to_str().unwrap(),
+            "--input",
+            &inputs("batches"),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        let file = bad.join("sae_weights.safetensors");
+        assert!(
+            e.contains(&format!("{}: tensor '{tensor}'", file.display()))
+                && e.contains("1 non-finite value(s)")
+                && e.contains(&format!("at index {index}")),
+            "{e}"
+        );
+        assert!(!out.exists(), "{tensor}: an output was written");
+    }
+}

@@ -853,3 +853,63 @@ fn trains_from_parquet_shards_by_hook_name() {
         "{e}"
     );
 }
+
+/// Issue 18: a checkpoint whose parameters hold a NaN (a diverged run) is refused by
+/// `--resume`, naming the file, the tensor and the first bad index, before anything is
+/// written.
+#[test]
+fn resume_refuses_a_checkpoint_with_non_finite_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let acts = tmp.path().join("acts.safetensors");
+    write_acts(&acts, 4096, 32, 5);
+    let acts = acts.to_str().unwrap();
+    let cfg = tmp.path().join("run.yaml");
+    std::fs::write(
+        &cfg,
+        "architecture: standard\nd_sae: 64\ntraining_tokens: 4096\ntrain_batch_size_tokens: 256\nn_checkpoints: 1\n",
+    )
+    .unwrap();
+    let first = tmp.path().join("first");
+    ok(train(&cfg, acts, &first, &[]));
+    let ckpt = std::fs::read_dir(first.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("trainer_state.json").exists())
+        .expect("a checkpoint");
+    let file = ckpt.join(schemas::files::TRAINER_STATE_TENSORS);
+    let all = io::read_safetensors(&file).unwrap();
+    let outs: Vec<OutTensor> = all
+        .iter()
+        .map(|(name, t)| {
+            let mut values = t.values.clone();
+            if name == "param.W_dec" {
+                values[2 * 32 + 2] = f32::NAN; // [d_sae, d_in] = [64, 32]
+            }
+            OutTensor {
+                name,
+                shape: t.shape.clone(),
+                values,
+                dtype: t.dtype,
+            }
+        })
+        .collect();
+    io::write_safetensors(&file, &outs, true).unwrap();
+    let again = tmp.path().join("again");
+    let e = err(train(
+        &cfg,
+        acts,
+        &again,
+        &["--resume", ckpt.to_str().unwrap()],
+    ));
+    assert!(
+        e.contains(&format!("{}: tensor 'param.W_dec'", file.display()))
+            && e.contains("1 non-finite value(s)")
+            && e.contains("at index [2, 2]"),
+        "{e}"
+    );
+    assert!(
+        !again.exists(),
+        "the refused resume wrote {}",
+        again.display()
+    );
+}
