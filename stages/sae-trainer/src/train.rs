@@ -126,19 +126,60 @@ pub fn run(a: &TrainArgs) -> Result<Vec<Value>> {
             .min()
             .unwrap_or(0)
     };
-    let mut feed = Feed::open(&a.input, &cfgs, &a.configs, start)?;
+    let feed = Feed::open(&a.input, &cfgs, &a.configs, start)?;
     feed.check_context(&cfgs, &a.configs)?;
+    // --overwrite of an earlier run builds the new one beside it, in OUT.new, and
+    // replaces the earlier run's files only once the new run has finished.
+    let staged: Vec<Option<PathBuf>> = a
+        .outputs
+        .iter()
+        .map(|out| (a.overwrite && a.resume.is_empty() && has_run(out)).then(|| staging(out)))
+        .collect();
+    let note: Vec<String> = staged
+        .iter()
+        .zip(&a.outputs)
+        .filter_map(|(s, out)| {
+            s.as_ref().map(|s| {
+                format!(
+                    "the earlier run in {} is untouched; this run's files and checkpoints are in {} (continue it with --resume CHECKPOINT --output {})",
+                    out.display(),
+                    s.display(),
+                    s.display()
+                )
+            })
+        })
+        .collect();
+    let result = train_all(a, &cfgs, feed, start, &staged);
+    match result {
+        Err(e) if !note.is_empty() => Err(anyhow::anyhow!("{e:#}\n{}", note.join("\n"))),
+        r => r,
+    }
+}
+
+/// The runs of [`run`], from building their trainers to their summaries.
+fn train_all(
+    a: &TrainArgs,
+    cfgs: &[TrainConfig],
+    mut feed: Feed,
+    start: u64,
+    staged: &[Option<PathBuf>],
+) -> Result<Vec<Value>> {
     let mut runs = Vec::new();
     for (i, cfg) in cfgs.iter().enumerate() {
         let d_in = feed.d_in(i);
-        let run = Run::new(
+        let out = a.outputs[i].clone();
+        let mut run = Run::new(
             cfg,
             &a.configs[i],
             d_in,
-            a.outputs[i].clone(),
+            staged[i].clone().unwrap_or_else(|| out.clone()),
             a.resume.get(i),
             a.overwrite,
         )?;
+        run.replaces = staged[i].is_some().then_some(out);
+        if run.done {
+            run.replace_earlier()?;
+        }
         runs.push(run);
     }
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -411,6 +452,9 @@ enum Phase {
 /// One SAE being trained.
 struct Run {
     out: PathBuf,
+    /// The run directory whose earlier run this one replaces when it finishes (`out`
+    /// is then its staging directory).
+    replaces: Option<PathBuf>,
     trainer: Trainer,
     yaml: String,
     phase: Phase,
@@ -496,6 +540,7 @@ impl Run {
         let first_step = trainer.counters.n_training_steps;
         let mut r = Run {
             out,
+            replaces: None,
             trainer,
             yaml,
             phase,
@@ -718,6 +763,32 @@ impl Run {
         }
         io::save_inference(&self.trainer.sae, &self.out, false)?;
         io::save_sparsity(&self.out, &self.trainer.log_feature_sparsity(), false)?;
+        self.replace_earlier()
+    }
+
+    /// A finished run built beside an earlier one takes its place: the earlier run's
+    /// files go aside first (renames, so a crash in between loses neither run), then
+    /// this run's move in.
+    fn replace_earlier(&mut self) -> Result<()> {
+        let Some(fin) = self.replaces.take() else {
+            return Ok(());
+        };
+        let aside = fin.join(format!(".replaced-{}", std::process::id()));
+        std::fs::create_dir_all(&aside)?;
+        for f in RUN_FILES {
+            if fin.join(f).exists() {
+                std::fs::rename(fin.join(f), aside.join(f))?;
+            }
+        }
+        for f in RUN_FILES {
+            if self.out.join(f).exists() {
+                std::fs::rename(self.out.join(f), fin.join(f))
+                    .with_context(|| format!("cannot move {f} into {}", fin.display()))?;
+            }
+        }
+        std::fs::remove_dir_all(&aside)?;
+        std::fs::remove_dir_all(&self.out)?;
+        self.out = fin;
         Ok(())
     }
 
@@ -811,17 +882,37 @@ fn check_output(out: &Path, overwrite: bool, resume: bool) -> Result<()> {
     Ok(())
 }
 
+/// What a run writes in its directory.
+const RUN_FILES: [&str; 6] = [
+    SAE_CFG,
+    SAE_WEIGHTS,
+    SPARSITY,
+    METRICS,
+    CONFIG,
+    "checkpoints",
+];
+
+/// Whether `out` holds (part of) an earlier run.
+fn has_run(out: &Path) -> bool {
+    RUN_FILES.iter().any(|f| out.join(f).exists())
+}
+
+/// Where `--overwrite` builds a new run beside the earlier one in `out`.
+fn staging(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".new");
+    out.with_file_name(name)
+}
+
 /// Removes the outputs of an earlier run (and nothing else) from `out`.
 fn clear_output(out: &Path) -> Result<()> {
-    for f in [SAE_CFG, SAE_WEIGHTS, SPARSITY, METRICS, CONFIG] {
+    for f in RUN_FILES {
         let p = out.join(f);
-        if p.exists() {
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else if p.exists() {
             std::fs::remove_file(&p)?;
         }
-    }
-    let ck = out.join("checkpoints");
-    if ck.is_dir() {
-        std::fs::remove_dir_all(&ck)?;
     }
     Ok(())
 }

@@ -913,3 +913,83 @@ fn resume_refuses_a_checkpoint_with_non_finite_weights() {
         again.display()
     );
 }
+
+/// Issue 18: `--overwrite` of a finished run builds the new run beside it (OUT.new).
+/// When the new run stops (a NaN batch at step 13 of 16, after three checkpoints) the
+/// earlier run is intact byte for byte and the message says where the new run's
+/// checkpoints are; when a new run finishes it replaces the earlier one, leaving no
+/// staging directory behind.
+#[test]
+fn overwrite_replaces_a_run_only_when_the_new_one_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.safetensors");
+    write_acts(&good, 4096, 32, 7);
+    let bad = tmp.path().join("bad.safetensors");
+    let (_, mut t) = io::read_tensor(&good, None).unwrap();
+    t.values[3500 * 32 + 4] = f32::NAN;
+    io::write_safetensors(
+        &bad,
+        &[OutTensor {
+            name: "acts",
+            shape: t.shape.clone(),
+            values: t.values,
+            dtype: Dtype::F32,
+        }],
+        true,
+    )
+    .unwrap();
+    let cfg = tmp.path().join("run.yaml");
+    let yaml = "architecture: standard\nd_sae: 64\ntraining_tokens: 4096\ntrain_batch_size_tokens: 256\nn_checkpoints: 3\nshuffle: false\n";
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = tmp.path().join("run");
+    ok(train(&cfg, good.to_str().unwrap(), &out, &[]));
+    let before: Vec<(String, Vec<u8>)> = [
+        "cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+        "metrics.jsonl",
+    ]
+    .iter()
+    .map(|f| (f.to_string(), std::fs::read(out.join(f)).unwrap()))
+    .collect();
+
+    let staged = tmp.path().join("run.new");
+    let e = err(train(&cfg, bad.to_str().unwrap(), &out, &["--overwrite"]));
+    assert!(
+        e.contains("step 13")
+            && e.contains(&format!(
+                "the earlier run in {} is untouched",
+                out.display()
+            ))
+            && e.contains(&format!("checkpoints are in {}", staged.display())),
+        "{e}"
+    );
+    for (f, bytes) in &before {
+        assert_eq!(&std::fs::read(out.join(f)).unwrap(), bytes, "{f} changed");
+    }
+    let ckpts: Vec<PathBuf> = std::fs::read_dir(staged.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("trainer_state.json").exists())
+        .collect();
+    assert_eq!(ckpts.len(), 3, "the stopped run's checkpoints: {ckpts:?}");
+
+    // A second seed, so the finished run differs from the earlier one.
+    std::fs::write(&cfg, format!("{yaml}seed: 9\n")).unwrap();
+    ok(train(&cfg, good.to_str().unwrap(), &out, &["--overwrite"]));
+    assert_ne!(
+        std::fs::read(out.join("sae_weights.safetensors")).unwrap(),
+        before[1].1,
+        "the new run replaced the earlier one"
+    );
+    assert!(!staged.exists(), "{} is left behind", staged.display());
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".replaced"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(std::fs::read_to_string(out.join("config.yaml"))
+        .unwrap()
+        .contains("seed: 9"));
+}
