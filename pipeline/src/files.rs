@@ -113,10 +113,24 @@ impl Safetensors {
             .map_err(|e| file_err(path, format!("not a readable safetensors file: {e}")))?;
         let mut names = st.names();
         names.sort();
-        let name = match tensor {
-            Some(t) => t.to_string(),
-            None if names.len() == 1 => names[0].to_string(),
-            None => {
+        // An explicit FILE:TENSOR is the user's answer; otherwise the tensor must be the
+        // one hook_name names, so a mismatch is not recorded in the SAE as if it were
+        // right.
+        let name = match (tensor, column) {
+            (Some(t), _) => t.to_string(),
+            (None, Some(c)) if names.contains(&c) => c.to_string(),
+            (None, Some(c)) if names.len() == 1 => {
+                return Err(file_err(
+                    path,
+                    format!(
+                        "its tensor is '{t}', but hook_name is '{c}'; correct hook_name, or name the tensor as {}:{t} to train on it anyway",
+                        path.display(),
+                        t = names[0]
+                    ),
+                ))
+            }
+            (None, _) if names.len() == 1 => names[0].to_string(),
+            (None, _) => {
                 return Err(file_err(
                     path,
                     format!(

@@ -494,7 +494,17 @@ impl Run {
         }
         let (trainer, yaml, phase) = match resume {
             Some(ckpt) => {
-                let (t, yaml) = Trainer::load_checkpoint(ckpt, &device)?;
+                let (mut t, _) = Trainer::load_checkpoint(ckpt, &device)?;
+                t.cfg = resume_config(cfg, &t.cfg, d_in).map_err(|differ| {
+                    anyhow::anyhow!(
+                        "{}: the config differs from the checkpoint {} in {}; a resume continues the same run, so only {} may change (use the checkpoint's values, or start a new run)",
+                        path.display(),
+                        ckpt.display(),
+                        differ.join("; "),
+                        RESUME_MAY_CHANGE.join(", ")
+                    )
+                })?;
+                let yaml = t.cfg.to_yaml();
                 if t.sae.cfg().d_in != d_in {
                     bail!(
                         "the checkpoint's SAE has d_in = {}, the activations have {d_in}",
@@ -837,8 +847,17 @@ fn start(cfg: &TrainConfig, d_in: usize, device: &Device) -> Result<(Trainer, St
                     sae.cfg().d_in
                 );
             }
-            // The SAE keeps its architecture; the run decides its sparsity schedule
-            // (as SAELens 5's trainer does with the runner config).
+            // The SAE keeps its architecture, width and k, as SAELens loads it; what
+            // the config said otherwise is printed, and config.yaml records what is
+            // used. The run decides its sparsity schedule (as SAELens 5's trainer does
+            // with the runner config).
+            let differ = pretrained_differences(cfg, sae.cfg(), d_in);
+            if !differ.is_empty() {
+                eprintln!(
+                    "note: from_pretrained_path {p}: the SAE's own settings are used, as SAELens does: {}; config.yaml records them",
+                    differ.join("; ")
+                );
+            }
             let mut c = sae.cfg().clone();
             c.l1_coefficient = cfg.l1_coefficient;
             c.l1_warm_up_steps = cfg.l1_warm_up_steps;
@@ -853,8 +872,88 @@ fn start(cfg: &TrainConfig, d_in: usize, device: &Device) -> Result<(Trainer, St
     resolved.d_in = Some(d_in);
     resolved.d_sae = Some(sae.cfg().d_sae);
     resolved.expansion_factor = None;
+    if cfg.from_pretrained_path.is_some() {
+        let sc = sae.cfg();
+        resolved.architecture = sc.architecture.as_str().to_string();
+        resolved.k = has_k(sc.architecture).then_some(sc.k);
+        resolved.activation_fn = None;
+    }
     let yaml = resolved.to_yaml();
     Ok((Trainer::new(resolved, sae), yaml))
+}
+
+/// What a resume may change: where it runs and how often it logs and checkpoints.
+/// Everything else decides the run's numbers or its data.
+const RESUME_MAY_CHANGE: [&str; 5] = [
+    "device",
+    "log_frequency",
+    "n_checkpoints",
+    "checkpoint_path",
+    "run_name",
+];
+
+/// The checkpoint's config with the changes a resume may make from `asked`, or each
+/// other difference (fields `asked` leaves out are the checkpoint's).
+fn resume_config(
+    asked: &TrainConfig,
+    ckpt: &TrainConfig,
+    d_in: usize,
+) -> Result<TrainConfig, Vec<String>> {
+    let to_map = |c: &TrainConfig| match serde_json::to_value(c) {
+        Ok(Value::Object(m)) => m,
+        _ => unreachable!("a config serialises to a map"),
+    };
+    let (asked_map, mut merged) = (to_map(asked), to_map(ckpt));
+    let mut differ = Vec::new();
+    for (k, want) in &asked_map {
+        let have = merged.get(k).cloned().unwrap_or(Value::Null);
+        if want.is_null() || *want == have {
+            continue;
+        }
+        if RESUME_MAY_CHANGE.contains(&k.as_str()) {
+            merged.insert(k.clone(), want.clone());
+            continue;
+        }
+        // A width asked as expansion_factor is stored resolved, as d_sae.
+        let resolved_width = k == "expansion_factor"
+            && have.is_null()
+            && want.as_u64().map(|e| e as usize * d_in) == ckpt.d_sae;
+        if !resolved_width {
+            differ.push(format!(
+                "{k} ({have} in the checkpoint, {want} in the config)"
+            ));
+        }
+    }
+    if !differ.is_empty() {
+        return Err(differ);
+    }
+    serde_json::from_value(Value::Object(merged)).map_err(|e| vec![e.to_string()])
+}
+
+/// Whether an architecture selects `k` latents.
+fn has_k(a: sae::Architecture) -> bool {
+    use sae::Architecture::*;
+    matches!(a, TopK | BatchTopK | MatryoshkaBatchTopK)
+}
+
+/// The settings a `from_pretrained_path` SAE has that the run's config asks otherwise.
+fn pretrained_differences(cfg: &TrainConfig, sc: &schemas::SaeConfig, d_in: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    if cfg.architecture != sc.architecture.as_str() {
+        out.push(format!(
+            "architecture '{}' (the config says '{}')",
+            sc.architecture.as_str(),
+            cfg.architecture
+        ));
+    }
+    let asked = cfg.d_sae.or(cfg.expansion_factor.map(|e| e * d_in));
+    if let Some(d) = asked.filter(|&d| d != sc.d_sae) {
+        out.push(format!("d_sae {} (the config asks {d})", sc.d_sae));
+    }
+    if let Some(k) = cfg.k.filter(|&k| has_k(sc.architecture) && k != sc.k) {
+        out.push(format!("k {} (the config says {k})", sc.k));
+    }
+    out
 }
 
 fn n_norm_batches(cfg: &TrainConfig, sae: &schemas::SaeConfig) -> u64 {

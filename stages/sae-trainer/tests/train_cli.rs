@@ -829,10 +829,24 @@ fn trains_from_parquet_shards_by_hook_name() {
         &[],
     ));
     assert_eq!(summary["d_in"], 32);
-    // same rows, same order, as the safetensors file: the same SAE
-    ok(train(
+    // same rows, same order, as the safetensors file: the same SAE (its tensor is
+    // called `acts`, so it is named: a bare file whose tensor is not hook_name's is
+    // refused)
+    let e = err(train(
         &cfg,
         st.to_str().unwrap(),
+        &tmp.path().join("run2"),
+        &[],
+    ));
+    assert!(
+        e.contains("its tensor is 'acts', but hook_name is 'blocks.3.hook_resid_post'")
+            && e.contains(&format!("{}:acts", st.display())),
+        "{e}"
+    );
+    assert!(!tmp.path().join("run2").exists());
+    ok(train(
+        &cfg,
+        &format!("{}:acts", st.display()),
         &tmp.path().join("run2"),
         &[],
     ));
@@ -992,4 +1006,93 @@ fn overwrite_replaces_a_run_only_when_the_new_one_finishes() {
     assert!(std::fs::read_to_string(out.join("config.yaml"))
         .unwrap()
         .contains("seed: 9"));
+}
+
+/// Issue 18: a `from_pretrained_path` SAE whose architecture, d_sae and k differ from
+/// the config keeps its own (SAELens's precedence), the differences are printed, and
+/// config.yaml records what was used, agreeing with the saved cfg.json.
+#[test]
+fn from_pretrained_path_differences_are_said_and_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("run.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "architecture: standard\nd_sae: 64\nk: 8\nfrom_pretrained_path: {}\ntraining_tokens: 256\ntrain_batch_size_tokens: 128\n",
+            fixtures().join("saes/topk").display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let o = train(&cfg, &inputs("batches"), &out, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    ok(o);
+    assert!(
+        stderr.contains("the SAE's own settings are used")
+            && stderr.contains("architecture 'topk' (the config says 'standard')")
+            && stderr.contains("d_sae 128 (the config asks 64)")
+            && stderr.contains("k 16 (the config says 8)"),
+        "{stderr}"
+    );
+    let used =
+        schemas::TrainConfig::from_yaml(&std::fs::read_to_string(out.join("config.yaml")).unwrap())
+            .unwrap();
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!(used.architecture, "topk");
+    assert_eq!(used.d_sae, Some(128));
+    assert_eq!(used.k, Some(16.0));
+    assert_eq!(saved["d_sae"], 128);
+    assert_eq!(saved["k"].as_f64(), Some(16.0));
+}
+
+/// Issue 18: `--resume` with a config that differs from the checkpoint's refuses,
+/// listing each difference, unless only what a resume may change differs (logging,
+/// checkpoints, device), which it then uses.
+#[test]
+fn resume_lists_config_differences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let acts = tmp.path().join("acts.safetensors");
+    write_acts(&acts, 4096, 32, 6);
+    let acts = acts.to_str().unwrap();
+    let base = "architecture: standard\nd_sae: 64\ntraining_tokens: 4096\ntrain_batch_size_tokens: 256\nn_checkpoints: 1\n";
+    let cfg = tmp.path().join("run.yaml");
+    std::fs::write(&cfg, base).unwrap();
+    let first = tmp.path().join("first");
+    ok(train(&cfg, acts, &first, &[]));
+    let ckpt = std::fs::read_dir(first.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("trainer_state.json").exists())
+        .expect("a checkpoint");
+    let resume = |yaml: &str, out: &Path| {
+        let c = tmp.path().join("changed.yaml");
+        std::fs::write(&c, yaml).unwrap();
+        train(&c, acts, out, &["--resume", ckpt.to_str().unwrap()])
+    };
+    let refused = tmp.path().join("refused");
+    let changed = base.replace("d_sae: 64", "d_sae: 128") + "lr: 0.001\n";
+    let e = err(resume(&changed, &refused));
+    assert!(
+        e.contains(&format!(
+            "the config differs from the checkpoint {}",
+            ckpt.display()
+        )) && e.contains("d_sae (64 in the checkpoint, 128 in the config)")
+            && e.contains("lr (0.0003 in the checkpoint, 0.001 in the config)")
+            && e.contains("only device, log_frequency, n_checkpoints"),
+        "{e}"
+    );
+    assert!(!refused.exists());
+    let resumed = tmp.path().join("resumed");
+    ok(resume(&format!("{base}log_frequency: 7\n"), &resumed));
+    let used = schemas::TrainConfig::from_yaml(
+        &std::fs::read_to_string(resumed.join("config.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(used.log_frequency, 7);
+    assert_eq!(
+        std::fs::read(first.join("sae_weights.safetensors")).unwrap(),
+        std::fs::read(resumed.join("sae_weights.safetensors")).unwrap(),
+        "logging does not change the run"
+    );
 }
