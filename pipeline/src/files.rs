@@ -36,6 +36,94 @@ pub fn open(
     Ok(src)
 }
 
+/// [`crate::stream::count_rows`] for a file, a `FILE:TENSOR` or a directory of files.
+pub(crate) fn count_rows(spec: &str, column: Option<&str>) -> Result<Option<u64>, StreamError> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| file_err(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && kind(p).is_some())
+            .collect();
+        files.sort();
+        let mut total = 0;
+        for f in files {
+            match count_file(&f, None, column)? {
+                Some(n) => total += n,
+                None => return Ok(None),
+            }
+        }
+        return Ok(Some(total));
+    }
+    match spec.rsplit_once(':') {
+        Some((f, t)) if !path.exists() && Path::new(f).is_file() => {
+            count_file(Path::new(f), Some(t), column)
+        }
+        _ => count_file(path, None, column),
+    }
+}
+
+fn count_file(
+    path: &Path,
+    tensor: Option<&str>,
+    column: Option<&str>,
+) -> Result<Option<u64>, StreamError> {
+    match kind(path) {
+        Some("safetensors") => {
+            use std::io::Read;
+            let mut f = File::open(path).map_err(|e| file_err(path, e))?;
+            let mut n = [0u8; 8];
+            f.read_exact(&mut n).map_err(|e| file_err(path, e))?;
+            let mut header = vec![0u8; u64::from_le_bytes(n).min(100 << 20) as usize];
+            f.read_exact(&mut header).map_err(|e| file_err(path, e))?;
+            let Ok(serde_json::Value::Object(h)) = serde_json::from_slice(&header) else {
+                return Ok(None); // opening it says what is wrong
+            };
+            let shapes: Vec<(&String, Vec<u64>)> = h
+                .iter()
+                .filter(|(k, _)| *k != "__metadata__")
+                .filter_map(|(k, v)| {
+                    let s = v.get("shape")?.as_array()?;
+                    Some((k, s.iter().filter_map(|d| d.as_u64()).collect()))
+                })
+                .collect();
+            let pick = tensor.or(column);
+            let shape = match pick {
+                Some(name) => shapes.iter().find(|(k, _)| k.as_str() == name),
+                None if shapes.len() == 1 => shapes.first(),
+                None => None,
+            };
+            Ok(shape.and_then(|(name, s)| {
+                let s: Vec<usize> = s.iter().map(|&d| d as usize).collect();
+                let d = activation_width(name, column, &s).filter(|&d| d > 0)?;
+                Some((s.iter().product::<usize>() / d) as u64)
+            }))
+        }
+        Some("parquet") => {
+            use parquet::file::reader::{FileReader, SerializedFileReader};
+            let f = File::open(path).map_err(|e| file_err(path, e))?;
+            let r = SerializedFileReader::new(f)
+                .map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
+            Ok(Some(r.metadata().file_metadata().num_rows() as u64))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The width of one activation row of a tensor of `shape`: the last dimension for
+/// `[n, d_in]` and `[n_seq, seq_len, d_in]` (TransformerLens's `[batch, pos, d_model]`,
+/// what `activation-producer dump` writes); for a `hook_z` (by tensor or column name)
+/// the last two, heads side by side, for `[n, n_heads, d_head]` and
+/// `[n_seq, seq_len, n_heads, d_head]`. `None` for any other rank.
+fn activation_width(name: &str, column: Option<&str>, shape: &[usize]) -> Option<usize> {
+    let hook_z = name.ends_with("hook_z") || column.is_some_and(|c| c.ends_with("hook_z"));
+    match (hook_z, shape.len()) {
+        (_, 2) | (false, 3) => shape.last().copied(),
+        (true, 3 | 4) => Some(shape[shape.len() - 2] * shape[shape.len() - 1]),
+        _ => None,
+    }
+}
+
 /// Reads and drops batches up to `position`.
 pub(crate) fn skip(src: &mut dyn BatchSource, position: u64) -> Result<(), StreamError> {
     while src.position() < position {
@@ -147,13 +235,14 @@ impl Safetensors {
             present: names.join(", "),
         })?;
         let shape = v.shape().to_vec();
-        if shape.len() < 2 {
+        let Some(d) = activation_width(&name, column, &shape) else {
             return Err(file_err(
                 path,
-                format!("tensor '{name}' has shape {shape:?}; activations are [n, d_in]"),
+                format!(
+                    "tensor '{name}' has shape {shape:?}; activations are [n, d_in] or [n_seq, seq_len, d_in] (a hook_z: [n, n_heads, d_head] or [n_seq, seq_len, n_heads, d_head])"
+                ),
             ));
-        }
-        let d = *shape.last().unwrap();
+        };
         let data = v.data();
         let values: Vec<f32> = match v.dtype() {
             Dtype::F32 => data

@@ -104,6 +104,20 @@ pub fn open_source(spec: &str, opts: &OpenOptions) -> Result<Box<dyn BatchSource
     Ok(src)
 }
 
+/// How many activation rows `spec` holds, where that is known without reading the data:
+/// a safetensors file (its header) or a Parquet file (its metadata), or a directory of
+/// them; `None` for streams, shard directories, SAELens caches and Arrow IPC files.
+pub fn count_rows(spec: &str, column: Option<&str>) -> Result<Option<u64>, StreamError> {
+    if crate::flight::is_url(spec) || spec.starts_with(crate::synthetic::PREFIX) {
+        return Ok(None);
+    }
+    let path = Path::new(spec);
+    if crate::shards::is_shard_dir(path)? || crate::saelens_cache::is_saelens_cache(path) {
+        return Ok(None);
+    }
+    crate::files::count_rows(spec, column)
+}
+
 /// Opens several upstreams of one schema as one stream taken round-robin in the given
 /// order ([`crate::merge::Merge`]); one spec is just that stream.
 pub fn open_sources(

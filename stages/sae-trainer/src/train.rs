@@ -128,6 +128,14 @@ pub fn run(a: &TrainArgs) -> Result<Vec<Value>> {
     };
     let feed = Feed::open(&a.input, &cfgs, &a.configs, start)?;
     feed.check_context(&cfgs, &a.configs)?;
+    if let Input::Files(spec) = &a.input {
+        let hook = cfgs[0].hook_name.as_deref();
+        if let Some(rows) = pipeline::stream::count_rows(spec, hook)? {
+            for (cfg, path) in cfgs.iter().zip(&a.configs) {
+                check_enough_rows(cfg, path, spec, rows)?;
+            }
+        }
+    }
     // --overwrite of an earlier run builds the new one beside it, in OUT.new, and
     // replaces the earlier run's files only once the new run has finished.
     let staged: Vec<Option<PathBuf>> = a
@@ -928,6 +936,29 @@ fn resume_config(
         return Err(differ);
     }
     serde_json::from_value(Value::Object(merged)).map_err(|e| vec![e.to_string()])
+}
+
+/// Refuses, before anything is written, a run that needs more batches than the
+/// activations hold (norm estimate, training and finetuning), with both counts.
+fn check_enough_rows(cfg: &TrainConfig, path: &Path, spec: &str, rows: u64) -> Result<()> {
+    let batch = cfg.train_batch_size_tokens.max(1) as u64;
+    let norm = match cfg.normalize_activations.as_str() {
+        "expected_average_only_in" => cfg.n_batches_for_norm_estimate as u64,
+        _ => 0,
+    };
+    let (train, tune) = (cfg.training_tokens / batch, cfg.finetuning_tokens / batch);
+    let needed = norm + cfg.total_training_steps();
+    if rows / batch >= needed {
+        return Ok(());
+    }
+    bail!(
+        "{spec} holds {rows} activation rows, {} batches of train_batch_size_tokens {batch}, but {} needs {needed} batches ({} rows): {norm} for the norm estimate, {train} for training_tokens {}{}",
+        rows / batch,
+        path.display(),
+        needed * batch,
+        cfg.training_tokens,
+        if tune > 0 { format!(", {tune} for finetuning_tokens {}", cfg.finetuning_tokens) } else { String::new() }
+    )
 }
 
 /// Whether an architecture selects `k` latents.

@@ -599,9 +599,18 @@ fn bad_inputs_give_clear_errors_and_write_nothing() {
     let short = tmp.path().join("short.safetensors");
     write_acts(&short, 600, 32, 7);
     let e = err(train(&good_cfg, short.to_str().unwrap(), &out("s"), &[]));
+    // counted before anything is written (it used to run out after 2 batches)
     assert!(
-        e.contains("ran out after 2 batches") && e.contains("needs 4"),
+        e.contains(&format!(
+            "{} holds 600 activation rows, 2 batches of train_batch_size_tokens 256",
+            short.display()
+        )) && e.contains("needs 4 batches (1024 rows)"),
         "{e}"
+    );
+    assert!(
+        !out("s").exists(),
+        "the refused run wrote {}",
+        out("s").display()
     );
 
     // NaN in the third batch: stop naming the step, keep the last checkpoint
@@ -1095,4 +1104,67 @@ fn resume_lists_config_differences() {
         std::fs::read(resumed.join("sae_weights.safetensors")).unwrap(),
         "logging does not change the run"
     );
+}
+
+/// Issue 18: activation tensors of rank > 2 are read by a stated rule, and refused
+/// otherwise naming the shape: `[n_seq, seq_len, d_in]` (a dump's layout) and a hook_z's
+/// `[n, n_heads, d_head]` (heads side by side: d_in = n_heads * d_head).
+#[test]
+fn activation_ranks_follow_the_stated_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flat = tmp.path().join("flat.safetensors");
+    write_acts(&flat, 4096, 32, 8);
+    let (_, t) = io::read_tensor(&flat, None).unwrap();
+    let as_shape = |name: &str, shape: Vec<usize>, file: &str| {
+        let p = tmp.path().join(file);
+        io::write_safetensors(
+            &p,
+            &[OutTensor {
+                name,
+                shape,
+                values: t.values.clone(),
+                dtype: Dtype::F32,
+            }],
+            true,
+        )
+        .unwrap();
+        p
+    };
+    let cfg = tmp.path().join("run.yaml");
+    let yaml =
+        "architecture: standard\nd_sae: 64\ntraining_tokens: 4096\ntrain_batch_size_tokens: 256\n";
+    std::fs::write(&cfg, yaml).unwrap();
+    let four = as_shape("acts", vec![2, 2, 1024, 32], "four.safetensors");
+    let e = err(train(
+        &cfg,
+        four.to_str().unwrap(),
+        &tmp.path().join("r4"),
+        &[],
+    ));
+    assert!(
+        e.contains("tensor 'acts' has shape [2, 2, 1024, 32]")
+            && e.contains("activations are [n, d_in] or [n_seq, seq_len, d_in]"),
+        "{e}"
+    );
+    assert!(!tmp.path().join("r4").exists());
+    let seqs = as_shape("acts", vec![4, 1024, 32], "seqs.safetensors");
+    let s = ok(train(
+        &cfg,
+        seqs.to_str().unwrap(),
+        &tmp.path().join("r3"),
+        &[],
+    ));
+    assert_eq!(
+        (s["d_in"].as_u64(), s["tokens"].as_u64()),
+        (Some(32), Some(4096))
+    );
+    let z = as_shape("blocks.0.attn.hook_z", vec![4096, 4, 8], "z.safetensors");
+    std::fs::write(&cfg, format!("{yaml}hook_name: blocks.0.attn.hook_z\n")).unwrap();
+    let s = ok(train(
+        &cfg,
+        z.to_str().unwrap(),
+        &tmp.path().join("rz"),
+        &[],
+    ));
+    assert_eq!(s["d_in"].as_u64(), Some(32));
 }
