@@ -11,10 +11,15 @@ pub struct Batches {
     d: usize,
     batch: usize,
     plan: MixPlan,
-    /// Rows not yet served (row-major).
+    /// Rows not yet served (row-major), and each one's index in the source.
     storage: Vec<f32>,
-    /// Batches ready to serve, in order.
-    ready: std::collections::VecDeque<Vec<f32>>,
+    origin: Vec<u64>,
+    /// Rows read from the source so far.
+    read: u64,
+    /// Batches ready to serve, in order, with their rows' source indices.
+    ready: std::collections::VecDeque<(Vec<f32>, Vec<u64>)>,
+    /// The source indices of the last batch served.
+    last: Vec<u64>,
     exhausted: bool,
     /// Batches served so far.
     pub served: u64,
@@ -41,7 +46,10 @@ impl Batches {
                 seed,
             ),
             storage: Vec::new(),
+            origin: Vec::new(),
+            read: 0,
             ready: Default::default(),
+            last: Vec::new(),
             exhausted: false,
             served: 0,
         }
@@ -66,6 +74,9 @@ impl Batches {
         while self.ready.is_empty() && !self.exhausted {
             match self.source.next_chunk()? {
                 Some(rows) => {
+                    let n = (rows.len() / self.d.max(1)) as u64;
+                    self.origin.extend(self.read..self.read + n);
+                    self.read += n;
                     self.storage.extend_from_slice(&rows);
                     self.serve(false);
                 }
@@ -75,11 +86,18 @@ impl Batches {
                 }
             }
         }
-        let b = self.ready.pop_front();
-        if b.is_some() {
-            self.served += 1;
-        }
-        Ok(b)
+        let Some((b, origin)) = self.ready.pop_front() else {
+            return Ok(None);
+        };
+        self.served += 1;
+        self.last = origin;
+        Ok(Some(b))
+    }
+
+    /// Where the rows of the last batch served are in the source (row indices counted
+    /// from 0 across its files), so a bad value can be named where it is stored.
+    pub fn last_rows(&self) -> &[u64] {
+        &self.last
     }
 
     /// Skips `n` batches (to resume a run where it stopped).
@@ -103,14 +121,21 @@ impl Batches {
                 shuffled.extend_from_slice(&self.storage[r * self.d..(r + 1) * self.d]);
             }
             self.storage = shuffled;
+            self.origin = order.iter().map(|&r| self.origin[r as usize]).collect();
         }
         if take_rows == 0 {
             return;
         }
         let rest = self.storage.split_off(take_rows * self.d);
-        for b in self.storage.chunks(self.batch * self.d) {
-            self.ready.push_back(b.to_vec());
+        let rest_origin = self.origin.split_off(take_rows);
+        for (b, o) in self
+            .storage
+            .chunks(self.batch * self.d)
+            .zip(self.origin.chunks(self.batch))
+        {
+            self.ready.push_back((b.to_vec(), o.to_vec()));
         }
         self.storage = rest;
+        self.origin = rest_origin;
     }
 }

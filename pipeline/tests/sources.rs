@@ -181,6 +181,14 @@ fn batches_in_order_and_shuffled() {
     firsts.sort();
     firsts.dedup();
     assert_eq!(firsts.len(), 100, "no row served twice");
+    // each served row knows its row in the file (row r holds r*D, r*D+1, ...)
+    for shuffle in [false, true] {
+        let mut b = Batches::new(open(spec, None).unwrap(), 10, shuffle, 4, 7);
+        while let Some(x) = b.next_batch().unwrap() {
+            let at: Vec<u64> = x.chunks(D).map(|r| r[0] as u64 / D as u64).collect();
+            assert_eq!(b.last_rows(), at.as_slice(), "shuffle {shuffle}");
+        }
+    }
     // skipping k batches then reading gives the same as reading all
     let mut b = Batches::new(open(spec, None).unwrap(), 10, true, 4, 7);
     b.skip(3).unwrap();

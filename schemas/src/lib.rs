@@ -12,6 +12,7 @@ pub mod streams;
 pub mod sweep;
 pub mod tokens;
 pub mod train_cfg;
+pub mod yaml;
 
 pub use sae_cfg::{
     ActivationFn, Architecture, BDecInitMethod, CfgError, Dtype, MseLossNormalization,

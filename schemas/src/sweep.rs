@@ -424,6 +424,7 @@ fn as_map(v: Value, what: &str) -> Result<Map<String, Value>, CfgError> {
 impl Sweep {
     /// Reads `sweep.yaml` (YAML; a syntax error names its line and column).
     pub fn from_yaml(text: &str) -> Result<Sweep, CfgError> {
+        crate::yaml::check_duplicate_keys(text)?;
         let v: Value = serde_norway::from_str(text)
             .map_err(|e| CfgError::new("<yaml>", format!("not valid YAML: {e}")))?;
         Sweep::from_value(v)

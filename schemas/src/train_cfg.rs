@@ -222,6 +222,7 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Parses YAML; unknown fields and wrong types are errors naming the field.
     pub fn from_yaml(text: &str) -> Result<TrainConfig, CfgError> {
+        crate::yaml::check_duplicate_keys(text)?;
         let cfg: TrainConfig =
             serde_norway::from_str(text).map_err(|e| CfgError::new("<yaml>", e.to_string()))?;
         cfg.validate()?;

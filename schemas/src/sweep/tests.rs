@@ -60,9 +60,13 @@ fn the_refused_configs_name_their_field() {
     assert_eq!(e.field, "d_sae");
     let e = Sweep::from_yaml(&BASE.replace("k: 16\n", "")).unwrap_err();
     assert_eq!(e.field, "k");
-    let e = refused("context_size: -5\n");
+    // (replaced, not appended: a key given twice is its own error, below)
+    let e = Sweep::from_yaml(&BASE.replace("context_size: 64", "context_size: -5")).unwrap_err();
     assert_eq!(e.field, "context_size");
     assert!(e.message.contains("negative"), "{e}");
+    let e = refused("context_size: 32\n");
+    assert_eq!(e.field, "context_size");
+    assert_eq!(e.message, "given twice, at line 4 and again at line 9");
     let e = refused("sweep:\n  k: []\n");
     assert_eq!(e.field, "sweep.k");
     assert!(e.message.contains("empty"), "{e}");

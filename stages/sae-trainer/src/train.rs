@@ -212,6 +212,7 @@ fn train_all(
         };
         for (i, r) in runs.iter_mut().enumerate() {
             if !r.done && position >= r.consumed() {
+                r.origin = feed.origin();
                 r.feed(feed.rows(&batch, i)?)?;
             }
         }
@@ -436,6 +437,15 @@ impl Feed {
         }
     }
 
+    /// Where the last batch's rows are stored: the file (or directory) and each row's
+    /// index there, when the rows come from files.
+    fn origin(&self) -> Option<(String, Vec<u64>)> {
+        match self {
+            Feed::Files(b) => Some((b.describe(), b.last_rows().to_vec())),
+            Feed::Stream { .. } => None,
+        }
+    }
+
     fn rows(&self, d: &Delivered, run: usize) -> Result<Vec<f32>> {
         match (self, d) {
             (_, Delivered::Rows(r)) => Ok(r.clone()),
@@ -460,6 +470,8 @@ enum Phase {
 /// One SAE being trained.
 struct Run {
     out: PathBuf,
+    /// Where the batch being fed is stored (files only), for messages.
+    origin: Option<(String, Vec<u64>)>,
     /// The run directory whose earlier run this one replaces when it finishes (`out`
     /// is then its staging directory).
     replaces: Option<PathBuf>,
@@ -558,6 +570,7 @@ impl Run {
         let first_step = trainer.counters.n_training_steps;
         let mut r = Run {
             out,
+            origin: None,
             replaces: None,
             trainer,
             yaml,
@@ -600,7 +613,7 @@ impl Run {
     fn feed(&mut self, rows: Vec<f32>) -> Result<()> {
         match &mut self.phase {
             Phase::Norm(sum, count, left) => {
-                check_finite(&rows, self.d_in, 0, Path::new(""))?;
+                check_finite(&rows, self.d_in, 0, Path::new(""), self.origin.as_ref())?;
                 for r in rows.chunks(self.d_in) {
                     *sum += r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
                 }
@@ -653,12 +666,14 @@ impl Run {
             return Ok(());
         };
         let method = self.trainer.cfg.b_dec_init()?;
+        // the held batches' own origins are not kept
+        self.origin = None;
         {
             let rows: Vec<f32> = held.concat();
             if rows.is_empty() {
                 bail!("no activations to initialise b_dec from");
             }
-            check_finite(&rows, self.d_in, 0, Path::new(""))?;
+            check_finite(&rows, self.d_in, 0, Path::new(""), None)?;
             let n = rows.len() / self.d_in;
             let mut x = Tensor::from_vec(&self.device, &[n, self.d_in], rows)?;
             if let Some(f) = self.trainer.counters.scaling_factor {
@@ -681,7 +696,13 @@ impl Run {
         let batch = cfg.train_batch_size_tokens;
         let log_frequency = cfg.log_frequency;
         self.trainer.counters.batches_consumed += 1;
-        check_finite(&rows, self.d_in, step, &self.ckpt_root)?;
+        check_finite(
+            &rows,
+            self.d_in,
+            step,
+            &self.ckpt_root,
+            self.origin.as_ref(),
+        )?;
         let mut x = Tensor::from_vec(&self.device, &[batch, self.d_in], rows)?;
         if let Some(f) = self.trainer.counters.scaling_factor {
             ops::scale(&mut x, f as f32);
@@ -1102,14 +1123,23 @@ fn last_checkpoint_hint(root: &Path) -> String {
 }
 
 /// A NaN or infinity in a batch stops the run, naming the step and where it is.
-fn check_finite(rows: &[f32], d: usize, step: u64, ckpt_root: &Path) -> Result<()> {
-    let bad = rows.iter().filter(|v| !v.is_finite()).count();
-    if bad == 0 {
+fn check_finite(
+    rows: &[f32],
+    d: usize,
+    step: u64,
+    ckpt_root: &Path,
+    origin: Option<&(String, Vec<u64>)>,
+) -> Result<()> {
+    let Some(i) = rows.iter().position(|v| !v.is_finite()) else {
         return Ok(());
-    }
-    let i = rows.iter().position(|v| !v.is_finite()).unwrap();
+    };
+    let bad = rows.iter().filter(|v| !v.is_finite()).count();
+    // where it is stored: the source's row (counted from 0 across its files)
+    let stored = origin
+        .and_then(|(src, at)| at.get(i / d).map(|r| format!(" (row {r} of {src})")))
+        .unwrap_or_default();
     bail!(
-        "the batch for step {step} has {bad} non-finite activation(s) (NaN or infinity), the first at row {} column {}; stopping{}",
+        "the batch for step {step} has {bad} non-finite activation(s) (NaN or infinity), the first at row {} column {} of the batch{stored}; stopping{}",
         i / d,
         i % d,
         if ckpt_root.as_os_str().is_empty() { String::new() } else { last_checkpoint_hint(ckpt_root) }

@@ -508,6 +508,19 @@ fn bad_inputs_give_clear_errors_and_write_nothing() {
         "architecture: standard\nd_sae: 64\ntraining_tokens: 1024\ntrain_batch_size_tokens: 256\n";
     let out = |n: &str| tmp.path().join(n);
 
+    // issue 18: a key given twice is named at both lines (serde said neither)
+    let e = err(train(
+        &cfg("dup.yaml", &format!("{good}lr: 0.1\nd_sae: 32\n")),
+        a,
+        &out("dup"),
+        &[],
+    ));
+    assert!(
+        e.contains("dup.yaml: field `d_sae`: given twice, at line 2 and again at line 6"),
+        "{e}"
+    );
+    assert!(!out("dup").exists());
+
     let e = err(train(
         &cfg("u.yaml", &format!("{good}l1_coeficient: 2\n")),
         a,
@@ -638,6 +651,11 @@ fn bad_inputs_give_clear_errors_and_write_nothing() {
             && e.contains("row 5 column 7")
             && e.contains("the last checkpoint is")
             && e.contains("/512"),
+        "{e}"
+    );
+    // issue 18: and where it is in the file (row 517 = 2 batches of 256 + 5)
+    assert!(
+        e.contains(&format!("(row 517 of {})", nan.display())),
         "{e}"
     );
     assert!(out("n").join("checkpoints/512/trainer_state.json").exists());

@@ -238,6 +238,8 @@ fn open_file(
                 .with_batch_size(BATCH_ROWS)
                 .build(BufReader::new(open(path)?))
                 .map_err(wrap.clone())?;
+            let (p, s) = (path.to_path_buf(), schema.clone());
+            let wrap = move |e| err(&p, jsonl_error_at(&p, &s, e));
             Ok((schema, Box::new(reader.map(move |b| b.map_err(&wrap)))))
         }
         Some(Kind::Csv) => {
@@ -344,6 +346,31 @@ fn jsonl_schema(path: &Path) -> Result<Schema, SourceError> {
         Some(f) => Err(f),
         None => schema,
     }
+}
+
+/// A JSON-lines decode error with its line (the decoder names the field, not where):
+/// the lines are decoded one by one until one fails.
+fn jsonl_error_at(path: &Path, schema: &SchemaRef, e: arrow_schema::ArrowError) -> String {
+    let Ok(f) = File::open(path) else {
+        return e.to_string();
+    };
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Ok(mut one) = arrow_json::ReaderBuilder::new(schema.clone()).build_decoder() else {
+            break;
+        };
+        if one
+            .decode(line.as_bytes())
+            .and_then(|_| one.flush())
+            .is_err()
+        {
+            return format!("line {}: {e}", i + 1);
+        }
+    }
+    e.to_string()
 }
 
 /// SAELens's column choice among the schema's columns.

@@ -249,6 +249,12 @@ fn query_documents(_: &Dataset, _: &str, _: Option<&str>) -> Result<DocumentStre
 
 /// SAELens's checks of a pretokenized dataset: the tokenizer it names in
 /// `sae_lens.json` must be ours, and its windows at least `context_size` long.
+/// A warning goes to stderr when it happens and into the summary's `warnings`.
+fn warn(warnings: &mut Vec<String>, message: String) {
+    eprintln!("warning: {message}");
+    warnings.push(message);
+}
+
 fn pretokenized_metadata(
     dataset: &Dataset,
     tok: &TextTokenizer,
@@ -259,10 +265,13 @@ fn pretokenized_metadata(
     let path = dataset.home().join(METADATA_FILE);
     let ours = tok.vocab_hash();
     let Ok(text) = std::fs::read_to_string(&path) else {
-        warnings.push(format!(
-            "{}: no {METADATA_FILE}, so the dataset's tokenizer cannot be checked",
-            dataset.spec.display()
-        ));
+        warn(
+            warnings,
+            format!(
+                "{}: no {METADATA_FILE}, so the dataset's tokenizer cannot be checked",
+                dataset.spec.display()
+            ),
+        );
         return Ok(TokenizationMetadata {
             tokenizer_vocab_hash: Some(ours),
             ..TokenizationMetadata::new("", &dataset.spec.display().to_string(), ctx)
@@ -289,7 +298,7 @@ fn pretokenized_metadata(
             tok_path.display()
         ),
         Some(_) => {}
-        None => warnings.push(format!(
+        None => warn(warnings, format!(
             "{}: the dataset's tokenizer '{}' cannot be loaded here, so only token ids are checked against the vocabulary",
             dataset.spec.display(),
             meta.tokenizer_name
@@ -303,7 +312,7 @@ fn pretokenized_metadata(
         );
     }
     if meta.context_size > ctx {
-        warnings.push(format!(
+        warn(warnings, format!(
             "the pretokenized windows have {} tokens; only the first {ctx} of each are used, some data will be discarded",
             meta.context_size
         ));

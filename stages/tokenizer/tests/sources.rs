@@ -140,6 +140,17 @@ fn bad_datasets_say_why() {
     assert!(e(&p("empty.jsonl"), None).contains("no documents"));
     std::fs::write(p("broken.jsonl"), "{\"text\": \"a\"}\n{oops\n").unwrap();
     assert!(e(&p("broken.jsonl"), None).contains("line 2: not JSON"));
+    // issue 18: a value of the wrong type is named by its line too
+    std::fs::write(
+        p("typed.jsonl"),
+        "{\"text\": \"a\"}\n\n{\"text\": \"b\"}\n{\"text\": 5}\n{\"text\": \"c\"}\n",
+    )
+    .unwrap();
+    let m = e(&p("typed.jsonl"), None);
+    assert!(
+        m.contains("typed.jsonl: line 4: ") && m.contains("expected string got 5"),
+        "{m}"
+    );
 }
 
 #[test]

@@ -378,5 +378,13 @@ fn pretokenized_rows_must_fit_the_context_and_the_vocabulary() {
     assert!(summary["warnings"]
         .to_string()
         .contains("no sae_lens.json, so the dataset's tokenizer cannot be checked"));
+    // issue 18: said on stderr as it happens, not only in the summary
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("warning: ")
+            && String::from_utf8_lossy(&o.stderr)
+                .contains("no sae_lens.json, so the dataset's tokenizer cannot be checked"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(read_stream(&out).0, [vec![1, 2, 3, 4], vec![6, 7, 8, 9]]);
 }
