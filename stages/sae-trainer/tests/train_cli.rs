@@ -895,6 +895,27 @@ fn trains_from_parquet_shards_by_hook_name() {
     );
 }
 
+/// `src`'s tensors written to `dst` with `tensor`'s value at flat index `at` set to `v`.
+fn with_value(src: &Path, dst: &Path, tensor: &str, at: usize, v: f32) {
+    let all = io::read_safetensors(src).unwrap();
+    let outs: Vec<OutTensor> = all
+        .iter()
+        .map(|(name, t)| {
+            let mut values = t.values.clone();
+            if name == tensor {
+                values[at] = v;
+            }
+            OutTensor {
+                name,
+                shape: t.shape.clone(),
+                values,
+                dtype: t.dtype,
+            }
+        })
+        .collect();
+    io::write_safetensors(dst, &outs, true).unwrap();
+}
+
 /// Issue 18: a checkpoint whose parameters hold a NaN (a diverged run) is refused by
 /// `--resume`, naming the file, the tensor and the first bad index, before anything is
 /// written.
@@ -918,23 +939,8 @@ fn resume_refuses_a_checkpoint_with_non_finite_weights() {
         .find(|p| p.join("trainer_state.json").exists())
         .expect("a checkpoint");
     let file = ckpt.join(schemas::files::TRAINER_STATE_TENSORS);
-    let all = io::read_safetensors(&file).unwrap();
-    let outs: Vec<OutTensor> = all
-        .iter()
-        .map(|(name, t)| {
-            let mut values = t.values.clone();
-            if name == "param.W_dec" {
-                values[2 * 32 + 2] = f32::NAN; // [d_sae, d_in] = [64, 32]
-            }
-            OutTensor {
-                name,
-                shape: t.shape.clone(),
-                values,
-                dtype: t.dtype,
-            }
-        })
-        .collect();
-    io::write_safetensors(&file, &outs, true).unwrap();
+    // W_dec is [d_sae, d_in] = [64, 32]
+    with_value(&file, &file, "param.W_dec", 2 * 32 + 2, f32::NAN);
     let again = tmp.path().join("again");
     let e = err(train(
         &cfg,
@@ -966,19 +972,7 @@ fn overwrite_replaces_a_run_only_when_the_new_one_finishes() {
     let good = tmp.path().join("good.safetensors");
     write_acts(&good, 4096, 32, 7);
     let bad = tmp.path().join("bad.safetensors");
-    let (_, mut t) = io::read_tensor(&good, None).unwrap();
-    t.values[3500 * 32 + 4] = f32::NAN;
-    io::write_safetensors(
-        &bad,
-        &[OutTensor {
-            name: "acts",
-            shape: t.shape.clone(),
-            values: t.values,
-            dtype: Dtype::F32,
-        }],
-        true,
-    )
-    .unwrap();
+    with_value(&good, &bad, "acts", 3500 * 32 + 4, f32::NAN);
     let cfg = tmp.path().join("run.yaml");
     let yaml = "architecture: standard\nd_sae: 64\ntraining_tokens: 4096\ntrain_batch_size_tokens: 256\nn_checkpoints: 3\nshuffle: false\n";
     std::fs::write(&cfg, yaml).unwrap();
