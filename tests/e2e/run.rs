@@ -196,9 +196,30 @@ fn a_failing_stage_stops_the_rest_with_its_status_and_log() {
     std::fs::write(model.join("model.safetensors"), &w[..w.len() / 3]).unwrap();
     let file = write(root, "sweep.yaml", &sweep_yaml(&model, &dataset_line(), ""));
     let run_dir = root.join("run");
-    let o = pipeline_run(&[s(&file), "--output", s(&run_dir)]);
+    // issue 18: an earlier run there survives the failed --overwrite, moved aside
+    std::fs::create_dir(&run_dir).unwrap();
+    std::fs::write(run_dir.join("summary.json"), "earlier").unwrap();
+    let o = pipeline_run(&[s(&file), "--output", s(&run_dir), "--overwrite"]);
     assert!(!o.status.success());
     let err = stderr(&o);
+    let aside: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("run.replaced-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        std::fs::read_to_string(aside[0].join("summary.json")).unwrap(),
+        "earlier"
+    );
+    assert!(
+        err.contains(&format!(
+            "the earlier run in {} is kept, moved to {}",
+            run_dir.display(),
+            aside[0].display()
+        )),
+        "{err}"
+    );
     assert!(
         err.contains("stage `producer-0` failed (exit status: 1)"),
         "{err}"

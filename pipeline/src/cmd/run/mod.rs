@@ -208,12 +208,12 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&plan_json)?);
         return Ok(());
     }
+    let mut earlier: Option<Earlier> = None;
     let start = if a.resume.is_some() {
         resume_point(&sweep, &run_dir)?
     } else {
         if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir)
-                .with_context(|| format!("cannot remove {} (--overwrite)", run_dir.display()))?;
+            earlier = Some(Earlier::move_aside(&run_dir)?);
         }
         for d in ["logs", "saes", "configs"] {
             std::fs::create_dir_all(run_dir.join(d))
@@ -353,7 +353,61 @@ pub fn run(a: Args) -> Result<()> {
     let report = run_dir.join(schemas::run_files::REPORT);
     super::report::write(&run_dir, &report)?;
     println!("report: {}", report.display());
+    if let Some(e) = earlier.as_mut() {
+        e.remove()?;
+    }
     Ok(())
+}
+
+/// An earlier run that `--overwrite` replaces: moved aside (a rename) before the new
+/// run starts in its place, removed once the new run has finished. If the new run
+/// stops, the earlier one is kept and the message says where; the new run stays where
+/// it ran, resumable with `--resume`.
+struct Earlier {
+    run_dir: PathBuf,
+    aside: PathBuf,
+    removed: bool,
+}
+
+impl Earlier {
+    fn move_aside(run_dir: &Path) -> Result<Earlier> {
+        let mut name = run_dir.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".replaced-{}", std::process::id()));
+        let aside = run_dir.with_file_name(name);
+        std::fs::rename(run_dir, &aside).with_context(|| {
+            format!(
+                "cannot move the earlier run {} aside to {} (--overwrite)",
+                run_dir.display(),
+                aside.display()
+            )
+        })?;
+        Ok(Earlier {
+            run_dir: run_dir.to_path_buf(),
+            aside,
+            removed: false,
+        })
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        std::fs::remove_dir_all(&self.aside)
+            .with_context(|| format!("cannot remove {}", self.aside.display()))?;
+        self.removed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Earlier {
+    fn drop(&mut self) {
+        if !self.removed {
+            eprintln!(
+                "note: the earlier run in {} is kept, moved to {}; this run stays in {} (continue it with --resume {})",
+                self.run_dir.display(),
+                self.aside.display(),
+                self.run_dir.display(),
+                self.run_dir.display()
+            );
+        }
+    }
 }
 
 /// Rewrites the run's report while it trains: whenever a `metrics.jsonl` grew (a log
