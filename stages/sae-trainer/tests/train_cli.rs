@@ -625,6 +625,18 @@ fn bad_inputs_give_clear_errors_and_write_nothing() {
         "the refused run wrote {}",
         out("s").display()
     );
+    // fewer rows than one batch: the count and the file, not a bare "ran out"
+    let tiny = tmp.path().join("tiny.safetensors");
+    write_acts(&tiny, 100, 32, 7);
+    let e = err(train(&good_cfg, tiny.to_str().unwrap(), &out("t"), &[]));
+    assert!(
+        e.contains(&format!(
+            "{} holds 100 activation rows, 0 batches of train_batch_size_tokens 256",
+            tiny.display()
+        )),
+        "{e}"
+    );
+    assert!(!out("t").exists());
 
     // NaN in the third batch: stop naming the step, keep the last checkpoint
     let (_, mut t) = io::read_tensor(&acts, None).unwrap();
