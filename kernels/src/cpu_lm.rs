@@ -4,7 +4,7 @@
 //! Row statistics are accumulated in `f64` and rounded once, so results differ from
 //! PyTorch's `f32` reductions by at most a few ulps.
 
-use crate::cpu::dot_lanes as dot;
+use crate::cpu::{dot_lanes as dot, SharedMut};
 use rayon::prelude::*;
 
 /// Rows per rayon task so that small matrices do not pay for splitting.
@@ -253,20 +253,6 @@ fn apply_row(p: &[f32], v: &[f32], sh: &AttnShape, seq: usize, h: usize, z: &mut
 /// Query rows per block of the fused attention: the block's scores, `[QB, keys]`, stay
 /// in cache, and each block is two small GEMMs.
 const QB: usize = 64;
-
-/// A pointer shared by tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: only used where every task writes its own elements (see `causal_attention`).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    // A method, so that closures capture the Send wrapper and not its raw field.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
 
 /// `dst = lhs @ rhs` on strided views, on the calling thread. Shapes `[m, k] @ [k, n]`;
 /// each operand is given as (pointer, row stride, column stride).

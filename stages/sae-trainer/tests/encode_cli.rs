@@ -1,6 +1,9 @@
 //! `sae-trainer encode` as a user runs it: every fixture SAE, every input dtype, hook_z
 //! reshaping, and each error the issue lists.
 
+mod common;
+
+use common::with_value;
 use sae::io::{self, OutTensor};
 use schemas::Dtype;
 use std::path::{Path, PathBuf};
@@ -470,23 +473,7 @@ fn poisoned_copy(dir: &Path, into: &Path, file: &str, tensor: &str, at: usize, v
         let f = f.unwrap().path();
         std::fs::copy(&f, into.join(f.file_name().unwrap())).unwrap();
     }
-    let all = io::read_safetensors(&dir.join(file)).unwrap();
-    let outs: Vec<OutTensor> = all
-        .iter()
-        .map(|(name, t)| {
-            let mut values = t.values.clone();
-            if name == tensor {
-                values[at] = value;
-            }
-            OutTensor {
-                name,
-                shape: t.shape.clone(),
-                values,
-                dtype: t.dtype,
-            }
-        })
-        .collect();
-    io::write_safetensors(&into.join(file), &outs, true).unwrap();
+    with_value(&dir.join(file), &into.join(file), tensor, at, value);
 }
 
 /// Issue 18: an SAE whose W_enc holds a NaN (one latent silently read 0) or whose b_dec

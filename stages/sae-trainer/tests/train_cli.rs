@@ -1,6 +1,9 @@
 //! `sae-trainer train` as a user runs it: parity with SAELens training runs, exact
 //! resume after SIGKILL, SIGTERM checkpoints, and the errors the issue lists.
 
+mod common;
+
+use common::with_value;
 use sae::io::{self, OutTensor};
 use schemas::Dtype;
 use serde_json::Value;
@@ -905,27 +908,6 @@ fn trains_from_parquet_shards_by_hook_name() {
             && e.contains("blocks.3.hook_resid_post"),
         "{e}"
     );
-}
-
-/// `src`'s tensors written to `dst` with `tensor`'s value at flat index `at` set to `v`.
-fn with_value(src: &Path, dst: &Path, tensor: &str, at: usize, v: f32) {
-    let all = io::read_safetensors(src).unwrap();
-    let outs: Vec<OutTensor> = all
-        .iter()
-        .map(|(name, t)| {
-            let mut values = t.values.clone();
-            if name == tensor {
-                values[at] = v;
-            }
-            OutTensor {
-                name,
-                shape: t.shape.clone(),
-                values,
-                dtype: t.dtype,
-            }
-        })
-        .collect();
-    io::write_safetensors(dst, &outs, true).unwrap();
 }
 
 /// Issue 18: a checkpoint whose parameters hold a NaN (a diverged run) is refused by
