@@ -12,6 +12,7 @@
 
 mod cpu;
 mod cpu_lm;
+mod cpu_sparse;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod ops;

@@ -1060,3 +1060,135 @@ fn non_finite_counts_and_finds_the_first_across_chunks() {
     v[cpu::FLAT_GRAIN + 9] = f32::INFINITY;
     assert_eq!(non_finite(&t(&[n], v)), Some((3, cpu::FLAT_GRAIN + 9)));
 }
+
+/// The blocked sparse products at shapes that cross every block edge (three latent
+/// blocks, the last partial; two full chunks of `d_in` and a narrower one; empty rows)
+/// against plain loops. The decode and the weight gradients add the same terms in the
+/// same order as these loops, so they must match bit for bit; the sampled dot sums in
+/// another order and is held to 1e-5 of the largest value of an f64 sum. All four
+/// must give the same bits on one thread as on two.
+#[test]
+fn blocked_sparse_products_match_plain_loops() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let (r, m, d) = (37, 2500, 300);
+    let h: Vec<f32> = (0..r * m)
+        .map(|i| match (i / m) % 9 == 4 {
+            true => -1.0, // an empty row
+            false => rng.random_range(-1.0f32..0.06),
+        })
+        .collect();
+    let mut a = Csr::empty(&DEV);
+    relu_to_csr(&t(&[r, m], h), &mut a);
+    assert!(a.nnz() > 3000, "{} entries", a.nnz());
+    let (off, idx, val) = (a.offsets_to_vec(), a.indices_to_vec(), a.values().to_vec());
+    let entries = |row: usize| {
+        (off[row] as usize..off[row + 1] as usize).map(|e| (idx[e] as usize, val[e], e))
+    };
+    let w = rand_vec(&mut rng, m * d);
+    let x = rand_vec(&mut rng, r * d);
+    let (alpha, beta) = (1.5f32, 0.5f32);
+
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut dec = t(&[r, d], x.clone());
+            csr_matmul(&mut dec, &a, &t(&[m, d], w.clone()), alpha, beta);
+            let mut g = t(&[m, d], w.clone());
+            csr_t_matmul(&mut g, &a, &t(&[r, d], x.clone()), false, alpha, beta);
+            let mut gt = t(&[d, m], w.clone());
+            csr_t_matmul(&mut gt, &a, &t(&[r, d], x.clone()), true, alpha, beta);
+            let mut sd = t(&[a.nnz()], vec![0.; a.nnz()]);
+            csr_sampled_dot(&a, &t(&[r, d], x.clone()), &t(&[m, d], w.clone()), &mut sd);
+            [dec, g, gt, sd].map(|t| t.to_vec())
+        })
+    };
+    let [dec, g, gt, sd] = run(2);
+    assert_eq!(
+        run(1),
+        [dec.clone(), g.clone(), gt.clone(), sd.clone()],
+        "1 vs 2 threads"
+    );
+
+    let mut want = x.iter().map(|v| beta * v).collect::<Vec<_>>();
+    for row in 0..r {
+        for (j, v, _) in entries(row) {
+            for c in 0..d {
+                want[row * d + c] += (alpha * v) * w[j * d + c];
+            }
+        }
+    }
+    assert_eq!(dec, want, "csr_matmul");
+
+    let mut want = w.iter().map(|v| beta * v).collect::<Vec<_>>();
+    let mut sums = vec![0f32; m * d];
+    for row in 0..r {
+        for (j, v, _) in entries(row) {
+            for c in 0..d {
+                want[j * d + c] += (alpha * v) * x[row * d + c];
+                sums[j * d + c] += (alpha * v) * x[row * d + c];
+            }
+        }
+    }
+    assert_eq!(g, want, "csr_t_matmul");
+    let want: Vec<f32> = (0..d * m)
+        .map(|i| beta * w[i] + sums[(i % m) * d + i / m])
+        .collect();
+    assert_eq!(gt, want, "csr_t_matmul transposed");
+
+    let mut want = vec![0f32; a.nnz()];
+    for row in 0..r {
+        for (j, _, e) in entries(row) {
+            let s: f64 = (0..d)
+                .map(|c| x[row * d + c] as f64 * w[j * d + c] as f64)
+                .sum();
+            want[e] = s as f32;
+        }
+    }
+    assert_close(&sd, &want, 1e-5, "csr_sampled_dot");
+}
+
+/// Top-k's fast scan (a compare against the worst kept value, sixteen at a time) keeps
+/// exactly what the total order keeps: larger values first (-0.0 below +0.0), among
+/// equal values the lower column; rows of many ties, of signed zeros, shorter than 16
+/// and with k equal to the row length.
+#[test]
+fn topk_rows_keeps_the_total_order_on_ties() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    for (r, c, k, zeros) in [
+        (6, 203, 9, false),
+        (3, 10, 4, false),
+        (2, 33, 33, false),
+        (4, 64, 1, false),
+        // the cut among zeros: a later +0.0 must displace a kept -0.0
+        (5, 203, 9, true),
+    ] {
+        let xv: Vec<f32> = (0..r * c)
+            .map(|i| match (zeros, i % 5) {
+                (true, _) => {
+                    [-0.0, -0.0, -0.0, -0.0, -0.0, -1.0, -1.0, 0.0][rng.random_range(0..8)]
+                }
+                (false, 0) => 0.0,
+                (false, 1) => -0.0,
+                _ => (rng.random_range(-4i32..4) as f32) * 0.5,
+            })
+            .collect();
+        let mut out = Csr::empty(&DEV);
+        topk_rows(&t(&[r, c], xv.clone()), k, None, &mut out);
+        let (off, idx) = (out.offsets_to_vec(), out.indices_to_vec());
+        for row in 0..r {
+            let x = &xv[row * c..][..c];
+            let mut order: Vec<usize> = (0..c).collect();
+            order.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+            let mut want = order[..k].to_vec();
+            want.sort();
+            let got: Vec<usize> = idx[off[row] as usize..off[row + 1] as usize]
+                .iter()
+                .map(|&j| j as usize)
+                .collect();
+            assert_eq!(got, want, "{r}x{c} k={k} row {row}");
+        }
+    }
+}
