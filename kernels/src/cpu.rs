@@ -1233,14 +1233,6 @@ pub fn non_finite(x: &[f32]) -> Option<(usize, usize)> {
     parts.iter().find_map(|p| p.1).map(|first| (count, first))
 }
 
-/// Number of entries `(j, v)` of `x` `[rows, cols]` that `keep` accepts.
-pub fn count_where(x: &[f32], cols: usize, keep: impl Fn(usize, f32) -> bool + Sync) -> usize {
-    x.par_chunks(cols)
-        .with_min_len(grain(cols))
-        .map(|row| row.iter().enumerate().filter(|(j, &v)| keep(*j, v)).count())
-        .sum()
-}
-
 /// A CSR matrix's buffers, to be filled.
 pub struct CsrBufs<'a> {
     pub offsets: &'a mut Vec<u32>,
@@ -1263,46 +1255,106 @@ impl CsrBufs<'_> {
     }
 }
 
-/// The entries `(j, v)` of `x` `[rows, cols]` that `keep` accepts, as CSR with their
-/// values.
-pub fn where_to_csr(
-    x: &[f32],
-    cols: usize,
-    keep: impl Fn(usize, f32) -> bool + Sync,
-    out: CsrBufs,
-) {
-    let (mut o, mut i, mut v) = (Vec::new(), Vec::new(), Vec::new());
-    let none = CsrBufs {
-        offsets: &mut o,
-        indices: &mut i,
-        values: &mut v,
+/// The smallest `v` (not NaN) for which the monotone test `keep` holds: then `keep(x)`
+/// is `x >= cut` for every `x` that is not NaN. NaN when `keep` holds for none, -inf
+/// when for all. A binary search over the floats in order, so that the passes over
+/// `[batch, d_sae]` compare instead of evaluating `keep` (JumpReLU's rectangle test
+/// divides).
+pub fn monotone_cut(keep: impl Fn(f32) -> bool) -> f32 {
+    // `key` orders floats as integers; this is its inverse.
+    let unkey = |k: u32| match k >> 31 == 1 {
+        true => f32::from_bits(k & 0x7fff_ffff),
+        false => f32::from_bits(!k),
     };
-    split_to_csr(x, cols, |j, v| keep(j, v).then_some(false), out, none);
+    let (mut lo, mut hi) = (key(f32::NEG_INFINITY), key(f32::INFINITY));
+    if !keep(f32::INFINITY) {
+        return f32::NAN;
+    }
+    if keep(f32::NEG_INFINITY) {
+        return f32::NEG_INFINITY;
+    }
+    // keep(unkey(lo)) is false, keep(unkey(hi)) true
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match keep(unkey(mid)) {
+            true => hi = mid,
+            false => lo = mid,
+        }
+    }
+    unkey(hi)
 }
 
-/// The entries of `x` `[rows, cols]` in two CSR matrices with their values: those
-/// `class` calls `Some(false)` into `a`, `Some(true)` into `b`. Two passes over `x`.
-pub fn split_to_csr(
+/// Number of entries of `x` `[rows, cols]` with `x[r, j] >= cut[j]`.
+pub fn count_at_least(x: &[f32], cols: usize, cut: &[f32]) -> usize {
+    x.par_chunks(cols)
+        .with_min_len(grain(cols))
+        .map(|row| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                return unsafe { count_split_avx512(row, cut, &[]) }[0] as usize;
+            }
+            count_split(row, cut, &[])[0] as usize
+        })
+        .sum()
+}
+
+/// `[entries >= hi, entries below hi but >= lo]` of one row (none of the second when
+/// `lo` is empty).
+#[inline(always)]
+fn count_split(row: &[f32], hi: &[f32], lo: &[f32]) -> [u32; 2] {
+    let a = row.iter().zip(hi).map(|(&v, &h)| (v >= h) as u32).sum();
+    let b = match lo.is_empty() {
+        true => 0,
+        false => row
+            .iter()
+            .zip(hi)
+            .zip(lo)
+            .map(|((&v, &h), &l)| (!(v >= h) & (v >= l)) as u32)
+            .sum(),
+    };
+    [a, b]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn count_split_avx512(row: &[f32], hi: &[f32], lo: &[f32]) -> [u32; 2] {
+    count_split(row, hi, lo)
+}
+
+/// The entries of `x` `[rows, cols]` with `x[r, j] >= hi[j]` into `a`, and, when `b`
+/// is given, those below that but `>= lo[j]` into `b`, as CSR with their values. Two
+/// passes over `x`: counts, then the entries.
+pub fn split_at_least(
     x: &[f32],
     cols: usize,
-    class: impl Fn(usize, f32) -> Option<bool> + Sync,
+    hi: &[f32],
     mut a: CsrBufs,
-    mut b: CsrBufs,
+    lo_b: Option<(&[f32], CsrBufs)>,
 ) {
+    let lo = lo_b.as_ref().map_or(&[][..], |(lo, _)| lo);
     let counts: Vec<[u32; 2]> = x
         .par_chunks(cols)
         .with_min_len(grain(cols))
         .map(|row| {
-            let mut c = [0u32; 2];
-            for (j, &v) in row.iter().enumerate() {
-                if let Some(k) = class(j, v) {
-                    c[k as usize] += 1;
-                }
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                return unsafe { count_split_avx512(row, hi, lo) };
             }
-            c
+            count_split(row, hi, lo)
         })
         .collect();
     a.lay_out(counts.iter().map(|c| c[0]));
+    let (mut bo, mut bi, mut bv) = (Vec::new(), Vec::new(), Vec::new());
+    let mut b = match lo_b {
+        Some((_, b)) => b,
+        None => CsrBufs {
+            offsets: &mut bo,
+            indices: &mut bi,
+            values: &mut bv,
+        },
+    };
     b.lay_out(counts.iter().map(|c| c[1]));
     let rows_a = split_rows(a.offsets, a.indices)
         .into_par_iter()
@@ -1317,16 +1369,12 @@ pub fn split_to_csr(
         .for_each(|(((ia, va), (ib, vb)), row)| {
             let (mut na, mut nb) = (0, 0);
             for (j, &v) in row.iter().enumerate() {
-                match class(j, v) {
-                    Some(false) => {
-                        (ia[na], va[na]) = (j as u32, v);
-                        na += 1;
-                    }
-                    Some(true) => {
-                        (ib[nb], vb[nb]) = (j as u32, v);
-                        nb += 1;
-                    }
-                    None => {}
+                if v >= hi[j] {
+                    (ia[na], va[na]) = (j as u32, v);
+                    na += 1;
+                } else if !lo.is_empty() && v >= lo[j] {
+                    (ib[nb], vb[nb]) = (j as u32, v);
+                    nb += 1;
                 }
             }
         });

@@ -17,13 +17,20 @@
 //! as the products did before these kernels. The sampled dot sums each chunk in 64
 //! lanes, added as a fixed tree, and the chunks in order.
 
-use crate::cpu::{avx512, SharedMut};
+use crate::cpu::{avx512, SharedMut, FLAT_GRAIN};
 use rayon::prelude::*;
 
 /// Floats of `d_in` per chunk: eight AVX-512 registers.
 const CHUNK: usize = 128;
-/// Latents per block: a block × chunk of a weight matrix is 512 KB, half an L2.
+/// Latents per block: a block × chunk of a weight matrix is 512 KB, half an L2. Rows
+/// with few entries (top-k's k = 32 of 24576) get larger blocks, aiming at
+/// [`ENTRIES_PER_BLOCK`] entries per row and block (each visit of a row costs), but
+/// small enough that a block's whole rows, [`L3_BLOCK_BYTES`], stay in L3 while the
+/// chunks are worked through: there each weight row is used by only a few entries,
+/// read from memory once per block rather than once per entry and chunk.
 const LATENT_BLOCK: usize = 1024;
+const ENTRIES_PER_BLOCK: usize = 16;
+const L3_BLOCK_BYTES: usize = 16 << 20;
 /// Entries ahead whose weight (or gradient) slice is prefetched: they lie in random
 /// rows of the block, which the hardware prefetcher cannot guess.
 const AHEAD_ENTRIES: usize = 6;
@@ -94,13 +101,22 @@ struct CsrRef<'a> {
 /// with the row's end last. One pass over the indices, so the products need not search
 /// them.
 struct BlockStarts {
+    /// Latents per block, and the number of blocks.
+    size: usize,
     nb: usize,
     starts: Vec<u32>,
 }
 
 impl BlockStarts {
-    fn new(a: CsrRef, cols: usize) -> BlockStarts {
-        let nb = cols.div_ceil(LATENT_BLOCK).max(1);
+    /// For a matrix of `cols` latents whose dense operand rows are `d` floats.
+    fn new(a: CsrRef, cols: usize, d: usize) -> BlockStarts {
+        let rows = a.offsets.len() - 1;
+        let per_row = a.indices.len() / rows.max(1);
+        let nb = (per_row / ENTRIES_PER_BLOCK)
+            .max((cols * d * 4).div_ceil(L3_BLOCK_BYTES))
+            .min(cols.div_ceil(LATENT_BLOCK))
+            .max(1);
+        let size = cols.div_ceil(nb).max(1);
         let mut starts = vec![0u32; (a.offsets.len() - 1) * (nb + 1)];
         starts
             .par_chunks_mut(nb + 1)
@@ -110,13 +126,13 @@ impl BlockStarts {
                 let (mut e, end) = (a.offsets[r] as usize, a.offsets[r + 1] as usize);
                 for (b, s) in s.iter_mut().enumerate().take(nb) {
                     *s = e as u32;
-                    while e < end && (a.indices[e] as usize) < (b + 1) * LATENT_BLOCK {
+                    while e < end && (a.indices[e] as usize) < (b + 1) * size {
                         e += 1;
                     }
                 }
                 s[nb] = end as u32;
             });
-        BlockStarts { nb, starts }
+        BlockStarts { size, nb, starts }
     }
 
     /// Row `r`'s entries in latent block `b`, prefetching those of a later row.
@@ -134,10 +150,37 @@ impl BlockStarts {
     }
 }
 
-/// Latents `j0..j0 + LATENT_BLOCK` (at most `cols`) of block `b`.
-fn block(b: usize, cols: usize) -> (usize, usize) {
-    let j0 = b * LATENT_BLOCK;
-    (j0, LATENT_BLOCK.min(cols - j0))
+/// A matrix whose rows the entries pick: latent `j`'s `wd` floats start at
+/// `m + (j - j0) * stride`.
+#[derive(Clone, Copy)]
+struct MatRows {
+    m: *const f32,
+    j0: usize,
+    stride: usize,
+    wd: usize,
+}
+
+impl MatRows {
+    #[inline(always)]
+    fn at(self, j: usize) -> usize {
+        (j - self.j0) * self.stride
+    }
+    #[inline(always)]
+    fn prefetch(self, j: usize) {
+        prefetch(
+            self.m
+                .wrapping_add(j.wrapping_sub(self.j0).wrapping_mul(self.stride)),
+            self.wd,
+        );
+    }
+}
+
+impl BlockStarts {
+    /// The first latent of block `b` and how many it holds (of `cols`).
+    fn block(&self, b: usize, cols: usize) -> (usize, usize) {
+        let j0 = b * self.size;
+        (j0, self.size.min(cols - j0))
+    }
 }
 
 /// Row ranges so that, with `tasks_per_range` tasks each, every thread has work; how
@@ -151,20 +194,13 @@ fn row_ranges(rows: usize, tasks_per_range: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Where entry `e`'s row starts in a matrix at `m` with rows `stride` apart and
-/// latent `j0` first, prefetching the `wd` floats of entry `e + AHEAD_ENTRIES`'s row.
+/// Where entry `e`'s row starts in `m`, prefetching that of entry `e + AHEAD_ENTRIES`.
 #[inline(always)]
-fn entry_row(
-    a: CsrRef,
-    e: usize,
-    end: usize,
-    (m, j0, stride, wd): (*const f32, usize, usize, usize),
-) -> usize {
+fn entry_row(a: CsrRef, e: usize, end: usize, m: MatRows) -> usize {
     if e + AHEAD_ENTRIES < end {
-        let j = a.indices[e + AHEAD_ENTRIES] as usize - j0;
-        prefetch(m.wrapping_add(j * stride), wd);
+        m.prefetch(a.indices[e + AHEAD_ENTRIES] as usize);
     }
-    (a.indices[e] as usize - j0) * stride
+    m.at(a.indices[e] as usize)
 }
 
 /// Rows `r0..r1` of `out` `[rows, d]`, columns `c0..c0+wd`: `+= alpha * val * w[j, c0..]`
@@ -186,8 +222,15 @@ fn decode_body<const W: usize>(
     let mut acc = [0f32; CHUNK];
     let acc = &mut acc[..wd];
     let wc = &w[c0..];
+    let m = MatRows {
+        m: wc.as_ptr(),
+        j0: 0,
+        stride: d,
+        wd,
+    };
     for b in 0..bs.nb {
         for r in r0..r1 {
+            prefetch(out.at((r + AHEAD_ROWS) * d + c0), wd);
             let span = bs.span(a, r, b, r1);
             if span.is_empty() {
                 continue;
@@ -199,7 +242,7 @@ fn decode_body<const W: usize>(
             let end = span.end;
             for e in span {
                 let v = alpha * a.values[e];
-                let wr = &wc[entry_row(a, e, end, (wc.as_ptr(), 0, d, wd))..][..wd];
+                let wr = &wc[entry_row(a, e, end, m)..][..wd];
                 acc.iter_mut().zip(wr).for_each(|(o, w)| *o += v * w);
             }
             orow.copy_from_slice(acc);
@@ -224,13 +267,13 @@ pub fn csr_matmul(
     if rows == 0 || d == 0 {
         return;
     }
-    out.par_chunks_mut(d).for_each(|o| scale(o, beta));
+    out.par_chunks_mut(FLAT_GRAIN).for_each(|o| scale(o, beta));
     let a = CsrRef {
         offsets,
         indices,
         values,
     };
-    let bs = BlockStarts::new(a, w.len() / d);
+    let bs = BlockStarts::new(a, w.len() / d, d);
     let chunks: Vec<usize> = (0..d).step_by(CHUNK).collect();
     let tasks: Vec<((usize, usize), usize)> = row_ranges(rows, chunks.len())
         .into_iter()
@@ -286,8 +329,15 @@ fn dot_body<const W: usize>(
     let mut xa = [0f32; CHUNK];
     let xa = &mut xa[..wd];
     let wc = &w[c0..];
+    let m = MatRows {
+        m: wc.as_ptr(),
+        j0: 0,
+        stride: d,
+        wd,
+    };
     for b in 0..bs.nb {
         for r in r0..r1 {
+            prefetch(x.as_ptr().wrapping_add((r + AHEAD_ROWS) * d + c0), wd);
             let span = bs.span(a, r, b, r1);
             if span.is_empty() {
                 continue;
@@ -295,7 +345,7 @@ fn dot_body<const W: usize>(
             xa.copy_from_slice(&x[r * d + c0..][..wd]);
             let end = span.end;
             for e in span {
-                let wr = &wc[entry_row(a, e, end, (wc.as_ptr(), 0, d, wd))..][..wd];
+                let wr = &wc[entry_row(a, e, end, m)..][..wd];
                 out[e - base] += dot64(xa, wr);
             }
         }
@@ -321,7 +371,7 @@ pub fn csr_sampled_dot(
         indices,
         values: &[],
     };
-    let bs = BlockStarts::new(a, w.len() / d);
+    let bs = BlockStarts::new(a, w.len() / d, d);
     // A range's entries are the contiguous run of `out` from its first row's offset.
     let mut parts = Vec::new();
     let mut rest = out;
@@ -341,8 +391,9 @@ pub fn csr_sampled_dot(
 
 /// Columns `c0..c0+wd` of the weight gradient `csr^T @ x`, a latent block at a time:
 /// each row's chunk of `x`, in registers, is added times each entry's value into its
-/// latent's row of a `[LATENT_BLOCK, wd]` tile. `load(b, tile)` fills the tile first
-/// and `store(b, tile)` takes it after.
+/// latent's row of `g`. That is `direct`, the output's rows (`d` apart, from column
+/// `c0`), or else a `[block, wd]` tile that `load(b, tile)` fills first and
+/// `store(b, tile)` takes after.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn grad_body<const W: usize>(
@@ -353,17 +404,34 @@ fn grad_body<const W: usize>(
     d: usize,
     c0: usize,
     wd: usize,
+    direct: Option<SharedMut>,
     load: &dyn Fn(usize, &mut Vec<f32>),
     store: &dyn Fn(usize, &[f32]),
 ) {
     let wd = if W > 0 { W } else { wd };
     let mut xa = [0f32; CHUNK];
     let xa = &mut xa[..wd];
-    let mut tile = Vec::with_capacity(LATENT_BLOCK * wd);
+    let mut tile = Vec::new();
     for b in 0..bs.nb {
-        load(b, &mut tile);
-        let j0 = b * LATENT_BLOCK;
+        let g = match direct {
+            Some(g) => MatRows {
+                m: g.at(0),
+                j0: 0,
+                stride: d,
+                wd,
+            },
+            None => {
+                load(b, &mut tile);
+                MatRows {
+                    m: tile.as_mut_ptr(),
+                    j0: b * bs.size,
+                    stride: wd,
+                    wd,
+                }
+            }
+        };
         for r in 0..rows {
+            prefetch(x.as_ptr().wrapping_add((r + AHEAD_ROWS) * d + c0), wd);
             let span = bs.span(a, r, b, rows);
             if span.is_empty() {
                 continue;
@@ -372,17 +440,25 @@ fn grad_body<const W: usize>(
             let end = span.end;
             for e in span {
                 let v = a.values[e];
-                let at = entry_row(a, e, end, (tile.as_ptr(), j0, wd, wd));
-                let grow = &mut tile[at..][..wd];
+                // SAFETY: the row lies in this task's tile, or in columns c0..c0+wd of
+                // the output, which this task alone writes (alive for the product).
+                let grow = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (g.m as *mut f32).add(entry_row(a, e, end, g)),
+                        wd,
+                    )
+                };
                 grow.iter_mut()
                     .zip(xa.iter())
                     .for_each(|(g, x)| *g += v * x);
             }
         }
-        store(b, &tile);
+        if direct.is_none() {
+            store(b, &tile);
+        }
     }
 }
-with_avx512!(grad, grad_avx512, grad_body, (a: CsrRef, bs: &BlockStarts, rows: usize, x: &[f32], d: usize, c0: usize, wd: usize, load: &dyn Fn(usize, &mut Vec<f32>), store: &dyn Fn(usize, &[f32])));
+with_avx512!(grad, grad_avx512, grad_body, (a: CsrRef, bs: &BlockStarts, rows: usize, x: &[f32], d: usize, c0: usize, wd: usize, direct: Option<SharedMut>, load: &dyn Fn(usize, &mut Vec<f32>), store: &dyn Fn(usize, &[f32])));
 
 /// `out = beta*out + alpha * csr^T @ x`, with `csr` `[rows, cols]`, `x` `[rows, d]`,
 /// `out` `[cols, d]` (or `[d, cols]` when `out_transposed`).
@@ -417,7 +493,13 @@ pub fn csr_t_matmul(
         indices,
         values,
     };
-    let bs = BlockStarts::new(a, cols);
+    let bs = BlockStarts::new(a, cols, d);
+    // With few entries per latent, copying each block of the output to a tile and
+    // back costs more than adding into its rows where they lie (same sums either way).
+    let direct = !out_transposed && a.indices.len() < 8 * cols;
+    if direct {
+        out.par_chunks_mut(FLAT_GRAIN).for_each(|o| scale(o, beta));
+    }
     let o = SharedMut(out.as_mut_ptr());
     let chunks: Vec<usize> = (0..d).step_by(CHUNK).collect();
     chunks.into_par_iter().for_each(|c0| {
@@ -425,11 +507,30 @@ pub fn csr_t_matmul(
         // SAFETY (both closures): this task alone reads and writes columns c0..c0+wd of
         // `out` `[cols, d]`, or rows c0..c0+wd of `out` `[d, cols]`; `out` outlives the
         // product.
-        if !out_transposed {
+        if direct {
+            let none = |_: usize, _: &mut Vec<f32>| {};
+            let none2 = |_: usize, _: &[f32]| {};
+            by_width!(
+                grad,
+                wd,
+                (
+                    a,
+                    &bs,
+                    rows,
+                    x,
+                    d,
+                    c0,
+                    wd,
+                    Some(SharedMut(o.at(c0))),
+                    &none,
+                    &none2
+                )
+            );
+        } else if !out_transposed {
             // The tile starts from beta * out: each element then gets its terms in
             // ascending row order, as the plain loop adds them.
             let load = |b: usize, tile: &mut Vec<f32>| {
-                let (j0, n) = block(b, cols);
+                let (j0, n) = bs.block(b, cols);
                 tile.clear();
                 for j in j0..j0 + n {
                     let row = unsafe { std::slice::from_raw_parts(o.at(j * d + c0), wd) };
@@ -445,22 +546,22 @@ pub fn csr_t_matmul(
                 }
             };
             let store = |b: usize, tile: &[f32]| {
-                let (j0, n) = block(b, cols);
+                let (j0, n) = bs.block(b, cols);
                 for (j, t) in (j0..j0 + n).zip(tile.chunks_exact(wd)) {
                     unsafe { std::slice::from_raw_parts_mut(o.at(j * d + c0), wd) }
                         .copy_from_slice(t);
                 }
             };
-            by_width!(grad, wd, (a, &bs, rows, x, d, c0, wd, &load, &store));
+            by_width!(grad, wd, (a, &bs, rows, x, d, c0, wd, None, &load, &store));
         } else {
             // The tile starts from zero and is added across into out[c, j] = beta *
             // out[c, j] + sum.
             let load = |b: usize, tile: &mut Vec<f32>| {
                 tile.clear();
-                tile.resize(block(b, cols).1 * wd, 0.0);
+                tile.resize(bs.block(b, cols).1 * wd, 0.0);
             };
             let store = |b: usize, tile: &[f32]| {
-                let (j0, n) = block(b, cols);
+                let (j0, n) = bs.block(b, cols);
                 for c in 0..wd {
                     let orow =
                         unsafe { std::slice::from_raw_parts_mut(o.at((c0 + c) * cols + j0), n) };
@@ -470,7 +571,7 @@ pub fn csr_t_matmul(
                     }
                 }
             };
-            by_width!(grad, wd, (a, &bs, rows, x, d, c0, wd, &load, &store));
+            by_width!(grad, wd, (a, &bs, rows, x, d, c0, wd, None, &load, &store));
         }
     });
 }

@@ -1037,7 +1037,12 @@ pub fn non_finite(x: &Tensor) -> Option<(usize, usize)> {
 /// The number of entries `> 0` of `x` (CPU only: the sparse path of the L1 SAEs is
 /// chosen on the CPU).
 pub fn count_positive(x: &Tensor) -> usize {
-    cpu::count_where(x.cpu(), x.cols(), |_, v| v > 0.0)
+    cpu::count_at_least(x.cpu(), x.cols(), &positive_cut(x.cols()))
+}
+
+/// `v > 0` as `v >= cut`, for each of `cols` columns.
+fn positive_cut(cols: usize) -> Vec<f32> {
+    vec![cpu::monotone_cut(|v| v > 0.0); cols]
 }
 
 /// ReLU's active latents: the entries `> 0` of `x` `[rows, cols]` into `out`, values
@@ -1045,7 +1050,7 @@ pub fn count_positive(x: &Tensor) -> usize {
 pub fn relu_to_csr(x: &Tensor, out: &mut Csr) {
     let (r, c) = dims2(x);
     let bufs = out.fill_cpu(r, c);
-    cpu::where_to_csr(x.cpu(), c, |_, v| v > 0.0, bufs);
+    cpu::split_at_least(x.cpu(), c, &positive_cut(c), bufs, None);
     out.fit_values();
 }
 
@@ -1056,12 +1061,25 @@ fn jumprelu_reaches(h: f32, t: f32, bw: f32) -> bool {
     h > t || (h - t) / bw > -0.5
 }
 
+/// Per column, `h > t` and [`jumprelu_reaches`] as `h >= cut` (both are monotone in
+/// `h`): the passes over `[batch, d_sae]` then compare, as the dense kernels decide.
+fn jumprelu_cuts(t: &[f32], bw: f32) -> (Vec<f32>, Vec<f32>) {
+    t.iter()
+        .map(|&t| {
+            (
+                cpu::monotone_cut(|h| h > t),
+                cpu::monotone_cut(|h| jumprelu_reaches(h, t, bw)),
+            )
+        })
+        .unzip()
+}
+
 /// The number of entries of `h` `[rows, cols]` that a JumpReLU with thresholds `t`
 /// `[cols]` and bandwidth `bw` passes a gradient through (CPU only).
 pub fn count_jumprelu_pattern(h: &Tensor, t: &Tensor, bw: f32) -> usize {
     is_vec(t, h.cols(), "count_jumprelu_pattern threshold");
-    let t = t.cpu();
-    cpu::count_where(h.cpu(), h.cols(), |j, v| jumprelu_reaches(v, t[j], bw))
+    let (_, reach) = jumprelu_cuts(t.cpu(), bw);
+    cpu::count_at_least(h.cpu(), h.cols(), &reach)
 }
 
 /// Those entries of `h`, values `h`, in two CSR matrices: the active ones (`h > t`,
@@ -1070,17 +1088,13 @@ pub fn count_jumprelu_pattern(h: &Tensor, t: &Tensor, bw: f32) -> usize {
 pub fn jumprelu_to_csr(h: &Tensor, t: &Tensor, bw: f32, active: &mut Csr, rect: &mut Csr) {
     let (r, c) = dims2(h);
     is_vec(t, c, "jumprelu_to_csr threshold");
-    let t = t.cpu();
-    let class = |j: usize, v: f32| match v > t[j] {
-        true => Some(false),
-        false => jumprelu_reaches(v, t[j], bw).then_some(true),
-    };
-    cpu::split_to_csr(
+    let (act, reach) = jumprelu_cuts(t.cpu(), bw);
+    cpu::split_at_least(
         h.cpu(),
         c,
-        class,
+        &act,
         active.fill_cpu(r, c),
-        rect.fill_cpu(r, c),
+        Some((&reach, rect.fill_cpu(r, c))),
     );
     active.fit_values();
     rect.fit_values();

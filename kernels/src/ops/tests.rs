@@ -1192,3 +1192,69 @@ fn topk_rows_keeps_the_total_order_on_ties() {
         }
     }
 }
+
+/// The [batch, d_sae] passes decide by comparing with per-column cuts; they must
+/// decide exactly as the tests they replace (`h > t`, the rectangle test with its
+/// division, `v > 0`), also at the last float either side of each boundary, at signed
+/// zeros, subnormals, infinities and NaN.
+#[test]
+fn cut_comparisons_decide_as_the_tests_they_replace() {
+    let bw = 0.001f32;
+    let thr = [0.0f32, 0.3, -0.25, 1e-30, 7.0, 0.0005];
+    let c = thr.len();
+    let step = |v: f32, n: i32| -> f32 {
+        let mut v = v;
+        for _ in 0..n.abs() {
+            v = if n > 0 { v.next_up() } else { v.next_down() };
+        }
+        v
+    };
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    for n in -3..=3 {
+        rows.push(thr.iter().map(|&t| step(t, n)).collect());
+        rows.push(thr.iter().map(|&t| step(t - bw / 2.0, n)).collect());
+    }
+    rows.push(vec![
+        -0.0,
+        0.0,
+        f32::from_bits(1),
+        -f32::from_bits(1),
+        f32::NAN,
+        f32::INFINITY,
+    ]);
+    rows.push(vec![f32::NEG_INFINITY, -f32::NAN, 0.0, -0.0, 1e-45, -1e-45]);
+    let r = rows.len();
+    let hv: Vec<f32> = rows.concat();
+    let h = t(&[r, c], hv.clone());
+    let th = t(&[c], thr.to_vec());
+    let (mut act, mut rect) = (Csr::empty(&DEV), Csr::empty(&DEV));
+    jumprelu_to_csr(&h, &th, bw, &mut act, &mut rect);
+    let mut dense = t(&[r, c], vec![0.; r * c]);
+    csr_to_dense(&act, &mut dense);
+    let (mut want_a, mut want_r, mut reach, mut pos) = (vec![], vec![], 0, 0);
+    for (i, &v) in hv.iter().enumerate() {
+        let tj = thr[i % c];
+        want_a.push(v > tj);
+        let in_rect = !(v > tj) && (v - tj) / bw > -0.5;
+        want_r.push(in_rect);
+        reach += (v > tj || in_rect) as usize;
+        pos += (v > 0.0) as usize;
+    }
+    let got_a: Vec<bool> = (0..r * c).map(|i| membership(&act, i / c, i % c)).collect();
+    let got_r: Vec<bool> = (0..r * c)
+        .map(|i| membership(&rect, i / c, i % c))
+        .collect();
+    assert_eq!(got_a, want_a, "active");
+    assert_eq!(got_r, want_r, "rectangle");
+    assert_eq!(count_jumprelu_pattern(&h, &th, bw), reach);
+    assert_eq!(count_positive(&h), pos);
+    let mut relu = Csr::empty(&DEV);
+    relu_to_csr(&h, &mut relu);
+    assert_eq!(relu.nnz(), pos);
+    assert!(relu.values().to_vec().iter().all(|&v| v > 0.0));
+}
+
+fn membership(a: &Csr, r: usize, j: usize) -> bool {
+    let (off, idx) = (a.offsets_to_vec(), a.indices_to_vec());
+    idx[off[r] as usize..off[r + 1] as usize].contains(&(j as u32))
+}
