@@ -1061,31 +1061,42 @@ fn non_finite_counts_and_finds_the_first_across_chunks() {
     assert_eq!(non_finite(&t(&[n], v)), Some((3, cpu::FLAT_GRAIN + 9)));
 }
 
-/// The blocked sparse products at shapes that cross every block edge (three latent
-/// blocks, the last partial; two full chunks of `d_in` and a narrower one; empty rows)
-/// against plain loops. The decode and the weight gradients add the same terms in the
-/// same order as these loops, so they must match bit for bit; the sampled dot sums in
-/// another order and is held to 1e-5 of the largest value of an f64 sum. All four
-/// must give the same bits on one thread as on two.
+/// The blocked sparse products against plain loops, at shapes that cross every edge:
+/// several latent blocks with a partial last one, full chunks of `d_in` and a narrower
+/// one, empty rows; sparse enough for the weight gradient to add into the output in
+/// place, and dense enough for its tiles. The decode and the weight gradients add the
+/// same terms in the same order as these loops, so they must match bit for bit; the
+/// sampled dot sums in another order and is held to 1e-5 of the largest value of an
+/// f64 sum. All four must give the same bits on one thread as on two.
 #[test]
 fn blocked_sparse_products_match_plain_loops() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
-    let (r, m, d) = (37, 2500, 300);
-    let h: Vec<f32> = (0..r * m)
-        .map(|i| match (i / m) % 9 == 4 {
-            true => -1.0, // an empty row
-            false => rng.random_range(-1.0f32..0.06),
-        })
-        .collect();
-    let mut a = Csr::empty(&DEV);
-    relu_to_csr(&t(&[r, m], h), &mut a);
-    assert!(a.nnz() > 3000, "{} entries", a.nnz());
+    for (r, m, d, p) in [
+        (37, 2500, 300, 0.035f32),
+        (300, 1100, 140, 0.1),
+        (64, 5000, 140, 0.001),
+    ] {
+        let h: Vec<f32> = (0..r * m)
+            .map(|i| match (i / m) % 9 == 4 {
+                true => -1.0, // an empty row
+                false => rng.random_range(-1.0f32..p),
+            })
+            .collect();
+        let mut a = Csr::empty(&DEV);
+        relu_to_csr(&t(&[r, m], h), &mut a);
+        check_blocked_products(&a, d, &mut rng);
+    }
+}
+
+fn check_blocked_products(a: &Csr, d: usize, rng: &mut impl Rng) {
+    let (r, m) = (a.rows(), a.cols());
+    let what = format!("{r}x{m}, d {d}, {} entries", a.nnz());
     let (off, idx, val) = (a.offsets_to_vec(), a.indices_to_vec(), a.values().to_vec());
     let entries = |row: usize| {
         (off[row] as usize..off[row + 1] as usize).map(|e| (idx[e] as usize, val[e], e))
     };
-    let w = rand_vec(&mut rng, m * d);
-    let x = rand_vec(&mut rng, r * d);
+    let w = rand_vec(rng, m * d);
+    let x = rand_vec(rng, r * d);
     let (alpha, beta) = (1.5f32, 0.5f32);
 
     let run = |threads: usize| {
@@ -1095,21 +1106,21 @@ fn blocked_sparse_products_match_plain_loops() {
             .unwrap();
         pool.install(|| {
             let mut dec = t(&[r, d], x.clone());
-            csr_matmul(&mut dec, &a, &t(&[m, d], w.clone()), alpha, beta);
+            csr_matmul(&mut dec, a, &t(&[m, d], w.clone()), alpha, beta);
             let mut g = t(&[m, d], w.clone());
-            csr_t_matmul(&mut g, &a, &t(&[r, d], x.clone()), false, alpha, beta);
+            csr_t_matmul(&mut g, a, &t(&[r, d], x.clone()), false, alpha, beta);
             let mut gt = t(&[d, m], w.clone());
-            csr_t_matmul(&mut gt, &a, &t(&[r, d], x.clone()), true, alpha, beta);
+            csr_t_matmul(&mut gt, a, &t(&[r, d], x.clone()), true, alpha, beta);
             let mut sd = t(&[a.nnz()], vec![0.; a.nnz()]);
-            csr_sampled_dot(&a, &t(&[r, d], x.clone()), &t(&[m, d], w.clone()), &mut sd);
+            csr_sampled_dot(a, &t(&[r, d], x.clone()), &t(&[m, d], w.clone()), &mut sd);
             [dec, g, gt, sd].map(|t| t.to_vec())
         })
     };
     let [dec, g, gt, sd] = run(2);
-    assert_eq!(
-        run(1),
-        [dec.clone(), g.clone(), gt.clone(), sd.clone()],
-        "1 vs 2 threads"
+    let again = run(1);
+    assert!(
+        again == [dec.clone(), g.clone(), gt.clone(), sd.clone()],
+        "{what}: 1 vs 2 threads"
     );
 
     let mut want = x.iter().map(|v| beta * v).collect::<Vec<_>>();
@@ -1120,7 +1131,7 @@ fn blocked_sparse_products_match_plain_loops() {
             }
         }
     }
-    assert_eq!(dec, want, "csr_matmul");
+    assert!(dec == want, "{what}: csr_matmul");
 
     let mut want = w.iter().map(|v| beta * v).collect::<Vec<_>>();
     let mut sums = vec![0f32; m * d];
@@ -1132,11 +1143,11 @@ fn blocked_sparse_products_match_plain_loops() {
             }
         }
     }
-    assert_eq!(g, want, "csr_t_matmul");
+    assert!(g == want, "{what}: csr_t_matmul");
     let want: Vec<f32> = (0..d * m)
         .map(|i| beta * w[i] + sums[(i % m) * d + i / m])
         .collect();
-    assert_eq!(gt, want, "csr_t_matmul transposed");
+    assert!(gt == want, "{what}: csr_t_matmul transposed");
 
     let mut want = vec![0f32; a.nnz()];
     for row in 0..r {
@@ -1147,7 +1158,7 @@ fn blocked_sparse_products_match_plain_loops() {
             want[e] = s as f32;
         }
     }
-    assert_close(&sd, &want, 1e-5, "csr_sampled_dot");
+    assert_close(&sd, &want, 1e-5, &format!("{what}: csr_sampled_dot"));
 }
 
 /// Top-k's fast scan (a compare against the worst kept value, sixteen at a time) keeps
