@@ -145,9 +145,18 @@ impl BlockStarts {
         BlockStarts { size, nb, starts }
     }
 
-    /// Row `r`'s entries in latent block `b`, prefetching those of a later row.
+    /// Row `r`'s entries in latent block `b`, prefetching those of a later row and that
+    /// row's `(chunk, wd)` (its chunk of a dense `[rows, d]` matrix lies at
+    /// `chunk + row * d`).
     #[inline(always)]
-    fn span(&self, a: CsrRef, r: usize, b: usize, r1: usize) -> std::ops::Range<usize> {
+    fn span(
+        &self,
+        a: CsrRef,
+        (r, r1): (usize, usize),
+        b: usize,
+        (chunk, d, wd): (*const f32, usize, usize),
+    ) -> std::ops::Range<usize> {
+        prefetch(chunk.wrapping_add((r + AHEAD_ROWS) * d), wd);
         let at = r * (self.nb + 1) + b;
         if r + AHEAD_ROWS < r1 {
             let next = self.starts[at + AHEAD_ROWS * (self.nb + 1)] as usize;
@@ -171,6 +180,16 @@ struct MatRows {
 }
 
 impl MatRows {
+    /// The rows of a `[.., d]` matrix from `m`'s first float (a column chunk's start).
+    fn chunk_of(m: &[f32], d: usize, wd: usize) -> MatRows {
+        MatRows {
+            m: m.as_ptr(),
+            j0: 0,
+            stride: d,
+            wd,
+        }
+    }
+
     #[inline(always)]
     fn at(self, j: usize) -> usize {
         (j - self.j0) * self.stride
@@ -232,16 +251,10 @@ fn decode_body<const W: usize>(
     let mut acc = [0f32; CHUNK];
     let acc = &mut acc[..wd];
     let wc = &w[c0..];
-    let m = MatRows {
-        m: wc.as_ptr(),
-        j0: 0,
-        stride: d,
-        wd,
-    };
+    let m = MatRows::chunk_of(wc, d, wd);
     for b in 0..bs.nb {
         for r in r0..r1 {
-            prefetch(out.at((r + AHEAD_ROWS) * d + c0), wd);
-            let span = bs.span(a, r, b, r1);
+            let span = bs.span(a, (r, r1), b, (out.at(c0), d, wd));
             if span.is_empty() {
                 continue;
             }
@@ -339,16 +352,10 @@ fn dot_body<const W: usize>(
     let mut xa = [0f32; DOT_CHUNK];
     let xa = &mut xa[..wd];
     let wc = &w[c0..];
-    let m = MatRows {
-        m: wc.as_ptr(),
-        j0: 0,
-        stride: d,
-        wd,
-    };
+    let m = MatRows::chunk_of(wc, d, wd);
     for b in 0..bs.nb {
         for r in r0..r1 {
-            prefetch(x.as_ptr().wrapping_add((r + AHEAD_ROWS) * d + c0), wd);
-            let span = bs.span(a, r, b, r1);
+            let span = bs.span(a, (r, r1), b, (x[c0..].as_ptr(), d, wd));
             if span.is_empty() {
                 continue;
             }
@@ -441,8 +448,7 @@ fn grad_body<const W: usize>(
             }
         };
         for r in 0..rows {
-            prefetch(x.as_ptr().wrapping_add((r + AHEAD_ROWS) * d + c0), wd);
-            let span = bs.span(a, r, b, rows);
+            let span = bs.span(a, (r, rows), b, (x[c0..].as_ptr(), d, wd));
             if span.is_empty() {
                 continue;
             }

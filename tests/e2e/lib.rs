@@ -44,10 +44,12 @@ n_eval_batches: 0\nsweep:\n  k: [8, 16]\npipeline:\n{pipeline}",
 
 /// 2 TopK SAEs in 2 trainer processes fed by 2 producers; 600 steps of 256 tokens with
 /// 3 planned checkpoints; small Flight windows so that no stage runs far ahead (every
-/// process is still running when the first checkpoint is written: each producer's
-/// 39 MB of activations is more than what it may have in flight by then, a quarter of
-/// it read plus HTTP/2's 16 MiB window; with half as many steps a fast producer could
-/// finish first). `pipeline_extra` goes at the end of the `pipeline:` section.
+/// process is still running when the first checkpoint is written: of each producer's
+/// 39 MB of activations, a quarter has been read by then, and a reader holds at most
+/// its 256 KiB queue and as much again in flight beyond what its upstream serves; when
+/// HTTP/2's own 16 MiB window was added to that, a producer well ahead of slower
+/// trainers could send all it had left before a fault). `pipeline_extra` goes at the
+/// end of the `pipeline:` section.
 pub fn checkpointed_sweep_yaml(pipeline_extra: &str) -> String {
     format!(
         "model_name: {}\ndataset_path: {}\nhook_name: blocks.1.hook_resid_post\n\

@@ -68,13 +68,21 @@ fn tls_hint(url: &FlightUrl, text: &str) -> &'static str {
     }
 }
 
+/// The HTTP/2 receive window: no more than the queue the batches go into, so that what
+/// a reader has taken from its upstream but not used stays within `queue_bytes` twice
+/// (in the queue and in flight), not an extra 16 MiB: a stage that dies or loses its
+/// link must still be needed. At least 64 KiB (HTTP/2's default).
+fn receive_window(cfg: &ClientConfig) -> u32 {
+    (cfg.queue_bytes.min(H2_WINDOW as usize) as u32).max(64 << 10)
+}
+
 async fn connect_once(url: &FlightUrl, cfg: &ClientConfig) -> Result<Client, (bool, String)> {
     let fatal = |m: String| (false, m);
     let mut ep = Channel::from_shared(url.endpoint_uri())
         .map_err(|e| fatal(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
-        .initial_stream_window_size(H2_WINDOW)
-        .initial_connection_window_size(H2_WINDOW)
+        .initial_stream_window_size(receive_window(cfg))
+        .initial_connection_window_size(receive_window(cfg))
         .max_frame_size(H2_MAX_FRAME)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)

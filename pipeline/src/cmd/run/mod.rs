@@ -1014,14 +1014,15 @@ fn stage_specs(c: &Ctx) -> Result<Vec<StageSpec>> {
     let th = &sweep.pipeline.threads;
     let n_prod = sweep.pipeline.producers;
     let mut upstreams: Vec<String> = plan.replay.iter().map(|p| s(p)).collect();
-    let window = [
-        "--window-bytes".to_string(),
-        sweep
-            .pipeline
-            .window_bytes
-            .clone()
-            .unwrap_or(DEFAULT_WINDOW.into()),
-    ];
+    let window_bytes = sweep
+        .pipeline
+        .window_bytes
+        .clone()
+        .unwrap_or(DEFAULT_WINDOW.into());
+    let window = ["--window-bytes".to_string(), window_bytes.clone()];
+    // A reading stage holds no more than a window of its upstream's batches ahead of
+    // use either (queue and HTTP/2 window): the bounded run-ahead of DESIGN.md.
+    let queue = ["--queue-bytes".to_string(), window_bytes];
     // Threads, unless the run file sets them: the trainers may take every core (the
     // producers often finish first or wait on a full queue), the producers share half.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -1126,7 +1127,7 @@ fn stage_specs(c: &Ctx) -> Result<Vec<StageSpec>> {
                 }
             }
             args.extend(threads(Some(producer_threads)));
-            args.extend(window.iter().cloned());
+            args.extend(window.iter().chain(&queue).cloned());
             let role = format!("producer-{i}");
             upstreams.push(format!("@{role}"));
             specs.push(StageSpec::new(&role, Role::Producer, args));
@@ -1194,7 +1195,7 @@ fn stage_specs(c: &Ctx) -> Result<Vec<StageSpec>> {
         ]);
     }
     args.extend(threads(th.shuffler));
-    args.extend(window.iter().cloned());
+    args.extend(window.iter().chain(&queue).cloned());
     specs.push(StageSpec::new("shuffler", Role::Shuffler, args));
     let batches = "@shuffler".to_string();
     for (k, points) in trainers.iter().enumerate() {
@@ -1225,6 +1226,7 @@ fn stage_specs(c: &Ctx) -> Result<Vec<StageSpec>> {
             args.push("--overwrite".into());
         }
         args.extend(threads(Some(trainer_threads)));
+        args.extend(queue.iter().cloned());
         let mut spec = StageSpec::new(&format!("trainer-{k}"), Role::Trainer, args);
         spec.points = points
             .iter()
