@@ -953,6 +953,7 @@ fn topk_push(heap: &mut TopKHeap, k: usize, row: &[f32], j: usize) {
 /// values need only a compare, sixteen at a time; the rest get the exact rank test
 /// (`!(v < t)` also lets NaN through to it).
 #[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v < t)`: NaN must pass, to be ranked
 fn topk_scan_body(heap: &mut TopKHeap, k: usize, row: &[f32]) {
     let first = k.min(row.len());
     (0..first).for_each(|j| topk_push(heap, k, row, j));
@@ -1302,6 +1303,7 @@ pub fn count_at_least(x: &[f32], cols: usize, cut: &[f32]) -> usize {
 /// `[entries >= hi, entries below hi but >= lo]` of one row (none of the second when
 /// `lo` is empty).
 #[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v >= hi)`: NaN cuts and values are below
 fn count_split(row: &[f32], hi: &[f32], lo: &[f32]) -> [u32; 2] {
     let a = row.iter().zip(hi).map(|(&v, &h)| (v >= h) as u32).sum();
     let b = match lo.is_empty() {

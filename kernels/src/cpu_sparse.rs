@@ -72,9 +72,11 @@ macro_rules! with_avx512 {
     ($name:ident, $avx:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
         fn $avx<const W: usize>($($arg: $ty),*) {
             $body::<W>($($arg),*)
         }
+        #[allow(clippy::too_many_arguments)]
         fn $name<const W: usize>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             if avx512() {

@@ -1246,7 +1246,7 @@ fn cut_comparisons_decide_as_the_tests_they_replace() {
     for (i, &v) in hv.iter().enumerate() {
         let tj = thr[i % c];
         want_a.push(v > tj);
-        let in_rect = !(v > tj) && (v - tj) / bw > -0.5;
+        let in_rect = !want_a[i] && (v - tj) / bw > -0.5;
         want_r.push(in_rect);
         reach += (v > tj || in_rect) as usize;
         pos += (v > 0.0) as usize;
