@@ -1421,15 +1421,9 @@ pub fn csr_jumprelu_backward(
     dh: &mut [f32],
     dt: &mut [f32],
 ) {
-    let acc = csr_rows_fold(offsets, dh, t.len(), |_, e0, dh, acc| {
-        for (e, dh) in (e0..).zip(dh) {
-            let j = indices[e] as usize;
-            let (d, a) = jumprelu_grad(h[e], t[j], df[e], bandwidth, ste_to_input);
-            *dh += d;
-            acc[j] += a;
-        }
+    csr_entry_grads(offsets, indices, dh, dt, |_, e, j| {
+        jumprelu_grad(h[e], t[j], df[e], bandwidth, ste_to_input)
     });
-    dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
 }
 
 /// [`step_backward`] at the entries of a CSR matrix whose values are `h`; `g` per row.
@@ -1445,10 +1439,25 @@ pub fn csr_step_backward(
     dh: &mut [f32],
     dt: &mut [f32],
 ) {
-    let acc = csr_rows_fold(offsets, dh, t.len(), |r, e0, dh, acc| {
+    csr_entry_grads(offsets, indices, dh, dt, |r, e, j| {
+        step_grad(h[e], t[j], g[r], bandwidth, ste_to_input)
+    });
+}
+
+/// For each stored entry `e` (row `r`, column `j`), `grad(r, e, j)` gives `(d, a)`:
+/// `dh[e] += d`, and `a` is summed per column (in [`csr_rows_fold`]'s fixed order)
+/// into `dt[j]`.
+fn csr_entry_grads(
+    offsets: &[u32],
+    indices: &[u32],
+    dh: &mut [f32],
+    dt: &mut [f32],
+    grad: impl Fn(usize, usize, usize) -> (f32, f64) + Sync,
+) {
+    let acc = csr_rows_fold(offsets, dh, dt.len(), |r, e0, dh, acc| {
         for (e, dh) in (e0..).zip(dh) {
             let j = indices[e] as usize;
-            let (d, a) = step_grad(h[e], t[j], g[r], bandwidth, ste_to_input);
+            let (d, a) = grad(r, e, j);
             *dh += d;
             acc[j] += a;
         }
