@@ -58,6 +58,13 @@ fn main() {
         std::hint::black_box(ops::count_positive(&h));
     });
     time("relu_to_csr", 0.0, || ops::relu_to_csr(&h, &mut csr));
+    // What a step runs: the bias pass counts, the CSR build only splits.
+    time("add_bias_and_count", 0.0, || {
+        ops::Split::relu(m).add_bias_and_count(&mut pre, &bias)
+    });
+    let split = ops::Split::relu(m);
+    split.nnz(&h);
+    time("split_to_csr", 0.0, || split.to_csr(&h, &mut csr, None));
     let mut sel = Csr::empty(&dev);
     time("topk_rows_32", 0.0, || {
         ops::topk_rows(&h, 32, None, &mut sel)

@@ -1285,21 +1285,6 @@ pub fn monotone_cut(keep: impl Fn(f32) -> bool) -> f32 {
     unkey(hi)
 }
 
-/// Number of entries of `x` `[rows, cols]` with `x[r, j] >= cut[j]`.
-pub fn count_at_least(x: &[f32], cols: usize, cut: &[f32]) -> usize {
-    x.par_chunks(cols)
-        .with_min_len(grain(cols))
-        .map(|row| {
-            #[cfg(target_arch = "x86_64")]
-            if avx512() {
-                // SAFETY: the CPU has AVX-512F (checked above).
-                return unsafe { count_split_avx512(row, cut, &[]) }[0] as usize;
-            }
-            count_split(row, cut, &[])[0] as usize
-        })
-        .sum()
-}
-
 /// `[entries >= hi, entries below hi but >= lo]` of one row (none of the second when
 /// `lo` is empty).
 #[inline(always)]
@@ -1324,19 +1309,10 @@ fn count_split_avx512(row: &[f32], hi: &[f32], lo: &[f32]) -> [u32; 2] {
     count_split(row, hi, lo)
 }
 
-/// The entries of `x` `[rows, cols]` with `x[r, j] >= hi[j]` into `a`, and, when `b`
-/// is given, those below that but `>= lo[j]` into `b`, as CSR with their values. Two
-/// passes over `x`: counts, then the entries.
-pub fn split_at_least(
-    x: &[f32],
-    cols: usize,
-    hi: &[f32],
-    mut a: CsrBufs,
-    lo_b: Option<(&[f32], CsrBufs)>,
-) {
-    let lo = lo_b.as_ref().map_or(&[][..], |(lo, _)| lo);
-    let counts: Vec<[u32; 2]> = x
-        .par_chunks(cols)
+/// Per row of `x` `[rows, cols]`, `[entries >= hi[j], entries below that but >= lo[j]]`
+/// (no second part when `lo` is empty).
+pub fn split_counts(x: &[f32], cols: usize, hi: &[f32], lo: &[f32]) -> Vec<[u32; 2]> {
+    x.par_chunks(cols)
         .with_min_len(grain(cols))
         .map(|row| {
             #[cfg(target_arch = "x86_64")]
@@ -1346,7 +1322,58 @@ pub fn split_at_least(
             }
             count_split(row, hi, lo)
         })
-        .collect();
+        .collect()
+}
+
+/// `x[r, j] += bias[j]` (as [`add_row_vec`] with `alpha` 1, the same bits), then
+/// [`split_counts`] of the result: one pass over `x` instead of two.
+pub fn add_bias_split_counts(
+    x: &mut [f32],
+    cols: usize,
+    bias: &[f32],
+    hi: &[f32],
+    lo: &[f32],
+) -> Vec<[u32; 2]> {
+    #[inline(always)]
+    fn row_body(row: &mut [f32], bias: &[f32], hi: &[f32], lo: &[f32]) -> [u32; 2] {
+        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+        count_split(row, hi, lo)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn row_avx512(row: &mut [f32], bias: &[f32], hi: &[f32], lo: &[f32]) -> [u32; 2] {
+        row_body(row, bias, hi, lo)
+    }
+    x.par_chunks_mut(cols)
+        .with_min_len(grain(cols))
+        .map(|row| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                return unsafe { row_avx512(row, bias, hi, lo) };
+            }
+            row_body(row, bias, hi, lo)
+        })
+        .collect()
+}
+
+/// The entries of `x` `[rows, cols]` with `x[r, j] >= hi[j]` into `a`, and, when `b`
+/// is given, those below that but `>= lo[j]` into `b`, as CSR with their values, laid
+/// out by `counts` from [`split_counts`] on the same `x` and cuts.
+pub fn split_at_least(
+    x: &[f32],
+    cols: usize,
+    hi: &[f32],
+    mut a: CsrBufs,
+    lo_b: Option<(&[f32], CsrBufs)>,
+    counts: &[[u32; 2]],
+) {
+    let lo = lo_b.as_ref().map_or(&[][..], |(lo, _)| lo);
+    assert_eq!(
+        counts.len() * cols,
+        x.len(),
+        "split_at_least: counts of another matrix"
+    );
     a.lay_out(counts.iter().map(|c| c[0]));
     let (mut bo, mut bi, mut bv) = (Vec::new(), Vec::new(), Vec::new());
     let mut b = match lo_b {
@@ -1369,17 +1396,111 @@ pub fn split_at_least(
         .zip(x.par_chunks(cols))
         .with_min_len(grain(cols))
         .for_each(|(((ia, va), (ib, vb)), row)| {
-            let (mut na, mut nb) = (0, 0);
-            for (j, &v) in row.iter().enumerate() {
-                if v >= hi[j] {
-                    (ia[na], va[na]) = (j as u32, v);
-                    na += 1;
-                } else if !lo.is_empty() && v >= lo[j] {
-                    (ib[nb], vb[nb]) = (j as u32, v);
-                    nb += 1;
-                }
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                return unsafe { split_row_avx512(row, hi, lo, (ia, va), (ib, vb)) };
             }
+            split_row(row, hi, lo, 0, (ia, va), (ib, vb));
         });
+}
+
+/// One row's part of [`split_at_least`] from column `j0` on: its entries `>= hi` into
+/// `a`, those below that but `>= lo` into `b` (each exactly as long as counted).
+#[allow(clippy::type_complexity)]
+fn split_row(
+    row: &[f32],
+    hi: &[f32],
+    lo: &[f32],
+    j0: usize,
+    (ia, va): (&mut [u32], &mut [f32]),
+    (ib, vb): (&mut [u32], &mut [f32]),
+) {
+    let (mut na, mut nb) = (0, 0);
+    for (j, &v) in row.iter().enumerate().skip(j0) {
+        if v >= hi[j] {
+            (ia[na], va[na]) = (j as u32, v);
+            na += 1;
+        } else if !lo.is_empty() && v >= lo[j] {
+            (ib[nb], vb[nb]) = (j as u32, v);
+            nb += 1;
+        }
+    }
+}
+
+/// [`split_row`] 16 columns at a time: compare, compress the kept lanes (values and
+/// column numbers) within a register and store them with a mask. (A compressing store
+/// straight to memory is microcoded and slow on AMD's AVX-512.) The same comparisons
+/// as the scalar form and as the count pass, so the counts it was laid out by hold.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::type_complexity)]
+fn split_row_avx512(
+    row: &[f32],
+    hi: &[f32],
+    lo: &[f32],
+    (ia, va): (&mut [u32], &mut [f32]),
+    (ib, vb): (&mut [u32], &mut [f32]),
+) {
+    use std::arch::x86_64::*;
+    let n = row.len() / 16 * 16;
+    assert!(hi.len() >= n && (lo.is_empty() || lo.len() >= n));
+    // Stores `lanes` of `v` and `col` compressed at `at` of `(idx, val)`, which must
+    // have room for them (checked: the counts come from another pass).
+    #[inline(always)]
+    fn put(
+        lanes: u16,
+        col: __m512i,
+        v: __m512,
+        (idx, val): (&mut [u32], &mut [f32]),
+        at: &mut usize,
+    ) {
+        let c = lanes.count_ones() as usize;
+        assert!(
+            *at + c <= idx.len() && *at + c <= val.len(),
+            "split_at_least: counts changed"
+        );
+        let keep = ((1u32 << c) - 1) as u16;
+        // SAFETY: the `c` stored lanes lie within both slices (asserted); masked-off
+        // lanes are not touched.
+        unsafe {
+            _mm512_mask_storeu_epi32(
+                idx.as_mut_ptr().add(*at) as *mut i32,
+                keep,
+                _mm512_maskz_compress_epi32(lanes, col),
+            );
+            _mm512_mask_storeu_ps(
+                val.as_mut_ptr().add(*at),
+                keep,
+                _mm512_maskz_compress_ps(lanes, v),
+            );
+        }
+        *at += c;
+    }
+    let (mut na, mut nb) = (0, 0);
+    let mut col = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for j in (0..n).step_by(16) {
+        // SAFETY: j + 16 <= n, within `row`, `hi` and a non-empty `lo` (asserted).
+        let v = unsafe { _mm512_loadu_ps(row.as_ptr().add(j)) };
+        let a = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, unsafe { _mm512_loadu_ps(hi.as_ptr().add(j)) });
+        // No branch on whether any lane is kept: at a few percent density that
+        // branch is unpredictable, and a store with an empty mask costs little.
+        put(a, col, v, (&mut *ia, &mut *va), &mut na);
+        if !lo.is_empty() {
+            let l = unsafe { _mm512_loadu_ps(lo.as_ptr().add(j)) };
+            let b = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, l) & !a;
+            put(b, col, v, (&mut *ib, &mut *vb), &mut nb);
+        }
+        col = _mm512_add_epi32(col, _mm512_set1_epi32(16));
+    }
+    split_row(
+        row,
+        hi,
+        lo,
+        n,
+        (&mut ia[na..], &mut va[na..]),
+        (&mut ib[nb..], &mut vb[nb..]),
+    );
 }
 
 /// Runs `body(row, its first entry, its entries of out, acc)` over the rows of a CSR

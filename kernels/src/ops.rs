@@ -1034,10 +1034,101 @@ pub fn non_finite(x: &Tensor) -> Option<(usize, usize)> {
     cpu::non_finite(x.cpu())
 }
 
+/// The entries of a `[rows, cols]` matrix split at per-column cuts: those `>= hi[j]`
+/// (the active latents), and with a second cut those below that but `>= lo[j]`
+/// (JumpReLU's estimator rectangle). The per-row counts are kept once taken, so that
+/// choosing the path from the count and then building the CSR matrices costs two
+/// passes over the matrix, not three (CPU only).
+pub struct Split {
+    hi: Vec<f32>,
+    lo: Vec<f32>,
+    counts: std::cell::OnceCell<Vec<[u32; 2]>>,
+}
+
+impl Split {
+    /// ReLU's active entries, `x > 0`.
+    pub fn relu(cols: usize) -> Split {
+        Split::new(positive_cut(cols), vec![])
+    }
+
+    /// A JumpReLU's with threshold `t` `[cols]` and bandwidth `bw`: the active entries
+    /// (`h > t`, where the latent is `h`) and the inactive ones inside the estimator's
+    /// rectangle.
+    pub fn jumprelu(t: &Tensor, bw: f32) -> Split {
+        let (act, reach) = jumprelu_cuts(t.cpu(), bw);
+        Split::new(act, reach)
+    }
+
+    fn new(hi: Vec<f32>, lo: Vec<f32>) -> Split {
+        Split {
+            hi,
+            lo,
+            counts: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn counts(&self, x: &Tensor) -> &[[u32; 2]] {
+        let (r, c) = dims2(x);
+        assert_eq!(
+            self.hi.len(),
+            c,
+            "Split: cuts for {} columns, matrix has {c}",
+            self.hi.len()
+        );
+        let counts = self
+            .counts
+            .get_or_init(|| cpu::split_counts(x.cpu(), c, &self.hi, &self.lo));
+        assert_eq!(
+            counts.len(),
+            r,
+            "Split: counted on a matrix of another shape"
+        );
+        counts
+    }
+
+    /// Adds `bias` `[cols]` to the rows of `x` and counts this split's entries of the
+    /// result in the same pass (the bits of [`add_row_vec`] with `alpha` 1).
+    pub fn add_bias_and_count(&self, x: &mut Tensor, bias: &Tensor) {
+        let c = x.cols();
+        is_vec(bias, c, "Split::add_bias_and_count bias");
+        assert_eq!(
+            self.hi.len(),
+            c,
+            "Split: cuts for {} columns, matrix has {c}",
+            self.hi.len()
+        );
+        let counts = cpu::add_bias_split_counts(x.cpu_mut(), c, bias.cpu(), &self.hi, &self.lo);
+        assert!(self.counts.set(counts).is_ok(), "Split: counted twice");
+    }
+
+    /// Entries of `x` in either part (one pass the first time).
+    pub fn nnz(&self, x: &Tensor) -> usize {
+        self.counts(x).iter().map(|c| (c[0] + c[1]) as usize).sum()
+    }
+
+    /// The parts as CSR matrices with values `x`: the first into `a`, the second into
+    /// `b` (needed exactly when this split has a second cut).
+    pub fn to_csr(&self, x: &Tensor, a: &mut Csr, mut b: Option<&mut Csr>) {
+        assert_eq!(
+            b.is_some(),
+            !self.lo.is_empty(),
+            "Split::to_csr: one CSR per part"
+        );
+        let counts = self.counts(x);
+        let (r, c) = dims2(x);
+        let lo_b = b.as_deref_mut().map(|b| (&self.lo[..], b.fill_cpu(r, c)));
+        cpu::split_at_least(x.cpu(), c, &self.hi, a.fill_cpu(r, c), lo_b, counts);
+        a.fit_values();
+        if let Some(b) = b {
+            b.fit_values();
+        }
+    }
+}
+
 /// The number of entries `> 0` of `x` (CPU only: the sparse path of the L1 SAEs is
 /// chosen on the CPU).
 pub fn count_positive(x: &Tensor) -> usize {
-    cpu::count_at_least(x.cpu(), x.cols(), &positive_cut(x.cols()))
+    Split::relu(x.cols()).nnz(x)
 }
 
 /// `v > 0` as `v >= cut`, for each of `cols` columns.
@@ -1048,10 +1139,7 @@ fn positive_cut(cols: usize) -> Vec<f32> {
 /// ReLU's active latents: the entries `> 0` of `x` `[rows, cols]` into `out`, values
 /// `x` (CPU only). Allocates `[nnz]` indices and values.
 pub fn relu_to_csr(x: &Tensor, out: &mut Csr) {
-    let (r, c) = dims2(x);
-    let bufs = out.fill_cpu(r, c);
-    cpu::split_at_least(x.cpu(), c, &positive_cut(c), bufs, None);
-    out.fit_values();
+    Split::relu(x.cols()).to_csr(x, out, None);
 }
 
 /// Whether a JumpReLU with threshold `t` and estimator bandwidth `bw` can pass a
@@ -1078,26 +1166,15 @@ fn jumprelu_cuts(t: &[f32], bw: f32) -> (Vec<f32>, Vec<f32>) {
 /// `[cols]` and bandwidth `bw` passes a gradient through (CPU only).
 pub fn count_jumprelu_pattern(h: &Tensor, t: &Tensor, bw: f32) -> usize {
     is_vec(t, h.cols(), "count_jumprelu_pattern threshold");
-    let (_, reach) = jumprelu_cuts(t.cpu(), bw);
-    cpu::count_at_least(h.cpu(), h.cols(), &reach)
+    Split::jumprelu(t, bw).nnz(h)
 }
 
 /// Those entries of `h`, values `h`, in two CSR matrices: the active ones (`h > t`,
 /// where the latent is `h`) in `active`, the inactive ones inside the estimator's
 /// rectangle in `rect` (CPU only).
 pub fn jumprelu_to_csr(h: &Tensor, t: &Tensor, bw: f32, active: &mut Csr, rect: &mut Csr) {
-    let (r, c) = dims2(h);
-    is_vec(t, c, "jumprelu_to_csr threshold");
-    let (act, reach) = jumprelu_cuts(t.cpu(), bw);
-    cpu::split_at_least(
-        h.cpu(),
-        c,
-        &act,
-        active.fill_cpu(r, c),
-        Some((&reach, rect.fill_cpu(r, c))),
-    );
-    active.fit_values();
-    rect.fit_values();
+    is_vec(t, h.cols(), "jumprelu_to_csr threshold");
+    Split::jumprelu(t, bw).to_csr(h, active, Some(rect));
 }
 
 /// `out[e] = v[column of e]` `[nnz]` (CPU only).

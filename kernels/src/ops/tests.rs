@@ -1207,11 +1207,16 @@ fn topk_rows_keeps_the_total_order_on_ties() {
 /// The [batch, d_sae] passes decide by comparing with per-column cuts; they must
 /// decide exactly as the tests they replace (`h > t`, the rectangle test with its
 /// division, `v > 0`), also at the last float either side of each boundary, at signed
-/// zeros, subnormals, infinities and NaN.
+/// zeros, subnormals, infinities and NaN. The six thresholds repeat over 39 columns,
+/// so that every case lands in 16-wide vector lanes and in the scalar tail.
 #[test]
 fn cut_comparisons_decide_as_the_tests_they_replace() {
     let bw = 0.001f32;
-    let thr = [0.0f32, 0.3, -0.25, 1e-30, 7.0, 0.0005];
+    let thr: Vec<f32> = [0.0f32, 0.3, -0.25, 1e-30, 7.0, 0.0005]
+        .into_iter()
+        .cycle()
+        .take(39)
+        .collect();
     let c = thr.len();
     let step = |v: f32, n: i32| -> f32 {
         let mut v = v;
@@ -1225,15 +1230,24 @@ fn cut_comparisons_decide_as_the_tests_they_replace() {
         rows.push(thr.iter().map(|&t| step(t, n)).collect());
         rows.push(thr.iter().map(|&t| step(t - bw / 2.0, n)).collect());
     }
-    rows.push(vec![
+    let special = [
         -0.0,
         0.0,
         f32::from_bits(1),
         -f32::from_bits(1),
         f32::NAN,
         f32::INFINITY,
-    ]);
-    rows.push(vec![f32::NEG_INFINITY, -f32::NAN, 0.0, -0.0, 1e-45, -1e-45]);
+        f32::NEG_INFINITY,
+        -f32::NAN,
+        1e-45,
+    ];
+    for shift in 0..special.len() {
+        rows.push(
+            (0..c)
+                .map(|j| special[(j + shift) % special.len()])
+                .collect(),
+        );
+    }
     let r = rows.len();
     let hv: Vec<f32> = rows.concat();
     let h = t(&[r, c], hv.clone());
@@ -1257,6 +1271,15 @@ fn cut_comparisons_decide_as_the_tests_they_replace() {
         .collect();
     assert_eq!(got_a, want_a, "active");
     assert_eq!(got_r, want_r, "rectangle");
+    // The stored values are the entries themselves.
+    let mut rdense = t(&[r, c], vec![0.; r * c]);
+    csr_to_dense(&rect, &mut rdense);
+    let (dv, rv) = (dense.to_vec(), rdense.to_vec());
+    for (i, &v) in hv.iter().enumerate() {
+        let want = |on: bool| if on { v.to_bits() } else { 0f32.to_bits() };
+        assert_eq!(dv[i].to_bits(), want(want_a[i]), "active value {i}");
+        assert_eq!(rv[i].to_bits(), want(want_r[i]), "rectangle value {i}");
+    }
     assert_eq!(count_jumprelu_pattern(&h, &th, bw), reach);
     assert_eq!(count_positive(&h), pos);
     let mut relu = Csr::empty(&DEV);
@@ -1268,4 +1291,38 @@ fn cut_comparisons_decide_as_the_tests_they_replace() {
 fn membership(a: &Csr, r: usize, j: usize) -> bool {
     let (off, idx) = (a.offsets_to_vec(), a.indices_to_vec());
     idx[off[r] as usize..off[r + 1] as usize].contains(&(j as u32))
+}
+
+/// The fused bias pass of [`Split::add_bias_and_count`] leaves the bits of
+/// `add_row_vec` and the counts (and CSR matrices) of counting the result afterwards,
+/// for ReLU's split and a JumpReLU's, over widths with and without a vector tail.
+#[test]
+fn split_counted_in_the_bias_pass_is_the_split_counted_after() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(31);
+    for (r, c) in [(5, 16), (7, 45), (3, 200)] {
+        let x = rand_vec(&mut rng, r * c);
+        let bias = t(&[c], rand_vec(&mut rng, c).iter().map(|v| v - 0.4).collect());
+        let th = t(&[c], rand_vec(&mut rng, c).iter().map(|v| v * 0.3).collect());
+        let mut want = t(&[r, c], x.clone());
+        add_row_vec(&mut want, &bias, 1.0);
+        for jump in [false, true] {
+            let split = || match jump {
+                true => Split::jumprelu(&th, 0.2),
+                false => Split::relu(c),
+            };
+            let (fused, after) = (split(), split());
+            let mut h = t(&[r, c], x.clone());
+            fused.add_bias_and_count(&mut h, &bias);
+            let bits = |v: &Tensor| v.to_vec().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&h), bits(&want), "{r}x{c}: bias bits");
+            assert_eq!(fused.nnz(&h), after.nnz(&want), "{r}x{c} jump={jump}: count");
+            assert!(fused.nnz(&h) > 0 && fused.nnz(&h) < r * c);
+            let csrs = |s: &Split, h: &Tensor| {
+                let (mut a, mut b) = (Csr::empty(&DEV), Csr::empty(&DEV));
+                s.to_csr(h, &mut a, jump.then_some(&mut b));
+                [a, b].map(|m| (m.offsets.to_vec(), m.indices.to_vec(), bits(m.values())))
+            };
+            assert_eq!(csrs(&fused, &h), csrs(&after, &want), "{r}x{c} jump={jump}: CSR");
+        }
+    }
 }

@@ -11,7 +11,10 @@
 //! auxiliary path reads another input (run-time normalisation, reshaping) its gate
 //! differs from the main one and the step is dense.
 
-use super::{choose_path, linear_into, Acts, Arch, Buffers, Losses, StepInput, StepPath};
+use super::{
+    choose_path, linear_counting_into, linear_into, Acts, Arch, Buffers, Losses, StepInput,
+    StepPath,
+};
 use crate::common::Shared;
 use crate::{Params, Result};
 use kernels::{ops, Csr, Device, Tensor};
@@ -70,12 +73,13 @@ impl Gated {
     }
 
     /// The sparse forward from the gate GEMM on: open gates, magnitudes, decode.
-    fn sparse_forward(&mut self, p: &Params, s: &mut Shared) {
+    /// `split` has counted the open gates (`pi_gate > 0`) if the path choice needed it.
+    fn sparse_forward(&mut self, p: &Params, s: &mut Shared, split: &ops::Split) {
         let dev = s.device.clone();
         let empty = || Tensor::zeros(&dev, &[0, 0]);
         (self.w_mag, self.h_mag, self.f) = (empty(), empty(), empty());
         (self.pi_act, self.d_pi_act) = (empty(), empty());
-        ops::relu_to_csr(&self.pi_gate, &mut self.gc);
+        split.to_csr(&self.pi_gate, &mut self.gc, None);
         // pi_gate becomes the magnitudes: pi_gate * e^r + (b_mag - b_gate * e^r)
         let mut e = p.get(R_MAG).clone();
         ops::exp(p.get(R_MAG), &mut e);
@@ -209,14 +213,22 @@ impl Arch for Gated {
     ) -> Result<Losses> {
         let dev = s.device.clone();
         let b = s.batch();
-        linear_into(&mut self.pi_gate, &s.sae_in, p.get(W_ENC), p.get(B_GATE));
+        let split = ops::Split::relu(self.cfg.d_sae);
+        let w_enc = p.get(W_ENC);
+        linear_counting_into(
+            &mut self.pi_gate,
+            &s.sae_in,
+            w_enc,
+            p.get(B_GATE),
+            Some(&split),
+        );
         self.path = match self.aux_input_differs() {
             true => StepPath::Dense,
-            false => choose_path(s, || ops::count_positive(&self.pi_gate), b, self.cfg.d_sae),
+            false => choose_path(s, || split.nnz(&self.pi_gate), b, self.cfg.d_sae),
         };
         let c = input.coefficient as f32 / b as f32;
         if self.path == StepPath::Sparse {
-            self.sparse_forward(p, s);
+            self.sparse_forward(p, s, &split);
             ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
             let mse = s.finish();
             self.d_pg = Tensor::zeros(&dev, &[self.gc.nnz()]);

@@ -17,7 +17,8 @@
 //! and that loss are dense.
 
 use super::{
-    choose_path, linear_into, maybe_noise, n_dead, Acts, Arch, Buffers, Losses, StepInput, StepPath,
+    choose_path, linear_counting_into, linear_into, maybe_noise, n_dead, Acts, Arch, Buffers,
+    Losses, StepInput, StepPath,
 };
 use crate::common::Shared;
 use crate::{Params, Result};
@@ -158,25 +159,24 @@ impl Arch for JumpRelu {
             *t = Tensor::from_vec(&dev, &[m], v)?;
         }
         self.t = self.threshold(p);
-        linear_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
-        maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
         let bw = self.cfg.jumprelu_bandwidth as f32;
+        // The cuts read the threshold on the host: only the CPU has a sparse path.
+        let split = (dev == Device::Cpu).then(|| ops::Split::jumprelu(&self.t, bw));
+        let counting = split.as_ref().filter(|_| self.cfg.noise_scale == 0.0);
+        linear_counting_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC), counting);
+        maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
         let pre_act_dense =
             self.cfg.pre_act_loss_coefficient.is_some() && n_dead(input.dead_neuron_mask) > 0;
-        self.path = match pre_act_dense {
-            true => StepPath::Dense,
-            false => choose_path(
-                s,
-                || ops::count_jumprelu_pattern(&self.h, &self.t, bw),
-                b,
-                m,
-            ),
+        self.path = match (pre_act_dense, &split) {
+            (false, Some(split)) => choose_path(s, || split.nnz(&self.h), b, m),
+            _ => StepPath::Dense,
         };
         let sparse = self.path == StepPath::Sparse;
         if sparse {
             let empty = || Tensor::zeros(&dev, &[0, 0]);
             (self.f, self.d_f, self.d_h) = (empty(), empty(), empty());
-            ops::jumprelu_to_csr(&self.h, &self.t, bw, &mut self.fc, &mut self.rc);
+            let split = split.expect("the sparse path runs on the CPU");
+            split.to_csr(&self.h, &mut self.fc, Some(&mut self.rc));
             ops::csr_matmul(&mut s.recon, &self.fc, p.get(W_DEC), 1.0, 0.0);
             let (na, nr) = (self.fc.nnz(), self.rc.nnz());
             (self.df_a, self.dh_a) = (Tensor::zeros(&dev, &[na]), Tensor::zeros(&dev, &[na]));

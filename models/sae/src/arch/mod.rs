@@ -156,6 +156,26 @@ pub(crate) fn linear_into(h: &mut Tensor, sae_in: &Tensor, w: &Tensor, b: &Tenso
     ops::add_row_vec(h, b, 1.0);
 }
 
+/// [`linear_into`], where on the CPU the bias pass also counts `split`'s entries, so
+/// that choosing the path needs no pass of its own. (Not with pre-activation noise:
+/// that comes after the bias.)
+pub(crate) fn linear_counting_into(
+    h: &mut Tensor,
+    sae_in: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    split: Option<&kernels::ops::Split>,
+) {
+    match split {
+        Some(split) if sae_in.device() == Device::Cpu => {
+            h.resize(&[sae_in.rows(), w.cols()]);
+            kernels::ops::matmul(h, sae_in, false, w, false, 1.0, 0.0);
+            split.add_bias_and_count(h, b);
+        }
+        _ => linear_into(h, sae_in, w, b),
+    }
+}
+
 /// Scales `b_enc`-like vectors and `W_enc` columns by the decoder norms and divides
 /// `W_dec` rows by them: the shared part of `fold_W_dec_norm`.
 pub(crate) fn fold_norms_into(p: &mut Params, n: &Tensor, encoder_biases: &[&str]) {

@@ -8,7 +8,8 @@
 //! gradients and the encoder-weight gradient over them only. Ghost grads are dense.
 
 use super::{
-    choose_path, linear_into, maybe_noise, Acts, Arch, Buffers, Losses, StepInput, StepPath,
+    choose_path, linear_counting_into, linear_into, maybe_noise, Acts, Arch, Buffers, Losses,
+    StepInput, StepPath,
 };
 use crate::common::{dense_batch_weights, per_item_mse, Shared};
 use crate::{Params, Result};
@@ -157,11 +158,14 @@ impl Arch for Standard {
     ) -> Result<Losses> {
         let dev = s.device.clone();
         let b = s.batch();
-        linear_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
+        let split = ops::Split::relu(self.cfg.d_sae);
+        let noised = self.cfg.noise_scale != 0.0;
+        let counting = (!noised).then_some(&split);
+        linear_counting_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC), counting);
         maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
         self.path = match self.cfg.use_ghost_grads {
             true => StepPath::Dense,
-            false => choose_path(s, || ops::count_positive(&self.h), b, self.cfg.d_sae),
+            false => choose_path(s, || split.nnz(&self.h), b, self.cfg.d_sae),
         };
         let c = input.coefficient as f32 / b as f32;
         let weighted = self.cfg.scale_sparsity_penalty_by_decoder_norm;
@@ -171,7 +175,7 @@ impl Arch for Standard {
             StepPath::Sparse => {
                 // The dense buffers are not needed on this path: free them.
                 (self.f, self.d_f) = (Tensor::zeros(&dev, &[0, 0]), Tensor::zeros(&dev, &[0, 0]));
-                ops::relu_to_csr(&self.h, &mut self.fc);
+                split.to_csr(&self.h, &mut self.fc, None);
                 if self.cfg.activation_fn == ActivationFn::TanhRelu {
                     self.hv = self.fc.values().clone();
                     ops::tanh(self.fc.values_mut());
