@@ -1301,8 +1301,14 @@ fn split_counted_in_the_bias_pass_is_the_split_counted_after() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(31);
     for (r, c) in [(5, 16), (7, 45), (3, 200)] {
         let x = rand_vec(&mut rng, r * c);
-        let bias = t(&[c], rand_vec(&mut rng, c).iter().map(|v| v - 0.4).collect());
-        let th = t(&[c], rand_vec(&mut rng, c).iter().map(|v| v * 0.3).collect());
+        let bias = t(
+            &[c],
+            rand_vec(&mut rng, c).iter().map(|v| v - 0.4).collect(),
+        );
+        let th = t(
+            &[c],
+            rand_vec(&mut rng, c).iter().map(|v| v * 0.3).collect(),
+        );
         let mut want = t(&[r, c], x.clone());
         add_row_vec(&mut want, &bias, 1.0);
         for jump in [false, true] {
@@ -1315,14 +1321,22 @@ fn split_counted_in_the_bias_pass_is_the_split_counted_after() {
             fused.add_bias_and_count(&mut h, &bias);
             let bits = |v: &Tensor| v.to_vec().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&h), bits(&want), "{r}x{c}: bias bits");
-            assert_eq!(fused.nnz(&h), after.nnz(&want), "{r}x{c} jump={jump}: count");
+            assert_eq!(
+                fused.nnz(&h),
+                after.nnz(&want),
+                "{r}x{c} jump={jump}: count"
+            );
             assert!(fused.nnz(&h) > 0 && fused.nnz(&h) < r * c);
             let csrs = |s: &Split, h: &Tensor| {
                 let (mut a, mut b) = (Csr::empty(&DEV), Csr::empty(&DEV));
                 s.to_csr(h, &mut a, jump.then_some(&mut b));
                 [a, b].map(|m| (m.offsets.to_vec(), m.indices.to_vec(), bits(m.values())))
             };
-            assert_eq!(csrs(&fused, &h), csrs(&after, &want), "{r}x{c} jump={jump}: CSR");
+            assert_eq!(
+                csrs(&fused, &h),
+                csrs(&after, &want),
+                "{r}x{c} jump={jump}: CSR"
+            );
         }
     }
 }

@@ -293,10 +293,10 @@ impl Arch for Gated {
         }
         let dev = s.device.clone();
         // Main path: decoder, then the magnitude encoder (the gate is a constant mask).
-        let mut d_f = Tensor::zeros(&dev, self.f.shape());
-        s.decoder_backward_dense(p, &self.f, g, &mut d_f, false);
-        let mut d_h = Tensor::zeros(&dev, self.h_mag.shape());
-        ops::relu_backward(&self.h_mag, &d_f, &mut d_h);
+        // The ReLU and the gate mask `d_f` in place, which becomes `d_h`.
+        let mut d_h = Tensor::zeros(&dev, self.f.shape());
+        s.decoder_backward_dense(p, &self.f, g, &mut d_h, false);
+        ops::mask_positive(&mut d_h, &self.h_mag);
         ops::mask_positive(&mut d_h, &self.pi_gate);
         // d(W_enc * e^r) = sae_in^T @ d_h; W_enc gets it times e^r, r_mag gets the
         // column sums of it times W_enc * e^r.
@@ -334,11 +334,12 @@ impl Arch for Gated {
             1.0,
             1.0,
         );
+        // ReLU's backward in place (the forward refills `d_pi_act`).
         let gate = self.aux_gate.as_ref().unwrap_or(&self.pi_gate);
-        let mut d_gate = Tensor::zeros(&dev, gate.shape());
-        ops::relu_backward(gate, &self.d_pi_act, &mut d_gate);
+        ops::mask_positive(&mut self.d_pi_act, gate);
         let aux_in = self.aux_in.as_ref().unwrap_or(&s.sae_in);
-        s.encoder_backward_dense(&self.cfg, p.get(W_ENC), aux_in, &d_gate, g, W_ENC, B_GATE);
+        let d_gate = &self.d_pi_act;
+        s.encoder_backward_dense(&self.cfg, p.get(W_ENC), aux_in, d_gate, g, W_ENC, B_GATE);
         s.norms_backward(p, g);
     }
 

@@ -222,11 +222,19 @@ impl Arch for Standard {
         }
         let mut d_f = std::mem::replace(&mut self.d_f, Tensor::zeros(&s.device, &[0, 0]));
         s.decoder_backward_dense(p, &self.f, g, &mut d_f, true);
-        let mut d_h = Tensor::zeros(&s.device, self.h.shape());
-        match self.cfg.activation_fn {
-            ActivationFn::Relu => ops::relu_backward(&self.h, &d_f, &mut d_h),
-            ActivationFn::TanhRelu => ops::tanh_relu_backward(&self.h, &d_f, &mut d_h),
-        }
+        // ReLU's backward in place: `d_f` becomes `d_h` (the forward refills it), so
+        // the step holds no fourth [B, d_sae] buffer.
+        let mut d_h = match self.cfg.activation_fn {
+            ActivationFn::Relu => {
+                ops::mask_positive(&mut d_f, &self.h);
+                std::mem::replace(&mut d_f, Tensor::zeros(&s.device, &[0, 0]))
+            }
+            ActivationFn::TanhRelu => {
+                let mut d_h = Tensor::zeros(&s.device, self.h.shape());
+                ops::tanh_relu_backward(&self.h, &d_f, &mut d_h);
+                d_h
+            }
+        };
         if let Some(dg) = &self.d_h_ghost {
             ops::axpy(&mut d_h, 1.0, dg);
         }
@@ -235,7 +243,10 @@ impl Arch for Standard {
         }
         s.encoder_backward_dense(&self.cfg, p.get(W_ENC), &s.sae_in, &d_h, g, W_ENC, B_ENC);
         s.norms_backward(p, g);
-        self.d_f = d_f;
+        self.d_f = match self.cfg.activation_fn {
+            ActivationFn::Relu => d_h,
+            ActivationFn::TanhRelu => d_f,
+        };
     }
 
     fn acts(&self) -> Acts<'_> {
