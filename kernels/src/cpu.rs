@@ -955,6 +955,9 @@ fn topk_push(heap: &mut TopKHeap, k: usize, row: &[f32], j: usize) {
 #[inline(always)]
 #[allow(clippy::neg_cmp_op_on_partial_ord)] // `!(v < t)`: NaN must pass, to be ranked
 fn topk_scan_body(heap: &mut TopKHeap, k: usize, row: &[f32]) {
+    if 4 * k <= TOPK_GROUPS && row.len() >= 4 * TOPK_GROUPS {
+        return topk_scan_groups(heap, k, row);
+    }
     let first = k.min(row.len());
     (0..first).for_each(|j| topk_push(heap, k, row, j));
     let worst = |heap: &TopKHeap| match heap.peek() {
@@ -977,6 +980,37 @@ fn topk_scan_body(heap: &mut TopKHeap, k: usize, row: &[f32]) {
         j += 16;
     }
     (j..row.len()).for_each(|j| offer(heap, j, &mut t));
+}
+
+/// Columns per group of [`topk_scan_groups`].
+const TOPK_GROUPS: usize = 256;
+
+/// [`topk_scan_body`] for long rows and small `k`. Column `j` of the first
+/// `TOPK_GROUPS * n` belongs to group `j % TOPK_GROUPS`; the `k` groups whose largest
+/// order key is highest hold at least `k` entries with a key at least the `k`-th
+/// highest group maximum, so every entry of the top `k` has at least that key. One
+/// pass takes the group maxima (a running maximum per lane, no horizontal sums), a
+/// second offers only the entries reaching that bound (about `k` of them on random
+/// data) in ascending column order; the last partial group's columns are all offered.
+/// Exact in the total order (NaNs and signed zeros included): it compares keys.
+#[inline(always)]
+fn topk_scan_groups(heap: &mut TopKHeap, k: usize, row: &[f32]) {
+    let full = row.len() / TOPK_GROUPS * TOPK_GROUPS;
+    let mut maxima = [0u32; TOPK_GROUPS];
+    for c in row[..full].chunks_exact(TOPK_GROUPS) {
+        for (m, &v) in maxima.iter_mut().zip(c) {
+            *m = (*m).max(key(v));
+        }
+    }
+    let (_, &mut bound, _) = maxima.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    for (c0, c) in row[..full].chunks_exact(16).enumerate() {
+        if c.iter().fold(false, |any, &v| any | (key(v) >= bound)) {
+            (c0 * 16..c0 * 16 + 16)
+                .filter(|&j| key(row[j]) >= bound)
+                .for_each(|j| topk_push(heap, k, row, j));
+        }
+    }
+    (full..row.len()).for_each(|j| topk_push(heap, k, row, j));
 }
 
 fn topk_scan(heap: &mut TopKHeap, k: usize, row: &[f32]) {

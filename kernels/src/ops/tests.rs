@@ -1168,13 +1168,19 @@ fn check_blocked_products(a: &Csr, d: usize, rng: &mut impl Rng) {
 #[test]
 fn topk_rows_keeps_the_total_order_on_ties() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
-    for (r, c, k, zeros) in [
-        (6, 203, 9, false),
-        (3, 10, 4, false),
-        (2, 33, 33, false),
-        (4, 64, 1, false),
+    // Rows of at least 1024 columns with k <= 64 take the group-maxima scan, the
+    // others the running-threshold one.
+    for (r, c, k, zeros, nans) in [
+        (6, 203, 9, false, false),
+        (3, 10, 4, false, false),
+        (2, 33, 33, false, false),
+        (4, 64, 1, false, false),
+        (4, 1100, 31, false, true),
+        (2, 1024, 64, false, true),
+        (3, 4099, 32, false, false),
         // the cut among zeros: a later +0.0 must displace a kept -0.0
-        (5, 203, 9, true),
+        (5, 203, 9, true, false),
+        (5, 1300, 20, true, false),
     ] {
         let xv: Vec<f32> = (0..r * c)
             .map(|i| match (zeros, i % 5) {
@@ -1183,6 +1189,8 @@ fn topk_rows_keeps_the_total_order_on_ties() {
                 }
                 (false, 0) => 0.0,
                 (false, 1) => -0.0,
+                // NaNs of both signs rank above and below every number
+                (false, 2) if nans && i % 3 == 0 => [f32::NAN, -f32::NAN][i % 2],
                 _ => (rng.random_range(-4i32..4) as f32) * 0.5,
             })
             .collect();
