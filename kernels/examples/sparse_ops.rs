@@ -69,6 +69,10 @@ fn main() {
     time("topk_rows_32", 0.0, || {
         ops::topk_rows(&h, 32, None, &mut sel)
     });
+    // TopK's step: the bias goes in with the selection's pass.
+    time("add_bias_topk_rows_32", 0.0, || {
+        ops::add_bias_topk_rows(&mut pre, &bias, 32, &mut sel)
+    });
     let mut out = Tensor::zeros(&dev, &[b, d]);
     time("csr_matmul", sparse_flops, || {
         ops::csr_matmul(&mut out, &csr, &w_dec, 1.0, 0.0)

@@ -869,8 +869,35 @@ fn key(v: f32) -> u32 {
 
 /// Top-`k` of each row (optionally only among columns with `mask[j] > 0`), written as
 /// CSR with `k` entries per row, columns ascending. Values are the raw inputs.
+/// What [`topk_rows`] selects from: a matrix as it is, or one whose rows first get a
+/// bias added in place (the bits of [`add_row_vec`] with `alpha` 1), in the same pass.
+pub enum TopKRows<'a> {
+    Plain(&'a [f32]),
+    AddBias(&'a mut [f32], &'a [f32]),
+}
+
+fn add_bias_row<'a>(row: &'a mut [f32], bias: &[f32]) -> &'a [f32] {
+    #[inline(always)]
+    fn body(row: &mut [f32], bias: &[f32]) {
+        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn body_avx512(row: &mut [f32], bias: &[f32]) {
+        body(row, bias)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        unsafe { body_avx512(row, bias) };
+        return row;
+    }
+    body(row, bias);
+    row
+}
+
 pub fn topk_rows(
-    x: &[f32],
+    x: TopKRows,
     cols: usize,
     k: usize,
     mask: Option<&[f32]>,
@@ -878,13 +905,30 @@ pub fn topk_rows(
     indices: &mut Vec<u32>,
     values: &mut Vec<f32>,
 ) {
-    let rows = x.len() / cols.max(1);
+    let n = match &x {
+        TopKRows::Plain(x) => x.len(),
+        TopKRows::AddBias(x, _) => x.len(),
+    };
+    let rows = n / cols.max(1);
     offsets.clear();
     offsets.extend((0..=rows).map(|r| (r * k) as u32));
     indices.resize(rows * k, 0);
     values.resize(rows * k, 0.0);
+    let x = match x {
+        TopKRows::Plain(x) => rayon::iter::Either::Left(x.par_chunks(cols)),
+        TopKRows::AddBias(x, b) => {
+            assert_eq!(
+                b.len(),
+                cols,
+                "topk_rows: a bias of {} for {cols} columns",
+                b.len()
+            );
+            rayon::iter::Either::Right(x.par_chunks_mut(cols).map(move |r| add_bias_row(r, b)))
+        }
+    };
     if k == 0 {
-        return;
+        // Nothing to select, but a bias is still added.
+        return x.for_each(|_| ());
     }
     let allowed: Option<Vec<u32>> = mask.map(|m| {
         m.iter()
@@ -896,7 +940,7 @@ pub fn topk_rows(
     indices
         .par_chunks_mut(k)
         .zip(values.par_chunks_mut(k))
-        .zip(x.par_chunks(cols))
+        .zip(x)
         .with_min_len(grain(cols).max(4))
         .for_each_init(
             || TopKHeap::with_capacity(k),

@@ -787,12 +787,37 @@ pub fn topk_rows(x: &Tensor, k: usize, mask: Option<&Tensor>, out: &mut Csr) {
     on_cuda!(x, |g| g
         .topk_rows(x.cu(), r, c, k, mask.map(|m| m.cu()))
         .map(|parts| out.set_cu(g, (r, c), parts)));
+    topk_rows_cpu(cpu::TopKRows::Plain(x.cpu()), (r, c), k, mask, out);
+}
+
+/// `x += bias` row by row, then [`topk_rows`] of the result (`x` becomes what it
+/// selected from). On the CPU in one pass over `x`: each row is still in cache when
+/// its top `k` are taken.
+pub fn add_bias_topk_rows(x: &mut Tensor, bias: &Tensor, k: usize, out: &mut Csr) {
+    if x.device() != crate::Device::Cpu {
+        add_row_vec(x, bias, 1.0);
+        return topk_rows(x, k, None, out);
+    }
+    let (r, c) = dims2(x);
+    is_vec(bias, c, "add_bias_topk_rows bias");
+    assert!(k <= c, "topk_rows: k={k} exceeds the {c} columns");
+    let rows = cpu::TopKRows::AddBias(x.cpu_mut(), bias.cpu());
+    topk_rows_cpu(rows, (r, c), k, None, out);
+}
+
+fn topk_rows_cpu(
+    x: cpu::TopKRows,
+    (r, c): (usize, usize),
+    k: usize,
+    mask: Option<&Tensor>,
+    out: &mut Csr,
+) {
     out.rows = r;
     out.cols = c;
     let nnz = r * k;
     out.values.resize(&[nnz]);
     cpu::topk_rows(
-        x.cpu(),
+        x,
         c,
         k,
         mask.map(|m| m.cpu()),

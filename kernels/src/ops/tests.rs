@@ -1348,3 +1348,35 @@ fn split_counted_in_the_bias_pass_is_the_split_counted_after() {
         }
     }
 }
+
+/// Adding the bias inside the top-k pass leaves the bits of `add_row_vec` in `x` and
+/// selects what `topk_rows` selects from the result, on both scans (short and long
+/// rows) and with `k` = 0.
+#[test]
+fn bias_added_in_the_topk_pass_is_the_bias_added_before() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(41);
+    for (r, c, k) in [(5, 40, 7), (3, 2050, 32), (2, 1024, 0)] {
+        let x = rand_vec(&mut rng, r * c);
+        let bias = t(&[c], rand_vec(&mut rng, c));
+        let mut want = t(&[r, c], x.clone());
+        add_row_vec(&mut want, &bias, 1.0);
+        let mut want_sel = Csr::empty(&DEV);
+        topk_rows(&want, k, None, &mut want_sel);
+        let mut got = t(&[r, c], x);
+        let mut got_sel = Csr::empty(&DEV);
+        add_bias_topk_rows(&mut got, &bias, k, &mut got_sel);
+        let bits = |v: &Tensor| v.to_vec().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{r}x{c} k={k}: x");
+        assert_eq!(got_sel.offsets_to_vec(), want_sel.offsets_to_vec());
+        assert_eq!(
+            got_sel.indices_to_vec(),
+            want_sel.indices_to_vec(),
+            "{r}x{c} k={k}"
+        );
+        assert_eq!(
+            bits(got_sel.values()),
+            bits(want_sel.values()),
+            "{r}x{c} k={k}"
+        );
+    }
+}

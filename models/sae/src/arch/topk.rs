@@ -72,9 +72,7 @@ impl TopK {
         match self.select {
             Select::PerRow => {
                 ops::topk_rows(h, self.cfg.k as usize, None, out);
-                let mut v = out.values().clone();
-                ops::relu(out.values(), &mut v);
-                *out.values_mut() = v;
+                relu_values(out);
             }
             Select::Batch => {
                 // batch_topk keeps positive entries only: the top of ReLU(h).
@@ -86,14 +84,26 @@ impl TopK {
 
     /// Encoder, selection and decoder of the training pass; returns the MSE.
     pub(crate) fn forward_core(&mut self, p: &Params, s: &mut Shared, input: &StepInput) -> f64 {
-        linear_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
-        maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
-        self.inv_n = reciprocal(&s.n);
-        if self.cfg.rescale_acts_by_decoder_norm {
-            ops::mul_row_vec(&mut self.h, &s.n);
-        }
         let mut sel = std::mem::replace(&mut self.sel, Csr::empty(&s.device));
-        self.select_into(&self.h, &mut sel);
+        self.inv_n = reciprocal(&s.n);
+        // Nothing between the bias and the per-row selection: one pass does both.
+        let fused = self.select == Select::PerRow
+            && self.cfg.noise_scale == 0.0
+            && !self.cfg.rescale_acts_by_decoder_norm;
+        if fused {
+            let w = p.get(W_ENC);
+            self.h.resize(&[s.sae_in.rows(), w.cols()]);
+            ops::matmul(&mut self.h, &s.sae_in, false, w, false, 1.0, 0.0);
+            ops::add_bias_topk_rows(&mut self.h, p.get(B_ENC), self.cfg.k as usize, &mut sel);
+            relu_values(&mut sel);
+        } else {
+            linear_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
+            maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
+            if self.cfg.rescale_acts_by_decoder_norm {
+                ops::mul_row_vec(&mut self.h, &s.n);
+            }
+            self.select_into(&self.h, &mut sel);
+        }
         self.sel = sel;
         self.fs = self.sel.clone();
         if self.cfg.rescale_acts_by_decoder_norm {
@@ -316,6 +326,13 @@ impl TopK {
 }
 
 /// `out = beta*out + a @ w`, sparse or through a dense copy of `a`.
+/// ReLU of a selection's values: top-k picks raw pre-activations.
+fn relu_values(sel: &mut Csr) {
+    let mut v = sel.values().clone();
+    ops::relu(sel.values(), &mut v);
+    *sel.values_mut() = v;
+}
+
 pub(crate) fn decode_into(out: &mut Tensor, a: &Csr, w: &Tensor, beta: f32, sparse: bool) {
     if sparse {
         ops::csr_matmul(out, a, w, 1.0, beta);
