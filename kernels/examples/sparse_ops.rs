@@ -69,6 +69,16 @@ fn main() {
     time("topk_rows_32", 0.0, || {
         ops::topk_rows(&h, 32, None, &mut sel)
     });
+    // Gated's magnitudes from the gate pre-activations: two passes, or one. (A unit
+    // scale keeps the values away from subnormals over the repeats.)
+    let one = Tensor::full(&dev, &[m], 1.0);
+    time("mul_then_add_row_vecs", 0.0, || {
+        ops::mul_row_vec(&mut pre, &one);
+        ops::add_row_vec(&mut pre, &bias, 1.0)
+    });
+    time("scale_shift_cols", 0.0, || {
+        ops::scale_shift_cols(&mut pre, &one, &bias)
+    });
     // TopK's step: the bias goes in with the selection's pass.
     time("add_bias_topk_rows_32", 0.0, || {
         ops::add_bias_topk_rows(&mut pre, &bias, 32, &mut sel)

@@ -114,6 +114,32 @@ pub fn add_row_vec(x: &mut [f32], cols: usize, v: &[f32], alpha: f32) {
         });
 }
 
+/// `x[r, j] = x[r, j] * scale[j] + shift[j]`, rounded after each operation: the bits
+/// of [`mul_row_vec`] then [`add_row_vec`] with `alpha` 1, in one pass.
+pub fn scale_shift_cols(x: &mut [f32], cols: usize, scale: &[f32], shift: &[f32]) {
+    #[inline(always)]
+    fn body(row: &mut [f32], scale: &[f32], shift: &[f32]) {
+        for ((x, s), b) in row.iter_mut().zip(scale).zip(shift) {
+            *x = *x * s + b;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn body_avx512(row: &mut [f32], scale: &[f32], shift: &[f32]) {
+        body(row, scale, shift)
+    }
+    x.par_chunks_mut(cols)
+        .with_min_len(grain(cols))
+        .for_each(|row| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                return unsafe { body_avx512(row, scale, shift) };
+            }
+            body(row, scale, shift)
+        });
+}
+
 /// `x[r, j] *= v[j]`
 pub fn mul_row_vec(x: &mut [f32], cols: usize, v: &[f32]) {
     x.par_chunks_mut(cols)

@@ -177,6 +177,15 @@ pub fn mul_row_vec(x: &mut Tensor, v: &Tensor) {
     cpu::mul_row_vec(x.cpu_mut(), c, v.cpu());
 }
 
+/// `x[r, j] = x[r, j] * scale[j] + shift[j]`, the bits of [`mul_row_vec`] then
+/// [`add_row_vec`] in one pass (CPU only).
+pub fn scale_shift_cols(x: &mut Tensor, scale: &Tensor, shift: &Tensor) {
+    let c = x.cols();
+    is_vec(scale, c, "scale_shift_cols scale");
+    is_vec(shift, c, "scale_shift_cols shift");
+    cpu::scale_shift_cols(x.cpu_mut(), c, scale.cpu(), shift.cpu());
+}
+
 /// `x[r, :] = x[r, :] * scale[r] + shift[r]`
 pub fn row_affine(x: &mut Tensor, scale: &Tensor, shift: &Tensor) {
     let (r, c) = dims2(x);

@@ -1380,3 +1380,28 @@ fn bias_added_in_the_topk_pass_is_the_bias_added_before() {
         );
     }
 }
+
+/// One pass of `scale_shift_cols` gives the bits of `mul_row_vec` then `add_row_vec`
+/// (no fused multiply-add), over widths with and without a vector tail.
+#[test]
+fn scale_shift_cols_is_mul_then_add() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(43);
+    for (r, c) in [(3, 16), (4, 37), (2, 300)] {
+        let x = rand_vec(&mut rng, r * c);
+        let scale = t(
+            &[c],
+            rand_vec(&mut rng, c).iter().map(|v| v * 3.7).collect(),
+        );
+        let shift = t(
+            &[c],
+            rand_vec(&mut rng, c).iter().map(|v| v - 0.3).collect(),
+        );
+        let mut want = t(&[r, c], x.clone());
+        mul_row_vec(&mut want, &scale);
+        add_row_vec(&mut want, &shift, 1.0);
+        let mut got = t(&[r, c], x);
+        scale_shift_cols(&mut got, &scale, &shift);
+        let bits = |v: &Tensor| v.to_vec().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{r}x{c}");
+    }
+}

@@ -87,8 +87,7 @@ impl Gated {
         ops::mul(&mut b_gate_e, &e);
         let mut shift = p.get(B_MAG).clone();
         ops::axpy(&mut shift, -1.0, &b_gate_e);
-        ops::mul_row_vec(&mut self.pi_gate, &e);
-        ops::add_row_vec(&mut self.pi_gate, &shift, 1.0);
+        ops::scale_shift_cols(&mut self.pi_gate, &e, &shift);
         let nnz = self.gc.nnz();
         self.hv = Tensor::zeros(&dev, &[nnz]);
         ops::csr_gather(&self.gc, &self.pi_gate, &mut self.hv);
