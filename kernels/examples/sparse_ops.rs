@@ -79,6 +79,9 @@ fn main() {
     time("scale_shift_cols", 0.0, || {
         ops::scale_shift_cols(&mut pre, &one, &bias)
     });
+    time("batch_topk_32", 0.0, || {
+        ops::batch_topk(&h, 32 * b, &mut sel)
+    });
     // TopK's step: the bias goes in with the selection's pass.
     time("add_bias_topk_rows_32", 0.0, || {
         ops::add_bias_topk_rows(&mut pre, &bias, 32, &mut sel)

@@ -1116,20 +1116,18 @@ pub fn batch_topk(
     // Entries with key > thr are in; `total - n_above` of those equal to thr join them
     // in row-major order. Zeros and negatives never do.
     let mut ties_left = total.saturating_sub(n_above);
-    let per_row: Vec<(usize, usize)> = x
-        .par_chunks(cols)
-        .with_min_len(grain(cols))
-        .map(|row| {
-            let above = row.iter().filter(|&&v| v > 0.0 && key(v) > thr).count();
-            let ties = row.iter().filter(|&&v| v > 0.0 && key(v) == thr).count();
-            (above, ties)
-        })
-        .collect();
+    // The two tests as comparisons with cuts (both are monotone in the value), so that
+    // the count and fill passes compare 16 columns at a time.
+    let above_cut = monotone_cut(|v| v > 0.0 && key(v) > thr);
+    let tie_cut = monotone_cut(|v| v > 0.0 && key(v) >= thr);
+    let (hi, lo) = (vec![above_cut; cols], vec![tie_cut; cols]);
+    let per_row = split_counts(x, cols, &hi, &lo);
     offsets.clear();
     offsets.push(0);
     let mut take_ties = Vec::with_capacity(rows);
     let mut acc = 0u32;
-    for &(above, ties) in &per_row {
+    for &[above, ties] in &per_row {
+        let (above, ties) = (above as usize, ties as usize);
         let t = ties.min(ties_left);
         ties_left -= t;
         take_ties.push(t);
@@ -1157,10 +1155,21 @@ pub fn batch_topk(
         .zip(val_parts.into_par_iter())
         .zip(x.par_chunks(cols).zip(take_ties.par_iter()))
         .for_each(|((idx, val), (row, &ties))| {
+            if ties == 0 {
+                // Only the entries above the threshold: `idx` is exactly their count.
+                let none = (&mut [][..], &mut [][..]);
+                #[cfg(target_arch = "x86_64")]
+                if avx512() {
+                    // SAFETY: the CPU has AVX-512F (checked above).
+                    return unsafe { split_row_avx512(row, &hi, &[], (idx, val), none) };
+                }
+                return split_row(row, &hi, &[], 0, (idx, val), none);
+            }
             let mut n = 0;
             let mut ties = ties;
             for (j, &v) in row.iter().enumerate() {
-                if v <= 0.0 {
+                // NaN is no positive value either (it was, once, and overran the row).
+                if v.is_nan() || v <= 0.0 {
                     continue;
                 }
                 let kv = key(v);

@@ -1405,3 +1405,50 @@ fn scale_shift_cols_is_mul_then_add() {
         assert_eq!(bits(&got), bits(&want), "{r}x{c}");
     }
 }
+
+/// Batch top-k is the first `total` entries in the order (value descending by
+/// `total_cmp`, then row-major position), keeping the positive ones: checked exactly
+/// on quantised data with many ties, zeros of both signs, negatives and NaNs of both
+/// signs, over widths with and without a vector tail, for rows with and without ties
+/// taken.
+#[test]
+fn batch_topk_takes_the_largest_with_ties_in_row_major_order() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(47);
+    for (r, c) in [(7, 16), (9, 45), (4, 300)] {
+        let xv: Vec<f32> = (0..r * c)
+            .map(|i| match i % 23 {
+                0 => f32::NAN,
+                1 => -f32::NAN,
+                2 => -0.0,
+                3 => 0.0,
+                _ => (rng.random_range(-6i32..10) as f32) * 0.25,
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..r * c).collect();
+        order.sort_by(|&a, &b| xv[b].total_cmp(&xv[a]).then(a.cmp(&b)));
+        for total in [1, 5, r * c / 7, r * c / 2, r * c] {
+            let mut want: Vec<usize> = order[..total]
+                .iter()
+                .copied()
+                .filter(|&i| xv[i] > 0.0)
+                .collect();
+            want.sort();
+            let mut out = Csr::empty(&DEV);
+            batch_topk(&t(&[r, c], xv.clone()), total, &mut out);
+            let (off, idx, val) = (
+                out.offsets_to_vec(),
+                out.indices_to_vec(),
+                out.values().to_vec(),
+            );
+            let mut got = Vec::new();
+            for row in 0..r {
+                for e in off[row] as usize..off[row + 1] as usize {
+                    let i = row * c + idx[e] as usize;
+                    assert_eq!(val[e].to_bits(), xv[i].to_bits(), "{r}x{c} total={total}");
+                    got.push(i);
+                }
+            }
+            assert_eq!(got, want, "{r}x{c} total={total}");
+        }
+    }
+}
