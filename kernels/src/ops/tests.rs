@@ -12,6 +12,11 @@ fn rand_vec(rng: &mut impl Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
+/// A tensor's values as bits, for comparisons that must be exact.
+fn bits(v: &Tensor) -> Vec<u32> {
+    v.to_vec().iter().map(|f| f.to_bits()).collect()
+}
+
 fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
     Tensor::from_vec(&DEV, shape, v).unwrap()
 }
@@ -1327,7 +1332,6 @@ fn split_counted_in_the_bias_pass_is_the_split_counted_after() {
             let (fused, after) = (split(), split());
             let mut h = t(&[r, c], x.clone());
             fused.add_bias_and_count(&mut h, &bias);
-            let bits = |v: &Tensor| v.to_vec().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&h), bits(&want), "{r}x{c}: bias bits");
             assert_eq!(
                 fused.nnz(&h),
@@ -1365,7 +1369,6 @@ fn bias_added_in_the_topk_pass_is_the_bias_added_before() {
         let mut got = t(&[r, c], x);
         let mut got_sel = Csr::empty(&DEV);
         add_bias_topk_rows(&mut got, &bias, k, &mut got_sel);
-        let bits = |v: &Tensor| v.to_vec().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got), bits(&want), "{r}x{c} k={k}: x");
         assert_eq!(got_sel.offsets_to_vec(), want_sel.offsets_to_vec());
         assert_eq!(
@@ -1401,7 +1404,6 @@ fn scale_shift_cols_is_mul_then_add() {
         add_row_vec(&mut want, &shift, 1.0);
         let mut got = t(&[r, c], x);
         scale_shift_cols(&mut got, &scale, &shift);
-        let bits = |v: &Tensor| v.to_vec().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got), bits(&want), "{r}x{c}");
     }
 }

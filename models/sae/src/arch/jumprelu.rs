@@ -17,8 +17,8 @@
 //! and that loss are dense.
 
 use super::{
-    choose_path, linear_counting_into, linear_into, maybe_noise, n_dead, Acts, Arch, Buffers,
-    Losses, StepInput, StepPath,
+    choose_path, linear_into, n_dead, pre_activations, Acts, Arch, Buffers, Losses, StepInput,
+    StepPath,
 };
 use crate::common::Shared;
 use crate::{Params, Result};
@@ -162,9 +162,15 @@ impl Arch for JumpRelu {
         let bw = self.cfg.jumprelu_bandwidth as f32;
         // The cuts read the threshold on the host: only the CPU has a sparse path.
         let split = (dev == Device::Cpu).then(|| ops::Split::jumprelu(&self.t, bw));
-        let counting = split.as_ref().filter(|_| self.cfg.noise_scale == 0.0);
-        linear_counting_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC), counting);
-        maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
+        let (w, bias) = (p.get(W_ENC), p.get(B_ENC));
+        pre_activations(
+            &self.cfg,
+            &mut self.h,
+            &s.sae_in,
+            (w, bias),
+            input.noise_seed,
+            split.as_ref(),
+        );
         let pre_act_dense =
             self.cfg.pre_act_loss_coefficient.is_some() && n_dead(input.dead_neuron_mask) > 0;
         self.path = match (pre_act_dense, &split) {

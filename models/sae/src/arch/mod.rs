@@ -156,9 +156,23 @@ pub(crate) fn linear_into(h: &mut Tensor, sae_in: &Tensor, w: &Tensor, b: &Tenso
     ops::add_row_vec(h, b, 1.0);
 }
 
+/// `sae_in @ W + b` and the config's pre-activation noise into `h`. Without noise, on
+/// the CPU, the bias pass also counts `split`'s entries (noise would come after it).
+pub(crate) fn pre_activations(
+    cfg: &SaeConfig,
+    h: &mut Tensor,
+    sae_in: &Tensor,
+    (w, b): (&Tensor, &Tensor),
+    noise_seed: u64,
+    split: Option<&kernels::ops::Split>,
+) {
+    let split = split.filter(|_| cfg.noise_scale == 0.0);
+    linear_counting_into(h, sae_in, w, b, split);
+    maybe_noise(cfg, h, noise_seed);
+}
+
 /// [`linear_into`], where on the CPU the bias pass also counts `split`'s entries, so
-/// that choosing the path needs no pass of its own. (Not with pre-activation noise:
-/// that comes after the bias.)
+/// that choosing the path needs no pass of its own.
 pub(crate) fn linear_counting_into(
     h: &mut Tensor,
     sae_in: &Tensor,

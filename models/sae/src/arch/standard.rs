@@ -8,8 +8,7 @@
 //! gradients and the encoder-weight gradient over them only. Ghost grads are dense.
 
 use super::{
-    choose_path, linear_counting_into, linear_into, maybe_noise, Acts, Arch, Buffers, Losses,
-    StepInput, StepPath,
+    choose_path, linear_into, pre_activations, Acts, Arch, Buffers, Losses, StepInput, StepPath,
 };
 use crate::common::{dense_batch_weights, per_item_mse, Shared};
 use crate::{Params, Result};
@@ -159,10 +158,15 @@ impl Arch for Standard {
         let dev = s.device.clone();
         let b = s.batch();
         let split = ops::Split::relu(self.cfg.d_sae);
-        let noised = self.cfg.noise_scale != 0.0;
-        let counting = (!noised).then_some(&split);
-        linear_counting_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC), counting);
-        maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
+        let (w, bias) = (p.get(W_ENC), p.get(B_ENC));
+        pre_activations(
+            &self.cfg,
+            &mut self.h,
+            &s.sae_in,
+            (w, bias),
+            input.noise_seed,
+            Some(&split),
+        );
         self.path = match self.cfg.use_ghost_grads {
             true => StepPath::Dense,
             false => choose_path(s, || split.nnz(&self.h), b, self.cfg.d_sae),
@@ -227,7 +231,7 @@ impl Arch for Standard {
         let mut d_h = match self.cfg.activation_fn {
             ActivationFn::Relu => {
                 ops::mask_positive(&mut d_f, &self.h);
-                std::mem::replace(&mut d_f, Tensor::zeros(&s.device, &[0, 0]))
+                d_f
             }
             ActivationFn::TanhRelu => {
                 let mut d_h = Tensor::zeros(&s.device, self.h.shape());
@@ -243,10 +247,8 @@ impl Arch for Standard {
         }
         s.encoder_backward_dense(&self.cfg, p.get(W_ENC), &s.sae_in, &d_h, g, W_ENC, B_ENC);
         s.norms_backward(p, g);
-        self.d_f = match self.cfg.activation_fn {
-            ActivationFn::Relu => d_h,
-            ActivationFn::TanhRelu => d_f,
-        };
+        // Kept as the next dense forward's `d_f` buffer (it refills it).
+        self.d_f = d_h;
     }
 
     fn acts(&self) -> Acts<'_> {
