@@ -1112,7 +1112,7 @@ pub fn batch_topk(
     values: &mut Vec<f32>,
 ) {
     let rows = x.len() / cols.max(1);
-    let (thr, n_above) = select_threshold(x, total);
+    let (thr, n_above) = select_threshold(x, cols, total);
     // Entries with key > thr are in; `total - n_above` of those equal to thr join them
     // in row-major order. Zeros and negatives never do.
     let mut ties_left = total.saturating_sub(n_above);
@@ -1186,15 +1186,114 @@ pub fn batch_topk(
         });
 }
 
-/// Key of the `total`-th largest value and how many values lie strictly above it,
-/// by a two-pass radix select over the order keys (16 bits per pass).
-fn select_threshold(x: &[f32], total: usize) -> (u32, usize) {
+/// Key of the `total`-th largest value and how many values lie strictly above it.
+/// Large inputs first try a cut estimated from a sample: one vector pass then
+/// collects the keys at or above it, and the answer is selected among those. When the
+/// sample put the cut too high (fewer than `total` reach it), the exact radix select
+/// answers instead. Either way the answer is exact and the same.
+fn select_threshold(x: &[f32], cols: usize, total: usize) -> (u32, usize) {
     if total == 0 {
         return (u32::MAX, 0);
     }
     if total >= x.len() {
         return (0, 0);
     }
+    if x.len() >= SAMPLED_SELECT_MIN {
+        if let Some(t) = select_from_sample(x, cols, total, SAMPLE_SIZE) {
+            return t;
+        }
+    }
+    radix_select(x, total)
+}
+
+/// Below this many values the radix select's passes cost less than sampling.
+const SAMPLED_SELECT_MIN: usize = 1 << 18;
+/// Values in the sample (about: the stride is rounded).
+const SAMPLE_SIZE: usize = 1 << 16;
+
+/// [`select_threshold`] through a sample of about `sample` values, or `None` when the
+/// cut taken from the sample is reached by fewer than `total` values.
+fn select_from_sample(x: &[f32], cols: usize, total: usize, sample: usize) -> Option<(u32, usize)> {
+    let stride = sample_stride(x.len(), cols, sample);
+    let mut keys: Vec<u32> = x.iter().step_by(stride).map(|&v| key(v)).collect();
+    // The sample's rank matching `total`, raised by four standard deviations (and a
+    // few) so that the cut falls below the true one nearly always.
+    let expect = total as f64 * keys.len() as f64 / x.len() as f64;
+    let rank = (expect + 4.0 * expect.sqrt() + 8.0).ceil() as usize;
+    if rank >= keys.len() {
+        return None;
+    }
+    let (_, &mut cut, _) = keys.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+    let mut cand = keys_at_least(x, cut);
+    if cand.len() < total {
+        return None;
+    }
+    let (above, &mut thr, _) = cand.select_nth_unstable_by(total - 1, |a, b| b.cmp(a));
+    // Every value above `thr` is a candidate (`thr >= cut`); ties of `thr` may sit on
+    // both sides of the selected one.
+    let n_above = above.iter().filter(|&&k| k > thr).count();
+    Some((thr, n_above))
+}
+
+/// About `len / sample`, and prime to the row length: so the sample visits every
+/// column equally often, and latents that fire more than others are sampled as often
+/// as they occur.
+fn sample_stride(len: usize, cols: usize, sample: usize) -> usize {
+    let mut stride = (len / sample.max(1)).max(1);
+    while gcd(stride, cols.max(1)) != 1 {
+        stride += 1;
+    }
+    stride
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// The order keys of the values whose key is at least `cut`, in no particular order.
+fn keys_at_least(x: &[f32], cut: u32) -> Vec<u32> {
+    #[inline(always)]
+    fn chunk(c: &[f32], cut: u32, out: &mut Vec<u32>) {
+        // Sixteen at a time, so that the compare vectorises; the few that pass are
+        // pushed one by one.
+        let mut blocks = c.chunks_exact(16);
+        for b in &mut blocks {
+            let any = b.iter().fold(false, |a, &v| a | (key(v) >= cut));
+            if any {
+                out.extend(b.iter().map(|&v| key(v)).filter(|&k| k >= cut));
+            }
+        }
+        let tail = blocks.remainder().iter().map(|&v| key(v));
+        out.extend(tail.filter(|&k| k >= cut));
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn chunk_avx512(c: &[f32], cut: u32, out: &mut Vec<u32>) {
+        chunk(c, cut, out)
+    }
+    x.par_chunks(FLAT_GRAIN)
+        .fold(Vec::new, |mut out, c| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                unsafe { chunk_avx512(c, cut, &mut out) };
+                return out;
+            }
+            chunk(c, cut, &mut out);
+            out
+        })
+        .reduce(Vec::new, |mut a, mut b| {
+            a.append(&mut b);
+            a
+        })
+}
+
+/// [`select_threshold`] by a two-pass radix select over the order keys (16 bits per
+/// pass).
+fn radix_select(x: &[f32], total: usize) -> (u32, usize) {
     let hist = |shift: u32, prefix: Option<u32>| -> Vec<usize> {
         x.par_chunks(FLAT_GRAIN)
             .fold(
@@ -1807,4 +1906,59 @@ pub fn csr_lp_sparsity(
         dn.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The sampled select answers exactly as the radix select, or not at all; and it
+    /// does answer on data without structure. Data: quantised (many ties), with zeros
+    /// of both signs and NaNs of both signs.
+    #[test]
+    fn sampled_select_is_the_radix_select_or_gives_way() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (rows, cols) = (70, 300);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| match i % 31 {
+                0 => f32::NAN,
+                1 => -f32::NAN,
+                2 => -0.0,
+                3 => 0.0,
+                _ => rng.random_range(-200i32..50) as f32 * 0.5,
+            })
+            .collect();
+        for total in [1, 2, 17, 300, 2000, 10_000] {
+            let want = radix_select(&x, total);
+            let got = select_from_sample(&x, cols, total, 1000);
+            assert_eq!(got, Some(want), "total {total}");
+        }
+        // Nearly all of them: the sample's rank runs out, and the exact select answers.
+        let all_but_one = rows * cols - 1;
+        assert_eq!(select_from_sample(&x, cols, all_but_one, 1000), None);
+        assert_eq!(
+            select_threshold(&x, cols, all_but_one),
+            radix_select(&x, all_but_one)
+        );
+        // The largest values only where the sample looks: its cut is then too high
+        // for any total above their count, and it must give way.
+        let stride = sample_stride(x.len(), cols, 1000);
+        let y: Vec<f32> = (0..rows * cols)
+            .map(|i| match i % stride {
+                0 => 100.0,
+                _ => (i % 7) as f32,
+            })
+            .collect();
+        let mut gave_way = 0;
+        for total in [1, 50, 3000, 9000] {
+            let got = select_from_sample(&y, cols, total, 1000);
+            if let Some(g) = got {
+                assert_eq!(g, radix_select(&y, total), "total {total}");
+            } else {
+                gave_way += 1;
+            }
+        }
+        assert!(gave_way > 0, "the cut was never too high");
+    }
 }

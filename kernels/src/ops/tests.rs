@@ -1416,7 +1416,8 @@ fn scale_shift_cols_is_mul_then_add() {
 #[test]
 fn batch_topk_takes_the_largest_with_ties_in_row_major_order() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(47);
-    for (r, c) in [(7, 16), (9, 45), (4, 300)] {
+    // The last shape is large enough for the sampled threshold select.
+    for (r, c) in [(7, 16), (9, 45), (4, 300), (600, 450)] {
         let xv: Vec<f32> = (0..r * c)
             .map(|i| match i % 23 {
                 0 => f32::NAN,
