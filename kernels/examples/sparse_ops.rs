@@ -2,12 +2,18 @@
 //! latents of a given density: the encoder GEMM, the passes over `[batch, d_sae]`,
 //! the sparse products and Adam. One JSON line per op (median of 5):
 //!
-//!     cargo run --release -p kernels --example sparse_ops [-- BATCH D_IN D_SAE DENSITY]
+//!     cargo run --release -p kernels --example sparse_ops [-- BATCH D_IN D_SAE DENSITY] [OPS]
+//!
+//! `OPS`, a word, times only the ops whose names contain it (`csr_`: the products).
 use kernels::{ops, Csr, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
 fn time(name: &str, flops: f64, mut f: impl FnMut()) {
+    let only = std::env::args().skip(1).find(|a| a.parse::<f64>().is_err());
+    if only.is_some_and(|o| !name.contains(&o)) {
+        return;
+    }
     f();
     let mut t: Vec<f64> = (0..5)
         .map(|_| {
