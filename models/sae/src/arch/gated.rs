@@ -292,15 +292,30 @@ impl Arch for Gated {
         }
         let dev = s.device.clone();
         // Main path: decoder, then the magnitude encoder (the gate is a constant mask).
-        // The ReLU and the gate mask `d_f` in place, which becomes `d_h`.
-        let mut d_h = Tensor::zeros(&dev, self.f.shape());
-        s.decoder_backward_dense(p, &self.f, g, &mut d_h, false);
+        ops::col_sums(&s.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
+        ops::matmul(g.get_mut(W_DEC), &self.f, true, &s.d_recon, false, 1.0, 1.0);
+        // The auxiliary path's decoder gradient next (the same order of sums into
+        // W_dec): then `relu(pi_gate)` is spent, and its buffer takes `d_f`, which the
+        // ReLU and the gate mask in place into `d_h`. The forward refills it, so no
+        // [B, d_sae] buffer is allocated here (`f` stays: the step's metrics read it).
+        ops::matmul(
+            g.get_mut(W_DEC),
+            &self.pi_act,
+            true,
+            &self.d_via,
+            false,
+            1.0,
+            1.0,
+        );
+        let mut d_h = std::mem::replace(&mut self.pi_act, Tensor::zeros(&dev, &[0, 0]));
+        ops::matmul(&mut d_h, &s.d_recon, false, p.get(W_DEC), true, 1.0, 0.0);
         ops::mask_positive(&mut d_h, &self.h_mag);
         ops::mask_positive(&mut d_h, &self.pi_gate);
         // d(W_enc * e^r) = sae_in^T @ d_h; W_enc gets it times e^r, r_mag gets the
         // column sums of it times W_enc * e^r.
         let mut d_wmag = Tensor::zeros(&dev, self.w_mag.shape());
         let db_mag = s.linear_backward(&s.sae_in, &d_h, &mut d_wmag);
+        self.pi_act = d_h;
         if self.cfg.apply_b_dec_to_input {
             s.b_dec_through_encoder(&self.w_mag, &db_mag, g.get_mut(B_DEC));
         }
@@ -315,15 +330,6 @@ impl Arch for Gated {
 
         // Auxiliary path: via = relu(pi_gate) @ W_dec + b_dec.
         ops::col_sums(&self.d_via, g.get_mut(B_DEC), 1.0, 1.0);
-        ops::matmul(
-            g.get_mut(W_DEC),
-            &self.pi_act,
-            true,
-            &self.d_via,
-            false,
-            1.0,
-            1.0,
-        );
         ops::matmul(
             &mut self.d_pi_act,
             &self.d_via,
