@@ -384,6 +384,37 @@ pub fn jumprelu_backward(
     dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
 }
 
+/// [`jumprelu_backward`] into a zero `dh` that is `df`'s own buffer: `d` goes in as
+/// `df` and comes out as `dh`, with the bits of `0 + dh`.
+pub fn jumprelu_backward_in_place(
+    h: &[f32],
+    cols: usize,
+    t: &[f32],
+    d: &mut [f32],
+    bandwidth: f32,
+    ste_to_input: bool,
+    dt: &mut [f32],
+) {
+    let acc = d
+        .par_chunks_mut(cols)
+        .zip(h.par_chunks(cols))
+        .fold_chunks(
+            BLOCK_ROWS,
+            || vec![0f64; cols],
+            |mut acc, (d, h)| {
+                for j in 0..cols {
+                    let (g, a) = jumprelu_grad(h[j], t[j], d[j], bandwidth, ste_to_input);
+                    d[j] = 0.0 + g;
+                    acc[j] += a;
+                }
+                acc
+            },
+        )
+        .collect::<Vec<_>>();
+    let acc = sum_in_order(acc, cols);
+    dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+}
+
 /// Rows per block of a reduction. Blocks are fixed and combined in order, so every
 /// reduction gives the same bits whatever the thread count or scheduling (exact resume
 /// of a training run depends on it).
@@ -430,6 +461,33 @@ pub fn step_backward(
                     let (d, a) = step_grad(h[j], t[j], g, bandwidth, ste_to_input);
                     dh[j] += d;
                     acc[j] += a;
+                }
+                acc
+            },
+        )
+        .collect::<Vec<_>>();
+    let acc = sum_in_order(acc, cols);
+    dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+}
+
+/// [`step_backward`] without the input's gradient (`ste_to_input` false): `dt` only.
+pub fn step_backward_threshold(
+    h: &[f32],
+    cols: usize,
+    t: &[f32],
+    g: &[f32],
+    bandwidth: f32,
+    dt: &mut [f32],
+) {
+    let acc = h
+        .par_chunks(cols)
+        .zip(g.par_iter())
+        .fold_chunks(
+            BLOCK_ROWS,
+            || vec![0f64; cols],
+            |mut acc, (h, &g)| {
+                for j in 0..cols {
+                    acc[j] += step_grad(h[j], t[j], g, bandwidth, false).1;
                 }
                 acc
             },

@@ -5,7 +5,7 @@
 //! take upstream gradients and write or accumulate input gradients as documented.
 //! Nothing here allocates a `[rows, cols]` buffer unless its doc line says so.
 
-use crate::{cpu, Csr, Tensor};
+use crate::{cpu, Csr, Device, Tensor};
 use rayon::prelude::*;
 
 /// When `$t` lives on a GPU, runs `$body` with its backend bound to `$g` and returns
@@ -350,6 +350,38 @@ pub fn jumprelu_backward(
     );
 }
 
+/// [`jumprelu_backward`] into a zero `dh` that is `df`'s own buffer: `d` goes in as
+/// `df` and comes out as `dh` (the bits of `0 + dh`), so that a dense step need not
+/// hold both. A GPU runs the out-of-place kernel into a fresh buffer.
+pub fn jumprelu_backward_in_place(
+    h: &Tensor,
+    t: &Tensor,
+    d: &mut Tensor,
+    bandwidth: f32,
+    ste_to_input: bool,
+    dt: &mut Tensor,
+) {
+    same_shape(h, d, "jumprelu_backward_in_place");
+    let c = h.cols();
+    is_vec(t, c, "jumprelu_backward_in_place threshold");
+    is_vec(dt, c, "jumprelu_backward_in_place dt");
+    if d.device() != Device::Cpu {
+        let mut dh = Tensor::zeros(&d.device(), d.shape());
+        jumprelu_backward(h, t, d, bandwidth, ste_to_input, &mut dh, dt);
+        *d = dh;
+        return;
+    }
+    cpu::jumprelu_backward_in_place(
+        h.cpu(),
+        c,
+        t.cpu(),
+        d.cpu_mut(),
+        bandwidth,
+        ste_to_input,
+        dt.cpu_mut(),
+    );
+}
+
 /// `out[r] = number of j with h[r, j] > t[j]` (the L0 of a JumpReLU row).
 pub fn step_count_rows(h: &Tensor, t: &Tensor, out: &mut Tensor) {
     let (r, c) = dims2(h);
@@ -402,6 +434,26 @@ pub fn step_backward(
         dh.cpu_mut(),
         dt.cpu_mut(),
     );
+}
+
+/// [`step_backward`] without the input's gradient (`ste_to_input` false): only `dt`,
+/// so no `[rows, cols]` buffer for `dh`. A GPU runs the full kernel into a scratch one.
+pub fn step_backward_threshold(
+    h: &Tensor,
+    t: &Tensor,
+    g: &Tensor,
+    bandwidth: f32,
+    dt: &mut Tensor,
+) {
+    let (r, c) = dims2(h);
+    is_vec(t, c, "step_backward_threshold threshold");
+    is_vec(g, r, "step_backward_threshold g");
+    is_vec(dt, c, "step_backward_threshold dt");
+    if dt.device() != Device::Cpu {
+        let mut scratch = Tensor::zeros(&dt.device(), h.shape());
+        return step_backward(h, t, g, bandwidth, false, &mut scratch, dt);
+    }
+    cpu::step_backward_threshold(h.cpu(), c, t.cpu(), g.cpu(), bandwidth, dt.cpu_mut());
 }
 
 /// Anthropic's tanh sparsity penalty `sum_r sum_j tanh(s * f[r,j] * n[j])`.

@@ -1020,6 +1020,20 @@ fn jumprelu_sets_as_csr_give_the_dense_estimators() {
         }
         assert_eq!(got, dh.to_vec(), "jumprelu dh, ste {ste}");
         close("jumprelu dt", &dt2.to_vec(), &dt.to_vec());
+        // In place: the bits of the op into a zero `dh`, also where `df` is -0.
+        let neg0 = |v: &Tensor| {
+            let v = v.to_vec().into_iter().enumerate();
+            t(
+                &[r, c],
+                v.map(|(i, x)| if i % 7 == 0 { -0.0 } else { x }).collect(),
+            )
+        };
+        let (mut dh, mut dt) = (t(&[r, c], vec![0.0; r * c]), t(&[c], vec![0.0; c]));
+        jumprelu_backward(&h, &th, &neg0(&df), bw, ste, &mut dh, &mut dt);
+        let (mut d, mut dt3) = (neg0(&df), t(&[c], vec![0.0; c]));
+        jumprelu_backward_in_place(&h, &th, &mut d, bw, ste, &mut dt3);
+        assert_eq!(bits(&d), bits(&dh), "in-place jumprelu dh, ste {ste}");
+        assert_eq!(bits(&dt3), bits(&dt), "in-place jumprelu dt, ste {ste}");
         // step_backward
         let (mut dh, mut dt) = (t(&[r, c], vec![0.0; r * c]), t(&[c], vec![0.0; c]));
         step_backward(&h, &th, &g, bw, ste, &mut dh, &mut dt);
@@ -1034,6 +1048,12 @@ fn jumprelu_sets_as_csr_give_the_dense_estimators() {
         }
         assert_eq!(got, dh.to_vec(), "step dh, ste {ste}");
         close("step dt", &dt2.to_vec(), &dt.to_vec());
+        if !ste {
+            // Without the input's gradient: the same `dt` bits, no `dh`.
+            let mut dt3 = t(&[c], vec![0.0; c]);
+            step_backward_threshold(&h, &th, &g, bw, &mut dt3);
+            assert_eq!(bits(&dt3), bits(&dt), "step dt without dh");
+        }
     }
     // tanh over the latents: the active set carries them (absent entries are zeros)
     let mut f = t(&[r, c], vec![0.0; r * c]);

@@ -33,9 +33,12 @@ pub(crate) struct JumpRelu {
     /// The threshold used in the last forward pass `[d_sae]`.
     t: Tensor,
     /// Gradients accumulated during the forward pass by the sparsity and
-    /// pre-activation losses: into `f`, `h` and the threshold.
+    /// pre-activation losses: into `f` (tanh mode), `h` and the threshold. `d_h` is
+    /// there only when a loss adds to it (the step loss through the estimator to the
+    /// input, the pre-activation loss); without it the backward takes `d_h` in place
+    /// in `d_f`'s buffer, so a dense step holds three `[B, d_sae]` buffers, not four.
     d_f: Tensor,
-    d_h: Tensor,
+    d_h: Option<Tensor>,
     d_t: Tensor,
     path: StepPath,
     /// Sparse path: the active entries (values `h`, which is the latent there) and the
@@ -57,8 +60,8 @@ impl JumpRelu {
             h: z.clone(),
             f: z.clone(),
             t: Tensor::zeros(device, &[0]),
-            d_f: z.clone(),
-            d_h: z,
+            d_f: z,
+            d_h: None,
             d_t: Tensor::zeros(device, &[0]),
             path: StepPath::Dense,
             fc: Csr::empty(device),
@@ -109,6 +112,11 @@ impl JumpRelu {
         if self.cfg.apply_b_dec_to_input {
             s.b_dec_through_encoder(p.get(W_ENC), &db, g.get_mut(B_DEC));
         }
+    }
+
+    /// Whether the sparsity loss fills `d_f` in the forward pass.
+    fn tanh_mode(&self) -> bool {
+        self.cfg.jumprelu_sparsity_loss_mode == SparsityLossMode::Tanh
     }
 
     fn threshold(&self, p: &Params) -> Tensor {
@@ -180,7 +188,7 @@ impl Arch for JumpRelu {
         let sparse = self.path == StepPath::Sparse;
         if sparse {
             let empty = || Tensor::zeros(&dev, &[0, 0]);
-            (self.f, self.d_f, self.d_h) = (empty(), empty(), empty());
+            (self.f, self.d_f, self.d_h) = (empty(), empty(), None);
             let split = split.expect("the sparse path runs on the CPU");
             split.to_csr(&self.h, &mut self.fc, Some(&mut self.rc));
             ops::csr_matmul(&mut s.recon, &self.fc, p.get(W_DEC), 1.0, 0.0);
@@ -192,10 +200,24 @@ impl Arch for JumpRelu {
             self.f.resize(self.h.shape());
             ops::jumprelu(&self.h, &self.t, &mut self.f);
             ops::matmul(&mut s.recon, &self.f, false, p.get(W_DEC), false, 1.0, 0.0);
-            for t in [&mut self.d_f, &mut self.d_h] {
-                t.resize(self.h.shape());
-                ops::fill(t, 0.0);
+            let step_to_input = !self.tanh_mode() && self.cfg.jumprelu_ste_to_input;
+            // Outside tanh mode `d_f` is zeroed by the backward, which fills it.
+            if self.tanh_mode() {
+                self.d_f.resize(self.h.shape());
+                ops::fill(&mut self.d_f, 0.0);
             }
+            self.d_h = match step_to_input || pre_act_dense {
+                true => {
+                    let mut d_h = self
+                        .d_h
+                        .take()
+                        .unwrap_or_else(|| Tensor::zeros(&dev, &[0, 0]));
+                    d_h.resize(self.h.shape());
+                    ops::fill(&mut d_h, 0.0);
+                    Some(d_h)
+                }
+                false => None,
+            };
         }
         ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
         let mse = s.finish();
@@ -229,16 +251,10 @@ impl Arch for JumpRelu {
                     for (a, dh) in [(&self.fc, &mut self.dh_a), (&self.rc, &mut self.dh_r)] {
                         ops::csr_step_backward(a, &self.t, &g, bw, ste_in, dh, &mut self.d_t);
                     }
+                } else if let Some(d_h) = self.d_h.as_mut().filter(|_| ste_in) {
+                    ops::step_backward(&self.h, &self.t, &g, bw, true, d_h, &mut self.d_t);
                 } else {
-                    ops::step_backward(
-                        &self.h,
-                        &self.t,
-                        &g,
-                        bw,
-                        ste_in,
-                        &mut self.d_h,
-                        &mut self.d_t,
-                    );
+                    ops::step_backward_threshold(&self.h, &self.t, &g, bw, &mut self.d_t);
                 }
                 coef * per_row.iter().sum::<f64>() / b as f64
             }
@@ -273,7 +289,7 @@ impl Arch for JumpRelu {
                         dead,
                         &s.n,
                         cp,
-                        &mut self.d_h,
+                        self.d_h.as_mut().expect("allocated when this loss runs"),
                         &mut self.d_t,
                         &mut s.dn,
                     );
@@ -290,26 +306,28 @@ impl Arch for JumpRelu {
         if self.path == StepPath::Sparse {
             self.sparse_backward(p, s, g);
         } else {
+            if !self.tanh_mode() {
+                self.d_f.resize(self.h.shape());
+                ops::fill(&mut self.d_f, 0.0);
+            }
             s.decoder_backward_dense(p, &self.f, g, &mut self.d_f, true);
-            let bw = self.cfg.jumprelu_bandwidth as f32;
-            ops::jumprelu_backward(
-                &self.h,
-                &self.t,
-                &self.d_f,
-                bw,
+            let (bw, ste_in) = (
+                self.cfg.jumprelu_bandwidth as f32,
                 self.cfg.jumprelu_ste_to_input,
-                &mut self.d_h,
-                &mut self.d_t,
             );
-            s.encoder_backward_dense(
-                &self.cfg,
-                p.get(W_ENC),
-                &s.sae_in,
-                &self.d_h,
-                g,
-                W_ENC,
-                B_ENC,
-            );
+            let d_h = match &mut self.d_h {
+                Some(d_h) => {
+                    let (h, t, d_f) = (&self.h, &self.t, &self.d_f);
+                    ops::jumprelu_backward(h, t, d_f, bw, ste_in, d_h, &mut self.d_t);
+                    &*d_h
+                }
+                None => {
+                    let (h, t) = (&self.h, &self.t);
+                    ops::jumprelu_backward_in_place(h, t, &mut self.d_f, bw, ste_in, &mut self.d_t);
+                    &self.d_f
+                }
+            };
+            s.encoder_backward_dense(&self.cfg, p.get(W_ENC), &s.sae_in, d_h, g, W_ENC, B_ENC);
         }
         s.norms_backward(p, g);
         if self.cfg.jumprelu_log_threshold {
