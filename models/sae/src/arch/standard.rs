@@ -48,14 +48,21 @@ impl Standard {
         ops::csr_sampled_dot(&self.fc, &s.d_recon, w_dec, &mut d);
         ops::axpy(&mut d, 1.0, &self.d_fc);
         // Every stored entry has h > 0: ReLU passes the gradient, tanh-relu scales it.
-        let mut d_h = self.fc.clone();
-        match self.cfg.activation_fn {
-            ActivationFn::Relu => *d_h.values_mut() = d,
-            ActivationFn::TanhRelu => ops::tanh_relu_backward(&self.hv, &d, d_h.values_mut()),
-        }
-        ops::csr_t_matmul(g.get_mut(W_ENC), &d_h, &s.sae_in, true, 1.0, 1.0);
+        // `d_h` has the latents' pattern: it lends their values' place for the two
+        // products below (the step's metrics read the latents after).
+        let d_h = match self.cfg.activation_fn {
+            ActivationFn::Relu => d,
+            ActivationFn::TanhRelu => {
+                let mut d_h = Tensor::zeros(&dev, &[d.numel()]);
+                ops::tanh_relu_backward(&self.hv, &d, &mut d_h);
+                d_h
+            }
+        };
+        let f = std::mem::replace(self.fc.values_mut(), d_h);
+        ops::csr_t_matmul(g.get_mut(W_ENC), &self.fc, &s.sae_in, true, 1.0, 1.0);
         let mut db = Tensor::zeros(&dev, &[self.cfg.d_sae]);
-        ops::csr_col_dot(&d_h, None, &mut db, 1.0, 0.0);
+        ops::csr_col_dot(&self.fc, None, &mut db, 1.0, 0.0);
+        *self.fc.values_mut() = f;
         ops::axpy(g.get_mut(B_ENC), 1.0, &db);
         if self.cfg.apply_b_dec_to_input {
             s.b_dec_through_encoder(p.get(W_ENC), &db, g.get_mut(B_DEC));
