@@ -12,7 +12,7 @@ use kernels::{Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use sae::optim::{clip_grad_norm, Adam};
-use sae::{Architecture, Sae, SaeConfig, StepInput};
+use sae::{Architecture, Sae, SaeConfig, StepInput, StepPath};
 use std::time::Duration;
 
 fn env(name: &str, default: usize) -> usize {
@@ -41,26 +41,30 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     group.warm_up_time(Duration::from_secs(2));
     group.measurement_time(Duration::from_secs(10));
-    let cases: Vec<(&str, Architecture, bool)> = vec![
-        ("standard", Architecture::Standard, false),
-        ("gated", Architecture::Gated, false),
-        ("jumprelu", Architecture::JumpRelu, false),
-        ("topk/dense", Architecture::TopK, false),
-        ("topk/sparse", Architecture::TopK, true),
-        ("batchtopk/dense", Architecture::BatchTopK, false),
-        ("batchtopk/sparse", Architecture::BatchTopK, true),
+    // The path each step takes: by density (None; random SAEs fire about half their
+    // latents, TopK's k of d_sae), or forced.
+    let (dense, sparse) = (Some(StepPath::Dense), Some(StepPath::Sparse));
+    let cases: Vec<(&str, Architecture, Option<StepPath>)> = vec![
+        ("standard", Architecture::Standard, None),
+        ("gated", Architecture::Gated, None),
+        ("jumprelu", Architecture::JumpRelu, None),
+        ("topk/dense", Architecture::TopK, dense),
+        ("topk/sparse", Architecture::TopK, sparse),
+        ("batchtopk/dense", Architecture::BatchTopK, dense),
+        ("batchtopk/sparse", Architecture::BatchTopK, sparse),
         (
             "matryoshka_batchtopk",
             Architecture::MatryoshkaBatchTopK,
-            false,
+            None,
         ),
     ];
-    for (name, arch, sparse) in cases {
+    for (name, arch, path) in cases {
         let mut cfg = SaeConfig::new(arch, d_in, d_sae);
         cfg.k = 32.0;
-        cfg.use_sparse_activations = sparse;
+        cfg.use_sparse_activations = path == sparse;
         cfg.matryoshka_widths = vec![d_sae / 8, d_sae / 2, d_sae];
         let mut sae = Sae::new(cfg, &dev, 1).unwrap();
+        sae.force_path(path);
         let mut adam = Adam::new(&sae.params, 3e-4, 0.9, 0.999);
         let mut grads = sae.zero_grads();
         group.bench_function(name, |b| {

@@ -294,20 +294,53 @@ fn gated_sparse_path_variants() {
     assert_eq!(sae.last_path(), StepPath::Dense);
 }
 
+/// On the CPU the TopK family chooses its path by the selection's density, whatever
+/// `use_sparse_activations` says; `true` keeps it sparse at any density, and a forced
+/// path wins over both.
+#[test]
+fn topk_family_chooses_its_path_by_density() {
+    let x = randn(&mut ChaCha8Rng::seed_from_u64(3), &[8, 12], 1.0);
+    for arch in [
+        Architecture::TopK,
+        Architecture::BatchTopK,
+        Architecture::MatryoshkaBatchTopK,
+    ] {
+        // (k, d_sae, use_sparse_activations, forced) -> path
+        for (k, m, flag, forced, want) in [
+            (2.0, 64, false, None, StepPath::Sparse),
+            (8.0, 64, false, None, StepPath::Dense),
+            (8.0, 64, true, None, StepPath::Sparse),
+            (2.0, 64, true, Some(StepPath::Dense), StepPath::Dense),
+            (8.0, 64, false, Some(StepPath::Sparse), StepPath::Sparse),
+        ] {
+            let mut c = SaeConfig::new(arch, 12, m);
+            c.k = k;
+            c.use_sparse_activations = flag;
+            c.matryoshka_widths = vec![16, m];
+            let mut sae = Sae::new(c, &DEV, 0).unwrap();
+            sae.force_path(forced);
+            run(&mut sae, &x, 0.0, None);
+            assert_eq!(sae.last_path(), want, "{arch} k={k} flag={flag} {forced:?}");
+        }
+    }
+}
+
+/// Both paths of the TopK family, each forced (on the CPU the step would choose by
+/// density); `use_sparse_activations` set to match, as a user would.
 #[test]
 fn topk_family_dense_and_sparse() {
+    let path = |sparse| match sparse {
+        true => Some(StepPath::Sparse),
+        false => Some(StepPath::Dense),
+    };
     for arch in [Architecture::TopK, Architecture::BatchTopK] {
         for sparse in [false, true] {
             for rescale in [true, false] {
                 let mut c = cfg(arch);
                 c.use_sparse_activations = sparse;
                 c.rescale_acts_by_decoder_norm = rescale;
-                check(
-                    &format!("{arch} sparse={sparse} rescale={rescale}"),
-                    c,
-                    0.0,
-                    None,
-                );
+                let name = format!("{arch} sparse={sparse} rescale={rescale}");
+                check_path(&name, c, 0.0, None, path(sparse));
             }
         }
     }
@@ -315,15 +348,17 @@ fn topk_family_dense_and_sparse() {
         let mut c = cfg(Architecture::MatryoshkaBatchTopK);
         c.use_sparse_activations = sparse;
         c.matryoshka_widths = vec![4, 10, 24];
-        check(&format!("matryoshka sparse={sparse}"), c.clone(), 0.0, None);
+        let name = format!("matryoshka sparse={sparse}");
+        check_path(&name, c.clone(), 0.0, None, path(sparse));
         c.matryoshka_widths = vec![6, 15]; // final level appended
         c.normalize_activations = NormalizeActivations::ConstantNormRescale;
         c.rescale_acts_by_decoder_norm = sparse;
-        check(
+        check_path(
             &format!("matryoshka with appended level, constant_norm_rescale, sparse={sparse}"),
             c,
             0.0,
             None,
+            path(sparse),
         );
     }
 }

@@ -94,7 +94,7 @@ pub fn run(a: &BenchArgs) -> Result<Value> {
         "sparse" => Some(sae::StepPath::Sparse),
         _ => None,
     });
-    let (arch, d_sae, sparse, k) = (
+    let (arch, d_sae, use_sparse_activations, k) = (
         sae.cfg().architecture,
         sae.cfg().d_sae,
         sae.cfg().use_sparse_activations,
@@ -151,7 +151,7 @@ pub fn run(a: &BenchArgs) -> Result<Value> {
         "d_in": d_in,
         "d_sae": d_sae,
         "batch": batch,
-        "sparse": sparse,
+        "use_sparse_activations": use_sparse_activations,
         "k": (arch.as_str().contains("topk")).then_some(k),
         "threads": kernels::num_threads(),
         "steps": times.len(),

@@ -85,8 +85,9 @@ enum Command {
         /// CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
-        /// The decoder/backward path of architectures that have both (standard):
-        /// auto (by latent density), dense or sparse.
+        /// The decoder/backward path (every architecture has both on the CPU; a
+        /// GPU's is dense, or TopK's sparse with `use_sparse_activations`): auto (by
+        /// latent density), dense or sparse.
         #[arg(long, default_value = "auto", value_parser = ["auto", "dense", "sparse"])]
         path: String,
         /// Shift the encoder bias so that this fraction of the first batch's

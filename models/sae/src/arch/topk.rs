@@ -7,10 +7,16 @@
 //! dead pre-activations reconstruct the residual.
 //!
 //! Two execution paths with the same math: the dense one multiplies full
-//! `[B, d_sae]` matrices (what SAELens does), the sparse one (`use_sparse_activations`)
-//! touches only the selected latents in the decoder and in every weight gradient.
+//! `[B, d_sae]` matrices (what SAELens does), the sparse one touches only the selected
+//! latents in the decoder and in every weight gradient. On the CPU each step chooses
+//! by the selection's density as the other architectures do ([`super::choose_path`]),
+//! `use_sparse_activations` or not: k of 24576 latents is far below the point where
+//! the sparse products win. `use_sparse_activations: true` always takes the sparse
+//! path, and on a GPU it alone decides.
 
-use super::{linear_into, maybe_noise, n_dead, Acts, Arch, Buffers, Losses, StepInput};
+use super::{
+    choose_path, linear_into, maybe_noise, n_dead, Acts, Arch, Buffers, Losses, StepInput, StepPath,
+};
 use crate::common::{reciprocal, Shared};
 use crate::{Params, Result, SaeError};
 use kernels::{ops, Csr, Device, Tensor};
@@ -37,6 +43,7 @@ struct AuxTerm {
 pub(crate) struct TopK {
     pub(crate) cfg: SaeConfig,
     select: Select,
+    /// This step's path (see the module's notes).
     pub(crate) sparse: bool,
     /// `hidden_pre` `[B, d_sae]`: the encoder output, times the decoder norms when
     /// rescaling.
@@ -104,6 +111,14 @@ impl TopK {
             }
             self.select_into(&self.h, &mut sel);
         }
+        self.sparse = match (&s.device, self.cfg.use_sparse_activations) {
+            (Device::Cpu, true) if s.force_path.is_none() => true,
+            (Device::Cpu, _) => {
+                let (rows, cols) = (s.batch(), self.cfg.d_sae);
+                choose_path(s, || sel.nnz(), rows, cols) == StepPath::Sparse
+            }
+            (_, flag) => flag,
+        };
         self.sel = sel;
         self.fs = self.sel.clone();
         if self.cfg.rescale_acts_by_decoder_norm {
@@ -316,7 +331,7 @@ impl TopK {
         &self.h
     }
 
-    /// TopK's products are sparse when `use_sparse_activations` says so.
+    /// The last step's path.
     pub(crate) fn path(&self) -> super::StepPath {
         match self.sparse {
             true => super::StepPath::Sparse,
