@@ -1753,13 +1753,19 @@ fn split_row_avx512(
         // SAFETY: j + 16 <= n, within `row`, `hi` and a non-empty `lo` (asserted).
         let v = unsafe { _mm512_loadu_ps(row.as_ptr().add(j)) };
         let a = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, unsafe { _mm512_loadu_ps(hi.as_ptr().add(j)) });
-        // No branch on whether any lane is kept: at a few percent density that
-        // branch is unpredictable, and a store with an empty mask costs little.
-        put(a, col, v, (&mut *ia, &mut *va), &mut na);
+        // Skips blocks with nothing kept. At 2 % density (a quarter of the blocks
+        // keep something) the branch costs nothing measurable; at a trained SAE's
+        // 0.2-0.3 % the split takes 2.7-2.9 ms instead of 4.0-4.9 at 4096 x 4096,
+        // 16.5-17.8 instead of 23.3-24.1 at 4096 x 24576.
+        if a != 0 {
+            put(a, col, v, (&mut *ia, &mut *va), &mut na);
+        }
         if !lo.is_empty() {
             let l = unsafe { _mm512_loadu_ps(lo.as_ptr().add(j)) };
             let b = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, l) & !a;
-            put(b, col, v, (&mut *ib, &mut *vb), &mut nb);
+            if b != 0 {
+                put(b, col, v, (&mut *ib, &mut *vb), &mut nb);
+            }
         }
         col = _mm512_add_epi32(col, _mm512_set1_epi32(16));
     }
