@@ -207,6 +207,9 @@ pub struct SaeConfig {
     // --- topk, batchtopk, matryoshka_batchtopk
     /// Active latents per token (topk: an integer; batchtopk: the batch average).
     pub k: f64,
+    /// SAELens's switch to sparse decoder products. On the CPU each step chooses its
+    /// path by the latents' density whatever this says, and `true` keeps it sparse;
+    /// on a GPU it alone picks the sparse path.
     pub use_sparse_activations: bool,
     pub aux_loss_coefficient: f64,
     pub rescale_acts_by_decoder_norm: bool,

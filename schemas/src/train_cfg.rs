@@ -75,6 +75,9 @@ pub struct TrainConfig {
     /// SAELens 5 spelling: `activation_fn: topk` with `activation_fn_kwargs: {k: ...}`.
     pub activation_fn: Option<String>,
     pub activation_fn_kwargs: Option<BTreeMap<String, f64>>,
+    /// SAELens's switch to sparse decoder products. On the CPU each step chooses its
+    /// path by the latents' density whatever this says, and `true` keeps it sparse;
+    /// on a GPU it alone picks the sparse path.
     pub use_sparse_activations: bool,
     pub aux_loss_coefficient: f64,
     pub rescale_acts_by_decoder_norm: bool,
