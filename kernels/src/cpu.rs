@@ -364,24 +364,16 @@ pub fn jumprelu_backward(
     dh: &mut [f32],
     dt: &mut [f32],
 ) {
-    let acc = dh
+    let rows = dh
         .par_chunks_mut(cols)
-        .zip(h.par_chunks(cols).zip(df.par_chunks(cols)))
-        .fold_chunks(
-            BLOCK_ROWS,
-            || vec![0f64; cols],
-            |mut acc, (dh, (h, df))| {
-                for j in 0..cols {
-                    let (d, a) = jumprelu_grad(h[j], t[j], df[j], bandwidth, ste_to_input);
-                    dh[j] += d;
-                    acc[j] += a;
-                }
-                acc
-            },
-        )
-        .collect::<Vec<_>>();
-    let acc = sum_in_order(acc, cols);
-    dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+        .zip(h.par_chunks(cols).zip(df.par_chunks(cols)));
+    add_col_folds(dt, rows, |(dh, (h, df)), acc| {
+        for j in 0..acc.len() {
+            let (d, a) = jumprelu_grad(h[j], t[j], df[j], bandwidth, ste_to_input);
+            dh[j] += d;
+            acc[j] += a;
+        }
+    });
 }
 
 /// [`jumprelu_backward`] into a zero `dh` that is `df`'s own buffer: `d` goes in as
@@ -395,30 +387,43 @@ pub fn jumprelu_backward_in_place(
     ste_to_input: bool,
     dt: &mut [f32],
 ) {
-    let acc = d
-        .par_chunks_mut(cols)
-        .zip(h.par_chunks(cols))
-        .fold_chunks(
-            BLOCK_ROWS,
-            || vec![0f64; cols],
-            |mut acc, (d, h)| {
-                for j in 0..cols {
-                    let (g, a) = jumprelu_grad(h[j], t[j], d[j], bandwidth, ste_to_input);
-                    d[j] = 0.0 + g;
-                    acc[j] += a;
-                }
-                acc
-            },
-        )
-        .collect::<Vec<_>>();
-    let acc = sum_in_order(acc, cols);
-    dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+    let rows = d.par_chunks_mut(cols).zip(h.par_chunks(cols));
+    add_col_folds(dt, rows, |(d, h), acc| {
+        for j in 0..acc.len() {
+            let (g, a) = jumprelu_grad(h[j], t[j], d[j], bandwidth, ste_to_input);
+            d[j] = 0.0 + g;
+            acc[j] += a;
+        }
+    });
 }
 
 /// Rows per block of a reduction. Blocks are fixed and combined in order, so every
 /// reduction gives the same bits whatever the thread count or scheduling (exact resume
 /// of a training run depends on it).
 const BLOCK_ROWS: usize = 64;
+
+/// `out[j] += sum_r a[r, j]`, where `body(row, acc)` adds row `r`'s terms to `acc`
+/// (`out.len()` of them): the rows in fixed blocks of [`BLOCK_ROWS`], each block
+/// summed in f64 and the blocks added in order.
+fn add_col_folds<I: IndexedParallelIterator>(
+    out: &mut [f32],
+    rows: I,
+    body: impl Fn(I::Item, &mut [f64]) + Sync + Send,
+) {
+    let cols = out.len();
+    let parts = rows
+        .fold_chunks(
+            BLOCK_ROWS,
+            || vec![0f64; cols],
+            |mut acc, row| {
+                body(row, &mut acc);
+                acc
+            },
+        )
+        .collect::<Vec<_>>();
+    let acc = sum_in_order(parts, cols);
+    out.iter_mut().zip(acc).for_each(|(o, a)| *o += a as f32);
+}
 
 /// Adds per-block column accumulators in block order.
 fn sum_in_order(parts: Vec<Vec<f64>>, cols: usize) -> Vec<f64> {
@@ -450,24 +455,16 @@ pub fn step_backward(
     dh: &mut [f32],
     dt: &mut [f32],
 ) {
-    let acc = dh
+    let rows = dh
         .par_chunks_mut(cols)
-        .zip(h.par_chunks(cols).zip(g.par_iter()))
-        .fold_chunks(
-            BLOCK_ROWS,
-            || vec![0f64; cols],
-            |mut acc, (dh, (h, &g))| {
-                for j in 0..cols {
-                    let (d, a) = step_grad(h[j], t[j], g, bandwidth, ste_to_input);
-                    dh[j] += d;
-                    acc[j] += a;
-                }
-                acc
-            },
-        )
-        .collect::<Vec<_>>();
-    let acc = sum_in_order(acc, cols);
-    dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+        .zip(h.par_chunks(cols).zip(g.par_iter()));
+    add_col_folds(dt, rows, |(dh, (h, &g)), acc| {
+        for j in 0..acc.len() {
+            let (d, a) = step_grad(h[j], t[j], g, bandwidth, ste_to_input);
+            dh[j] += d;
+            acc[j] += a;
+        }
+    });
 }
 
 /// [`step_backward`] without the input's gradient (`ste_to_input` false): `dt` only.
@@ -479,22 +476,12 @@ pub fn step_backward_threshold(
     bandwidth: f32,
     dt: &mut [f32],
 ) {
-    let acc = h
-        .par_chunks(cols)
-        .zip(g.par_iter())
-        .fold_chunks(
-            BLOCK_ROWS,
-            || vec![0f64; cols],
-            |mut acc, (h, &g)| {
-                for j in 0..cols {
-                    acc[j] += step_grad(h[j], t[j], g, bandwidth, false).1;
-                }
-                acc
-            },
-        )
-        .collect::<Vec<_>>();
-    let acc = sum_in_order(acc, cols);
-    dt.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+    let rows = h.par_chunks(cols).zip(g.par_iter());
+    add_col_folds(dt, rows, |(h, &g), acc| {
+        for j in 0..acc.len() {
+            acc[j] += step_grad(h[j], t[j], g, bandwidth, false).1;
+        }
+    });
 }
 
 /// `sum_r sum_j tanh(s f n_j)`; adds `c s n_j (1 - tanh^2)` to `df` and

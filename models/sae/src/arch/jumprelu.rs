@@ -251,7 +251,11 @@ impl Arch for JumpRelu {
                     for (a, dh) in [(&self.fc, &mut self.dh_a), (&self.rc, &mut self.dh_r)] {
                         ops::csr_step_backward(a, &self.t, &g, bw, ste_in, dh, &mut self.d_t);
                     }
-                } else if let Some(d_h) = self.d_h.as_mut().filter(|_| ste_in) {
+                } else if ste_in {
+                    let d_h = self
+                        .d_h
+                        .as_mut()
+                        .expect("allocated for the estimator's input");
                     ops::step_backward(&self.h, &self.t, &g, bw, true, d_h, &mut self.d_t);
                 } else {
                     ops::step_backward_threshold(&self.h, &self.t, &g, bw, &mut self.d_t);
