@@ -10,6 +10,7 @@
 //! Conventions: every matrix is row-major `[rows, cols]`; a vector is 1-D `[n]`.
 //! Shape mismatches are programming errors and panic with the shapes involved.
 
+mod align;
 mod cpu;
 mod cpu_lm;
 mod cpu_sparse;
@@ -23,6 +24,11 @@ pub use sparse::Csr;
 pub use tensor::Tensor;
 
 use std::fmt;
+
+/// Every program that links the kernels allocates large blocks on cache lines, so
+/// that tensors' rows (and the ops' scratch) load whole lines ([`align`]).
+#[global_allocator]
+static ALLOCATOR: align::Aligned = align::Aligned;
 
 /// Errors a caller can act on (device selection, bad data from outside).
 #[derive(Debug, thiserror::Error)]
