@@ -1156,8 +1156,52 @@ pub fn batch_topk(
     indices: &mut Vec<u32>,
     values: &mut Vec<f32>,
 ) {
+    let t = select_threshold(x, cols, total);
+    batch_topk_at(x, cols, total, t, (offsets, indices, values));
+}
+
+/// `x[r, j] += bias[j]` (the bits of [`add_row_vec`] with `alpha` 1), then
+/// [`batch_topk`] of the result: the bias goes in with the selection's first full pass
+/// over `x` where there is one (a sampled cut's), else in a pass of its own first.
+pub fn add_bias_batch_topk(
+    x: &mut [f32],
+    cols: usize,
+    bias: &[f32],
+    total: usize,
+    out: (&mut Vec<u32>, &mut Vec<u32>, &mut Vec<f32>),
+) {
+    let mut src = Src::AddBias(x, bias);
+    let sample = 0 < total && total < src.len() && src.len() >= SAMPLED_SELECT_MIN;
+    let sampled = match sample {
+        true => select_from_sample(&mut src, cols, total, SAMPLE_SIZE),
+        false => None,
+    };
+    let x = match src {
+        Src::AddBias(x, b) => {
+            add_row_vec(x, cols, b, 1.0);
+            x
+        }
+        Src::Plain(x) => x,
+    };
+    let t = match (sampled, sample) {
+        (Some(t), _) => t,
+        // As `select_threshold` goes on when its sample gives way.
+        (None, true) => radix_select(x, total),
+        (None, false) => select_threshold(x, cols, total),
+    };
+    batch_topk_at(x, cols, total, t, out);
+}
+
+/// [`batch_topk`] given the key of the `total`-th largest value and how many lie
+/// strictly above it.
+fn batch_topk_at(
+    x: &[f32],
+    cols: usize,
+    total: usize,
+    (thr, n_above): (u32, usize),
+    (offsets, indices, values): (&mut Vec<u32>, &mut Vec<u32>, &mut Vec<f32>),
+) {
     let rows = x.len() / cols.max(1);
-    let (thr, n_above) = select_threshold(x, cols, total);
     // Entries with key > thr are in; `total - n_above` of those equal to thr join them
     // in row-major order. Zeros and negatives never do.
     let mut ties_left = total.saturating_sub(n_above);
@@ -1244,7 +1288,7 @@ fn select_threshold(x: &[f32], cols: usize, total: usize) -> (u32, usize) {
         return (0, 0);
     }
     if x.len() >= SAMPLED_SELECT_MIN {
-        if let Some(t) = select_from_sample(x, cols, total, SAMPLE_SIZE) {
+        if let Some(t) = select_from_sample(&mut Src::Plain(x), cols, total, SAMPLE_SIZE) {
             return t;
         }
     }
@@ -1256,20 +1300,60 @@ const SAMPLED_SELECT_MIN: usize = 1 << 18;
 /// Values in the sample (about: the stride is rounded).
 const SAMPLE_SIZE: usize = 1 << 16;
 
+/// The matrix a batch top-k selects from: `x` itself, or `x` plus a bias row (added
+/// in the first full pass over it, which makes it `Plain`).
+enum Src<'a> {
+    Plain(&'a [f32]),
+    AddBias(&'a mut [f32], &'a [f32]),
+}
+
+impl Src<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Src::Plain(x) => x.len(),
+            Src::AddBias(x, _) => x.len(),
+        }
+    }
+}
+
 /// [`select_threshold`] through a sample of about `sample` values, or `None` when the
-/// cut taken from the sample is reached by fewer than `total` values.
-fn select_from_sample(x: &[f32], cols: usize, total: usize, sample: usize) -> Option<(u32, usize)> {
-    let stride = sample_stride(x.len(), cols, sample);
-    let mut keys: Vec<u32> = x.iter().step_by(stride).map(|&v| key(v)).collect();
+/// cut taken from the sample is reached by fewer than `total` values. The pass that
+/// collects the keys at or above the cut adds the bias of an `AddBias` source.
+fn select_from_sample(
+    src: &mut Src,
+    cols: usize,
+    total: usize,
+    sample: usize,
+) -> Option<(u32, usize)> {
+    let len = src.len();
+    let stride = sample_stride(len, cols, sample);
+    let mut keys: Vec<u32> = match src {
+        Src::Plain(x) => x.iter().step_by(stride).map(|&v| key(v)).collect(),
+        // The values the bias pass will make (the same additions).
+        Src::AddBias(x, b) => (0..len)
+            .step_by(stride)
+            .map(|i| key(x[i] + b[i % cols]))
+            .collect(),
+    };
     // The sample's rank matching `total`, raised by four standard deviations (and a
     // few) so that the cut falls below the true one nearly always.
-    let expect = total as f64 * keys.len() as f64 / x.len() as f64;
+    let expect = total as f64 * keys.len() as f64 / len as f64;
     let rank = (expect + 4.0 * expect.sqrt() + 8.0).ceil() as usize;
     if rank >= keys.len() {
         return None;
     }
     let (_, &mut cut, _) = keys.select_nth_unstable_by(rank, |a, b| b.cmp(a));
-    let mut cand = keys_at_least(x, cut);
+    let mut cand = match std::mem::replace(src, Src::Plain(&[])) {
+        Src::Plain(x) => {
+            *src = Src::Plain(x);
+            keys_at_least(x, cut)
+        }
+        Src::AddBias(x, b) => {
+            let cand = add_bias_keys_at_least(x, cols, b, cut);
+            *src = Src::Plain(x);
+            cand
+        }
+    };
     if cand.len() < total {
         return None;
     }
@@ -1300,20 +1384,7 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
 
 /// The order keys of the values whose key is at least `cut`, in no particular order.
 fn keys_at_least(x: &[f32], cut: u32) -> Vec<u32> {
-    #[inline(always)]
-    fn chunk(c: &[f32], cut: u32, out: &mut Vec<u32>) {
-        // Sixteen at a time, so that the compare vectorises; the few that pass are
-        // pushed one by one.
-        let mut blocks = c.chunks_exact(16);
-        for b in &mut blocks {
-            let any = b.iter().fold(false, |a, &v| a | (key(v) >= cut));
-            if any {
-                out.extend(b.iter().map(|&v| key(v)).filter(|&k| k >= cut));
-            }
-        }
-        let tail = blocks.remainder().iter().map(|&v| key(v));
-        out.extend(tail.filter(|&k| k >= cut));
-    }
+    use keys_at_least_chunk as chunk;
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     fn chunk_avx512(c: &[f32], cut: u32, out: &mut Vec<u32>) {
@@ -1334,6 +1405,55 @@ fn keys_at_least(x: &[f32], cut: u32) -> Vec<u32> {
             a.append(&mut b);
             a
         })
+}
+
+/// `x[r, j] += bias[j]` (the bits of [`add_row_vec`] with `alpha` 1), collecting the
+/// order keys of the results at least `cut` ([`keys_at_least`]) while each row is in
+/// cache.
+fn add_bias_keys_at_least(x: &mut [f32], cols: usize, bias: &[f32], cut: u32) -> Vec<u32> {
+    #[inline(always)]
+    fn rows(x: &mut [f32], cols: usize, bias: &[f32], cut: u32, out: &mut Vec<u32>) {
+        for row in x.chunks_exact_mut(cols) {
+            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+            keys_at_least_chunk(row, cut, out);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn rows_avx512(x: &mut [f32], cols: usize, bias: &[f32], cut: u32, out: &mut Vec<u32>) {
+        rows(x, cols, bias, cut, out)
+    }
+    x.par_chunks_mut(cols * grain(cols))
+        .fold(Vec::new, |mut out, x| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                unsafe { rows_avx512(x, cols, bias, cut, &mut out) };
+                return out;
+            }
+            rows(x, cols, bias, cut, &mut out);
+            out
+        })
+        .reduce(Vec::new, |mut a, mut b| {
+            a.append(&mut b);
+            a
+        })
+}
+
+/// [`keys_at_least`] of one run of values, pushed to `out`.
+#[inline(always)]
+fn keys_at_least_chunk(c: &[f32], cut: u32, out: &mut Vec<u32>) {
+    // Sixteen at a time, so that the compare vectorises; the few that pass are
+    // pushed one by one.
+    let mut blocks = c.chunks_exact(16);
+    for b in &mut blocks {
+        let any = b.iter().fold(false, |a, &v| a | (key(v) >= cut));
+        if any {
+            out.extend(b.iter().map(|&v| key(v)).filter(|&k| k >= cut));
+        }
+    }
+    let tail = blocks.remainder().iter().map(|&v| key(v));
+    out.extend(tail.filter(|&k| k >= cut));
 }
 
 /// [`select_threshold`] by a two-pass radix select over the order keys (16 bits per
@@ -1982,12 +2102,29 @@ mod tests {
             .collect();
         for total in [1, 2, 17, 300, 2000, 10_000] {
             let want = radix_select(&x, total);
-            let got = select_from_sample(&x, cols, total, 1000);
+            let got = select_from_sample(&mut Src::Plain(&x), cols, total, 1000);
             assert_eq!(got, Some(want), "total {total}");
+            // With a bias row: the sample sees the sums, the keys pass makes them.
+            let bias: Vec<f32> = (0..cols).map(|j| (j % 5) as f32 - 2.0).collect();
+            let biased: Vec<f32> = (0..x.len()).map(|i| x[i] + bias[i % cols]).collect();
+            let mut xb = x.clone();
+            let mut src = Src::AddBias(&mut xb, &bias);
+            let got = select_from_sample(&mut src, cols, total, 1000);
+            assert!(matches!(src, Src::Plain(_)), "total {total}: bias added");
+            assert_eq!(
+                got,
+                Some(radix_select(&biased, total)),
+                "total {total}, bias"
+            );
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&xb), bits(&biased), "total {total}: the sums' bits");
         }
         // Nearly all of them: the sample's rank runs out, and the exact select answers.
         let all_but_one = rows * cols - 1;
-        assert_eq!(select_from_sample(&x, cols, all_but_one, 1000), None);
+        assert_eq!(
+            select_from_sample(&mut Src::Plain(&x), cols, all_but_one, 1000),
+            None
+        );
         assert_eq!(
             select_threshold(&x, cols, all_but_one),
             radix_select(&x, all_but_one)
@@ -2003,11 +2140,16 @@ mod tests {
             .collect();
         let mut gave_way = 0;
         for total in [1, 50, 3000, 9000] {
-            let got = select_from_sample(&y, cols, total, 1000);
+            let got = select_from_sample(&mut Src::Plain(&y), cols, total, 1000);
             if let Some(g) = got {
                 assert_eq!(g, radix_select(&y, total), "total {total}");
             } else {
                 gave_way += 1;
+                // Giving way after its pass over `y`, the sample has added a bias.
+                let (mut yb, zero) = (y.clone(), vec![0.0; cols]);
+                let mut src = Src::AddBias(&mut yb, &zero);
+                assert_eq!(select_from_sample(&mut src, cols, total, 1000), None);
+                assert!(matches!(src, Src::Plain(_)), "total {total}: bias added");
             }
         }
         assert!(gave_way > 0, "the cut was never too high");

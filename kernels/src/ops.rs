@@ -888,6 +888,33 @@ fn topk_rows_cpu(
     );
 }
 
+/// `x += bias` row by row, then [`batch_topk`] of the result (`x` becomes what it
+/// selected from). On the CPU the bias goes in with the selection's first pass over
+/// `x`, not a pass of its own.
+pub fn add_bias_batch_topk(x: &mut Tensor, bias: &Tensor, total: usize, out: &mut Csr) {
+    if x.device() != crate::Device::Cpu {
+        add_row_vec(x, bias, 1.0);
+        return batch_topk(x, total, out);
+    }
+    let (r, c) = dims2(x);
+    is_vec(bias, c, "add_bias_batch_topk bias");
+    out.rows = r;
+    out.cols = c;
+    cpu::add_bias_batch_topk(
+        x.cpu_mut(),
+        c,
+        bias.cpu(),
+        total,
+        (
+            out.offsets.cpu_mut(),
+            out.indices.cpu_mut(),
+            out.values.data.cpu_mut(),
+        ),
+    );
+    let nnz = out.indices.cpu().len();
+    out.values.resize(&[nnz]);
+}
+
 /// The `total` largest positive entries of the whole matrix `x` (batch top-k on ReLU
 /// outputs) into `out`. Non-positive entries are never stored.
 pub fn batch_topk(x: &Tensor, total: usize, out: &mut Csr) {

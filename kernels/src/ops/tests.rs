@@ -1373,6 +1373,61 @@ fn split_counted_in_the_bias_pass_is_the_split_counted_after() {
     }
 }
 
+/// Adding the bias inside batch top-k's selection leaves the bits of `add_row_vec` in
+/// `x` and selects what `batch_topk` selects from the result: small matrices (the
+/// radix select), large ones (the sampled cut), one whose sample gives way (its
+/// largest values only where the sample looks), and totals of 0 and of everything.
+#[test]
+fn bias_added_in_batch_topk_is_the_bias_added_before() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(43);
+    // Above the sampled select's 2^18 values. Its stride at this size is 7 (about
+    // len / 2^16, prime to 1000): large values only there make its cut too high for
+    // 9000 (checked: the select gives way).
+    let (big_r, big_c) = (300, 1000);
+    let stride_like = |i: usize| (i % 7 == 0) as u8 as f32 * 100.0;
+    let cases: Vec<(usize, usize, Vec<f32>, usize)> = vec![
+        (7, 40, rand_vec(&mut rng, 280), 30),
+        (big_r, big_c, rand_vec(&mut rng, big_r * big_c), 32 * big_r),
+        (big_r, big_c, rand_vec(&mut rng, big_r * big_c), 0),
+        (7, 40, rand_vec(&mut rng, 280), 280),
+        (
+            big_r,
+            big_c,
+            (0..big_r * big_c)
+                .map(|i| stride_like(i) + (i % 7) as f32 * 0.01)
+                .collect(),
+            9000,
+        ),
+    ];
+    for (r, c, x, total) in cases {
+        let bias = t(&[c], rand_vec(&mut rng, c));
+        let mut want = t(&[r, c], x.clone());
+        add_row_vec(&mut want, &bias, 1.0);
+        let mut want_sel = Csr::empty(&DEV);
+        batch_topk(&want, total, &mut want_sel);
+        let mut got = t(&[r, c], x);
+        let mut got_sel = Csr::empty(&DEV);
+        add_bias_batch_topk(&mut got, &bias, total, &mut got_sel);
+        let what = format!("{r}x{c} total={total}");
+        assert_eq!(bits(&got), bits(&want), "{what}: x");
+        assert_eq!(
+            got_sel.offsets_to_vec(),
+            want_sel.offsets_to_vec(),
+            "{what}"
+        );
+        assert_eq!(
+            got_sel.indices_to_vec(),
+            want_sel.indices_to_vec(),
+            "{what}"
+        );
+        assert_eq!(bits(got_sel.values()), bits(want_sel.values()), "{what}");
+        assert!(
+            total == 0 || got_sel.nnz() > 0,
+            "{what}: something selected"
+        );
+    }
+}
+
 /// Adding the bias inside the top-k pass leaves the bits of `add_row_vec` in `x` and
 /// selects what `topk_rows` selects from the result, on both scans (short and long
 /// rows) and with `k` = 0.

@@ -93,16 +93,23 @@ impl TopK {
     pub(crate) fn forward_core(&mut self, p: &Params, s: &mut Shared, input: &StepInput) -> f64 {
         let mut sel = std::mem::replace(&mut self.sel, Csr::empty(&s.device));
         self.inv_n = reciprocal(&s.n);
-        // Nothing between the bias and the per-row selection: one pass does both.
-        let fused = self.select == Select::PerRow
-            && self.cfg.noise_scale == 0.0
-            && !self.cfg.rescale_acts_by_decoder_norm;
+        // Nothing between the bias and the selection: the selection's pass adds it.
+        let fused = self.cfg.noise_scale == 0.0 && !self.cfg.rescale_acts_by_decoder_norm;
         if fused {
             let w = p.get(W_ENC);
             self.h.resize(&[s.sae_in.rows(), w.cols()]);
             ops::matmul(&mut self.h, &s.sae_in, false, w, false, 1.0, 0.0);
-            ops::add_bias_topk_rows(&mut self.h, p.get(B_ENC), self.cfg.k as usize, &mut sel);
-            relu_values(&mut sel);
+            let (k, bias) = (self.cfg.k, p.get(B_ENC));
+            match self.select {
+                Select::PerRow => {
+                    ops::add_bias_topk_rows(&mut self.h, bias, k as usize, &mut sel);
+                    relu_values(&mut sel);
+                }
+                Select::Batch => {
+                    let total = (k * self.h.rows() as f64) as usize;
+                    ops::add_bias_batch_topk(&mut self.h, bias, total, &mut sel);
+                }
+            }
         } else {
             linear_into(&mut self.h, &s.sae_in, p.get(W_ENC), p.get(B_ENC));
             maybe_noise(&self.cfg, &mut self.h, input.noise_seed);
