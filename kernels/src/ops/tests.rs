@@ -1384,7 +1384,7 @@ fn bias_added_in_batch_topk_is_the_bias_added_before() {
     // len / 2^16, prime to 1000): large values only there make its cut too high for
     // 9000 (checked: the select gives way).
     let (big_r, big_c) = (300, 1000);
-    let stride_like = |i: usize| (i % 7 == 0) as u8 as f32 * 100.0;
+    let stride_like = |i: usize| i.is_multiple_of(7) as u8 as f32 * 100.0;
     let cases: Vec<(usize, usize, Vec<f32>, usize)> = vec![
         (7, 40, rand_vec(&mut rng, 280), 30),
         (big_r, big_c, rand_vec(&mut rng, big_r * big_c), 32 * big_r),
