@@ -1152,12 +1152,10 @@ pub fn batch_topk(
     x: &[f32],
     cols: usize,
     total: usize,
-    offsets: &mut Vec<u32>,
-    indices: &mut Vec<u32>,
-    values: &mut Vec<f32>,
+    out: (&mut Vec<u32>, &mut Vec<u32>, &mut Vec<f32>),
 ) {
     let t = select_threshold(x, cols, total);
-    batch_topk_at(x, cols, total, t, (offsets, indices, values));
+    batch_topk_at(x, cols, total, t, out);
 }
 
 /// `x[r, j] += bias[j]` (the bits of [`add_row_vec`] with `alpha` 1), then

@@ -898,21 +898,9 @@ pub fn add_bias_batch_topk(x: &mut Tensor, bias: &Tensor, total: usize, out: &mu
     }
     let (r, c) = dims2(x);
     is_vec(bias, c, "add_bias_batch_topk bias");
-    out.rows = r;
-    out.cols = c;
-    cpu::add_bias_batch_topk(
-        x.cpu_mut(),
-        c,
-        bias.cpu(),
-        total,
-        (
-            out.offsets.cpu_mut(),
-            out.indices.cpu_mut(),
-            out.values.data.cpu_mut(),
-        ),
-    );
-    let nnz = out.indices.cpu().len();
-    out.values.resize(&[nnz]);
+    batch_topk_into(out, (r, c), |o| {
+        cpu::add_bias_batch_topk(x.cpu_mut(), c, bias.cpu(), total, o)
+    });
 }
 
 /// The `total` largest positive entries of the whole matrix `x` (batch top-k on ReLU
@@ -922,16 +910,22 @@ pub fn batch_topk(x: &Tensor, total: usize, out: &mut Csr) {
     on_cuda!(x, |g| g
         .batch_topk(x.cu(), r, c, total)
         .map(|parts| out.set_cu(g, (r, c), parts)));
+    batch_topk_into(out, (r, c), |o| cpu::batch_topk(x.cpu(), c, total, o));
+}
+
+/// `out` as an `[r, c]` CSR matrix whose buffers `fill` (a CPU batch top-k) fills.
+fn batch_topk_into(
+    out: &mut Csr,
+    (r, c): (usize, usize),
+    fill: impl FnOnce((&mut Vec<u32>, &mut Vec<u32>, &mut Vec<f32>)),
+) {
     out.rows = r;
     out.cols = c;
-    cpu::batch_topk(
-        x.cpu(),
-        c,
-        total,
+    fill((
         out.offsets.cpu_mut(),
         out.indices.cpu_mut(),
         out.values.data.cpu_mut(),
-    );
+    ));
     let nnz = out.indices.cpu().len();
     out.values.resize(&[nnz]);
 }
