@@ -78,7 +78,8 @@ mod huge {
 
     /// An anonymous mapping of `size` bytes (zero) on a huge page boundary.
     pub(super) unsafe fn map(size: usize) -> *mut u8 {
-        let Some(len) = pages(size).checked_add(HUGE_PAGE) else {
+        let n = pages(size);
+        let Some(len) = n.checked_add(HUGE_PAGE) else {
             return std::ptr::null_mut();
         };
         let p = libc::mmap(
@@ -97,12 +98,11 @@ mod huge {
         if a > p {
             libc::munmap(p as *mut _, a - p);
         }
-        let end = p + len;
-        if end > a + pages(size) {
-            libc::munmap((a + pages(size)) as *mut _, end - a - pages(size));
+        if p + len > a + n {
+            libc::munmap((a + n) as *mut _, p + len - (a + n));
         }
         // A hint: where transparent huge pages are off it changes nothing.
-        libc::madvise(a as *mut _, pages(size), libc::MADV_HUGEPAGE);
+        libc::madvise(a as *mut _, n, libc::MADV_HUGEPAGE);
         a as *mut u8
     }
 

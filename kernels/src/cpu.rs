@@ -1312,6 +1312,22 @@ impl Src<'_> {
             Src::AddBias(x, _) => x.len(),
         }
     }
+
+    /// [`keys_at_least`] of the matrix, adding the bias first where there is one
+    /// (which leaves the source `Plain`).
+    fn keys_at_least(&mut self, cols: usize, cut: u32) -> Vec<u32> {
+        match std::mem::replace(self, Src::Plain(&[])) {
+            Src::Plain(x) => {
+                *self = Src::Plain(x);
+                keys_at_least(x, cut)
+            }
+            Src::AddBias(x, b) => {
+                let keys = add_bias_keys_at_least(x, cols, b, cut);
+                *self = Src::Plain(x);
+                keys
+            }
+        }
+    }
 }
 
 /// [`select_threshold`] through a sample of about `sample` values, or `None` when the
@@ -1341,17 +1357,7 @@ fn select_from_sample(
         return None;
     }
     let (_, &mut cut, _) = keys.select_nth_unstable_by(rank, |a, b| b.cmp(a));
-    let mut cand = match std::mem::replace(src, Src::Plain(&[])) {
-        Src::Plain(x) => {
-            *src = Src::Plain(x);
-            keys_at_least(x, cut)
-        }
-        Src::AddBias(x, b) => {
-            let cand = add_bias_keys_at_least(x, cols, b, cut);
-            *src = Src::Plain(x);
-            cand
-        }
-    };
+    let mut cand = src.keys_at_least(cols, cut);
     if cand.len() < total {
         return None;
     }
