@@ -531,41 +531,52 @@ pub fn lp_sparsity(
     dn: Option<&mut [f32]>,
 ) -> f64 {
     let nj = |j: usize| n.map_or(1.0, |n| n[j]);
-    // Per-row norms first: the gradient needs them.
-    let norms: Vec<f64> = f
-        .par_chunks(cols)
-        .with_min_len(grain(cols))
-        .map(|row| {
-            if p == 1.0 {
-                row.iter()
-                    .enumerate()
-                    .map(|(j, &v)| (v * nj(j)).abs() as f64)
-                    .sum()
-            } else if p == 2.0 {
-                row.iter()
-                    .enumerate()
-                    .map(|(j, &v)| ((v * nj(j)) as f64).powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            } else {
-                row.iter()
-                    .enumerate()
-                    .map(|(j, &v)| ((v * nj(j)).abs() as f64).powf(p as f64))
-                    .sum::<f64>()
-                    .powf(1.0 / p as f64)
-            }
-        })
-        .collect();
-    let total: f64 = norms.iter().sum();
-    let Some(df) = df else { return total };
+    let norm_of = |row: &[f32]| -> f64 {
+        if p == 1.0 {
+            row.iter()
+                .enumerate()
+                .map(|(j, &v)| (v * nj(j)).abs() as f64)
+                .sum()
+        } else if p == 2.0 {
+            row.iter()
+                .enumerate()
+                .map(|(j, &v)| ((v * nj(j)) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        } else {
+            row.iter()
+                .enumerate()
+                .map(|(j, &v)| ((v * nj(j)).abs() as f64).powf(p as f64))
+                .sum::<f64>()
+                .powf(1.0 / p as f64)
+        }
+    };
+    // The L1 gradient needs no norms: with it, each row's norm is taken in the
+    // gradient's pass (while the row is in cache), not in a pass of its own.
+    let fused = p == 1.0 && df.is_some();
+    let mut norms: Vec<f64> = match fused {
+        true => vec![0.0; f.len() / cols.max(1)],
+        false => f
+            .par_chunks(cols)
+            .with_min_len(grain(cols))
+            .map(norm_of)
+            .collect(),
+    };
+    let Some(df) = df else {
+        return norms.iter().sum();
+    };
     // d||w||_p / dw_j = sign(w_j) |w_j|^(p-1) / ||w||_p^(p-1)
     let acc = df
         .par_chunks_mut(cols)
-        .zip(f.par_chunks(cols).zip(norms.par_iter()))
+        .zip(f.par_chunks(cols).zip(norms.par_iter_mut()))
         .fold_chunks(
             BLOCK_ROWS,
             || vec![0f64; cols],
-            |mut acc, (df, (f, &norm))| {
+            |mut acc, (df, (f, norm))| {
+                if fused {
+                    *norm = norm_of(f);
+                }
+                let norm = *norm;
                 if norm == 0.0 && p != 1.0 {
                     return acc;
                 }
@@ -589,7 +600,7 @@ pub fn lp_sparsity(
     if let Some(dn) = dn {
         dn.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
     }
-    total
+    norms.iter().sum()
 }
 
 /// Anthropic's pre-activation loss on dead latents:
@@ -894,6 +905,25 @@ pub fn col_nonzero_counts(x: &[f32], cols: usize, out: &mut [f32]) {
                 acc.iter_mut()
                     .zip(row)
                     .for_each(|(a, &v)| *a += (v != 0.0) as u8 as f64);
+                acc
+            },
+        )
+        .collect::<Vec<_>>();
+    let acc = sum_in_order(acc, cols);
+    out.iter_mut().zip(acc).for_each(|(o, a)| *o = a as f32);
+}
+
+/// `out[j] = number of r with h[r, j] > t[j]` (how often a JumpReLU latent fired).
+pub fn step_count_cols(h: &[f32], cols: usize, t: &[f32], out: &mut [f32]) {
+    let acc = h
+        .par_chunks(cols)
+        .fold_chunks(
+            BLOCK_ROWS,
+            || vec![0f64; cols],
+            |mut acc, row| {
+                acc.iter_mut()
+                    .zip(row.iter().zip(t))
+                    .for_each(|(a, (h, t))| *a += (h > t) as u8 as f64);
                 acc
             },
         )

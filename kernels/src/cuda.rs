@@ -503,6 +503,20 @@ impl Cuda {
         self.stream.memcpy_dtod(&view, dst).map_err(cuda_err)
     }
 
+    /// `dst[start..start + src.len()] = src`.
+    pub(crate) fn copy_range_into(
+        &self,
+        dst: &mut F32,
+        start: usize,
+        src: &F32,
+    ) -> Result<(), KernelError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let mut view = dst.slice_mut(start..start + src.len());
+        self.stream.memcpy_dtod(src, &mut view).map_err(cuda_err)
+    }
+
     /// `y[start..start + x.len()] += alpha * x`.
     pub(crate) fn axpy(
         &self,

@@ -178,11 +178,16 @@ pub fn mul_row_vec(x: &mut Tensor, v: &Tensor) {
 }
 
 /// `x[r, j] = x[r, j] * scale[j] + shift[j]`, the bits of [`mul_row_vec`] then
-/// [`add_row_vec`] in one pass (CPU only).
+/// [`add_row_vec`] in one pass (two on a GPU).
 pub fn scale_shift_cols(x: &mut Tensor, scale: &Tensor, shift: &Tensor) {
     let c = x.cols();
     is_vec(scale, c, "scale_shift_cols scale");
     is_vec(shift, c, "scale_shift_cols shift");
+    #[cfg(feature = "cuda")]
+    if x.gpu().is_some() {
+        mul_row_vec(x, scale);
+        return add_row_vec(x, shift, 1.0);
+    }
     cpu::scale_shift_cols(x.cpu_mut(), c, scale.cpu(), shift.cpu());
 }
 
@@ -311,6 +316,32 @@ pub fn jumprelu(h: &Tensor, t: &Tensor, f: &mut Tensor) {
     cpu::jumprelu(h.cpu(), c, t.cpu(), f.cpu_mut());
 }
 
+/// [`jumprelu`] of a block of rows: `f = jumprelu(h[start..start + f.rows, :], t)`.
+pub fn jumprelu_rows(h: &Tensor, start: usize, t: &Tensor, f: &mut Tensor) {
+    let (r, c) = dims2(h);
+    let (fr, fc) = dims2(f);
+    assert!(
+        fc == c && start + fr <= r,
+        "jumprelu_rows: {:?}[{start}..{}] into {:?}",
+        h.shape(),
+        start + fr,
+        f.shape()
+    );
+    is_vec(t, c, "jumprelu_rows threshold");
+    #[cfg(feature = "cuda")]
+    if h.gpu().is_some() {
+        let mut block = Tensor::zeros(&h.device(), &[fr, c]);
+        copy_rows(h, start, &mut block);
+        return jumprelu(&block, t, f);
+    }
+    cpu::jumprelu(
+        &h.cpu()[start * c..(start + fr) * c],
+        c,
+        t.cpu(),
+        f.cpu_mut(),
+    );
+}
+
 /// Backward of [`jumprelu`] with the rectangle-kernel straight-through estimator of
 /// width `bandwidth`: adds `df*(h>t)` to `dh` (plus the estimator when
 /// `ste_to_input`), adds `-sum_r (t/bw) rect((h-t)/bw) df` to `dt`.
@@ -395,6 +426,36 @@ pub fn step_count_rows(h: &Tensor, t: &Tensor, out: &mut Tensor) {
         out.cu_mut()
     ));
     cpu::step_count_rows(h.cpu(), c, t.cpu(), out.cpu_mut());
+}
+
+/// `out[j] = number of r with h[r, j] > t[j]`: how many rows fire latent `j`.
+pub fn step_count_cols(h: &Tensor, t: &Tensor, out: &mut Tensor) {
+    let c = h.cols();
+    is_vec(t, c, "step_count_cols threshold");
+    is_vec(out, c, "step_count_cols out");
+    #[cfg(feature = "cuda")]
+    if h.gpu().is_some() {
+        // No kernel of its own: the step of a block of rows at a time, counted.
+        let r = h.rows();
+        let rows = r.clamp(1, 256);
+        let (mut hb, mut fb) = (
+            Tensor::zeros(&h.device(), &[rows, c]),
+            Tensor::zeros(&h.device(), &[rows, c]),
+        );
+        let mut part = Tensor::zeros(&h.device(), &[c]);
+        fill(out, 0.0);
+        for start in (0..r).step_by(rows) {
+            let n = rows.min(r - start);
+            hb.resize(&[n, c]);
+            fb.resize(&[n, c]);
+            copy_rows(h, start, &mut hb);
+            jumprelu(&hb, t, &mut fb);
+            col_nonzero_counts(&fb, &mut part);
+            axpy(out, 1.0, &part);
+        }
+        return;
+    }
+    cpu::step_count_cols(h.cpu(), c, t.cpu(), out.cpu_mut());
 }
 
 /// Backward of the step `(h > t)` given `g[r]`, the gradient of each row's count:
@@ -776,6 +837,24 @@ pub fn copy_rows(src: &Tensor, start: usize, dst: &mut Tensor) {
     on_cuda!(dst, |g| g.copy_range(dst.cu_mut(), src.cu(), start * c));
     dst.cpu_mut()
         .copy_from_slice(&src.cpu()[start * c..(start + dr) * c]);
+}
+
+/// `dst[start..start + src.rows, :] = src`.
+pub fn copy_into_rows(dst: &mut Tensor, start: usize, src: &Tensor) {
+    let (r, c) = dims2(dst);
+    let (sr, sc) = dims2(src);
+    assert!(
+        sc == c && start + sr <= r,
+        "copy_into_rows: {:?} into {:?} at row {start}",
+        src.shape(),
+        dst.shape()
+    );
+    on_cuda!(dst, |g| g.copy_range_into(
+        dst.cu_mut(),
+        start * c,
+        src.cu()
+    ));
+    dst.cpu_mut()[start * c..(start + sr) * c].copy_from_slice(src.cpu());
 }
 
 /// `dst[start..start + src.rows, :] += src`.

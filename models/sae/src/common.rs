@@ -169,22 +169,6 @@ impl Shared {
         through_output_norm(self.norm.as_ref(), g);
     }
 
-    /// `d b_dec += sum_r d_recon` and `d W_dec += acts^T @ d_recon`, and
-    /// `d_acts (+)= d_recon @ W_dec^T` for dense activations `acts` `[B, d_sae]`.
-    pub fn decoder_backward_dense(
-        &self,
-        p: &Params,
-        acts: &Tensor,
-        g: &mut Params,
-        d_acts: &mut Tensor,
-        accumulate: bool,
-    ) {
-        ops::col_sums(&self.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
-        ops::matmul(g.get_mut(W_DEC), acts, true, &self.d_recon, false, 1.0, 1.0);
-        let beta = if accumulate { 1.0 } else { 0.0 };
-        ops::matmul(d_acts, &self.d_recon, false, p.get(W_DEC), true, 1.0, beta);
-    }
-
     /// Backward of a linear map `h = input @ W + b`: `dw += input^T @ d_h`; returns
     /// `sum_r d_h`, the bias gradient of this step.
     pub fn linear_backward(&self, input: &Tensor, d_h: &Tensor, dw: &mut Tensor) -> Tensor {
@@ -192,26 +176,6 @@ impl Shared {
         let mut db = Tensor::zeros(&self.device, &[d_h.cols()]);
         ops::col_sums(d_h, &mut db, 1.0, 0.0);
         db
-    }
-
-    /// The linear encoder `h = input @ W + b` given `d_h`: gradients go to the tensors
-    /// called `dw` and `db` in `g`, and to `b_dec` when it is subtracted from the input.
-    #[allow(clippy::too_many_arguments)]
-    pub fn encoder_backward_dense(
-        &self,
-        cfg: &SaeConfig,
-        w: &Tensor,
-        input: &Tensor,
-        d_h: &Tensor,
-        g: &mut Params,
-        dw: &str,
-        db: &str,
-    ) {
-        let db_step = self.linear_backward(input, d_h, g.get_mut(dw));
-        ops::axpy(g.get_mut(db), 1.0, &db_step);
-        if cfg.apply_b_dec_to_input {
-            self.b_dec_through_encoder(w, &db_step, g.get_mut(B_DEC));
-        }
     }
 
     /// `d b_dec -= W @ db`: the `b_dec` gradient through `sae_in = x_norm - b_dec`,
@@ -236,6 +200,118 @@ impl Shared {
             .collect();
         let c = vec_t(&self.device, c);
         ops::add_scaled_rows(g.get_mut(W_DEC), p.get(W_DEC), &c);
+    }
+}
+
+/// How many row blocks a dense step runs in: its `[B, d_sae]` temporaries are row
+/// blocks of `ceil(B / DENSE_BLOCKS)` rows, so the step holds one full `[B, d_sae]`
+/// buffer (the pre-activations) and a few blocks, not several full buffers.
+pub(crate) const DENSE_BLOCKS: usize = 8;
+
+/// The row blocks `(start, rows)` of a dense step over `b` rows.
+pub(crate) fn row_blocks(b: usize) -> impl Iterator<Item = (usize, usize)> {
+    let rows = b.div_ceil(DENSE_BLOCKS).max(1);
+    (0..b)
+        .step_by(rows)
+        .map(move |start| (start, rows.min(b - start)))
+}
+
+/// `dst = src[start..start + rows, :]`, resizing `dst`.
+pub(crate) fn take_rows(src: &Tensor, start: usize, rows: usize, dst: &mut Tensor) {
+    dst.resize(&[rows, src.cols()]);
+    ops::copy_rows(src, start, dst);
+}
+
+/// The temporaries of a dense step's row blocks, kept between steps: three
+/// `[rows, d_sae]` blocks and two `[rows, d_in]` ones.
+pub(crate) struct Blocks {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub c: Tensor,
+    pub x: Tensor,
+    pub r: Tensor,
+}
+
+impl Blocks {
+    pub fn new(device: &Device) -> Blocks {
+        let z = || Tensor::zeros(device, &[0, 0]);
+        Blocks {
+            a: z(),
+            b: z(),
+            c: z(),
+            x: z(),
+            r: z(),
+        }
+    }
+
+    /// Frees the blocks (a sparse step does not use them).
+    pub fn free(&mut self) {
+        *self = Blocks::new(&self.a.device());
+    }
+}
+
+/// `out[start..start + rows] = acts_block @ W_dec` (`r` is scratch).
+pub(crate) fn decode_rows(
+    out: &mut Tensor,
+    w_dec: &Tensor,
+    acts: &Tensor,
+    start: usize,
+    r: &mut Tensor,
+) {
+    r.resize(&[acts.rows(), w_dec.cols()]);
+    ops::matmul(r, acts, false, w_dec, false, 1.0, 0.0);
+    ops::copy_into_rows(out, start, r);
+}
+
+impl Shared {
+    /// A row block's share of the decoder's backward (less the `b_dec` gradient, a
+    /// whole-batch column sum): `d W_dec += acts^T @ d_recon[rows]` and
+    /// `d_acts = d_recon[rows] @ W_dec^T` (resized). Leaves `d_recon`'s block in `r`.
+    pub fn decoder_backward_rows(
+        &self,
+        w_dec: &Tensor,
+        acts: &Tensor,
+        start: usize,
+        g_w_dec: &mut Tensor,
+        d_acts: &mut Tensor,
+        r: &mut Tensor,
+    ) {
+        take_rows(&self.d_recon, start, acts.rows(), r);
+        ops::matmul(g_w_dec, acts, true, r, false, 1.0, 1.0);
+        d_acts.resize(acts.shape());
+        ops::matmul(d_acts, r, false, w_dec, true, 1.0, 0.0);
+    }
+
+    /// A row block's share of the encoder-weight gradient: `dw += input[rows]^T @ d_h`
+    /// and `db += sum_r d_h` (`x` is scratch). [`Shared::encoder_bias_backward`] ends it.
+    pub fn encoder_backward_rows(
+        &self,
+        input: &Tensor,
+        d_h: &Tensor,
+        start: usize,
+        dw: &mut Tensor,
+        db: &mut Tensor,
+        x: &mut Tensor,
+    ) {
+        take_rows(input, start, d_h.rows(), x);
+        ops::matmul(dw, x, true, d_h, false, 1.0, 1.0);
+        ops::col_sums(d_h, db, 1.0, 1.0);
+    }
+
+    /// Adds an encoder's bias gradient `db` (summed over the batch) to `g[name]`, and to
+    /// `b_dec` when it is subtracted from the input.
+    pub fn encoder_bias_backward(
+        &self,
+        cfg: &SaeConfig,
+        w: &Tensor,
+        db: &Tensor,
+        g: &mut Params,
+        name: &str,
+    ) {
+        ops::axpy(g.get_mut(name), 1.0, db);
+        if cfg.apply_b_dec_to_input {
+            self.b_dec_through_encoder(w, db, g.get_mut(B_DEC));
+        }
     }
 }
 

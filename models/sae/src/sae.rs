@@ -225,6 +225,22 @@ impl Sae {
         self.shared.force_path = path;
     }
 
+    /// The bytes a training step holds by this crate's formula: the parameters,
+    /// their gradients and Adam's two moments, the one `[batch, d_sae]` buffer, and
+    /// the path's own: a dense step's three row blocks of `batch / 8` rows, or about
+    /// 28 bytes per active latent of a sparse one (the CSR latents, their values'
+    /// gradient and the products' row starts). Not counted: `[batch, d_in]` tensors,
+    /// ghost grads' two buffers, the program itself.
+    pub fn step_memory_formula(&self, batch: usize, path: StepPath, active: usize) -> u64 {
+        let params: usize = self.params.iter().map(|(_, t)| t.numel()).sum();
+        let buffer = batch * self.cfg.d_sae;
+        let own = match path {
+            StepPath::Dense => 3 * batch.div_ceil(crate::common::DENSE_BLOCKS) * self.cfg.d_sae * 4,
+            StepPath::Sparse => 28 * active,
+        };
+        (4 * params * 4 + buffer * 4 + own) as u64
+    }
+
     /// Whether the last training step's decoder and backward ran dense or sparse.
     pub fn last_path(&self) -> StepPath {
         self.arch.path()
@@ -237,19 +253,12 @@ impl Sae {
 
     /// Latents of the last training forward pass as a dense `[B, d_sae]` copy.
     pub fn last_feature_acts(&self) -> Tensor {
-        match self.arch.acts() {
-            Acts::Dense(t) => t.clone(),
-            Acts::Sparse(c) => {
-                let mut d = Tensor::zeros(&self.device, &[c.rows(), c.cols()]);
-                ops::csr_to_dense(c, &mut d);
-                d
-            }
-        }
+        self.arch.acts().to_dense()
     }
 
     /// Pre-activations of the last training forward pass (`encode_with_hidden_pre`'s
     /// second value).
-    pub fn last_hidden_pre(&self) -> &Tensor {
+    pub fn last_hidden_pre(&self) -> std::borrow::Cow<'_, Tensor> {
         self.arch.hidden_pre()
     }
 

@@ -599,3 +599,54 @@ fn jumprelu_pre_act_loss_with_dead_latents_runs_dense() {
     run(&mut sae, &x, 0.5, None);
     assert_eq!(sae.last_path(), StepPath::Sparse);
 }
+
+/// A dense step keeps its latents only as pre-activations (standard, JumpReLU) or
+/// remakes them a row block at a time (gated): the counts the trainer reads from them
+/// (latents fired, L0 per row) are those of the latents as a matrix, over a batch
+/// whose last row block is short.
+#[test]
+fn dense_steps_count_the_latents_they_made() {
+    let mut cases = vec![];
+    for arch in [
+        Architecture::Standard,
+        Architecture::JumpRelu,
+        Architecture::Gated,
+    ] {
+        cases.push((format!("{arch}"), cfg(arch)));
+    }
+    let mut c = cfg(Architecture::Standard);
+    c.activation_fn = ActivationFn::TanhRelu;
+    cases.push(("standard tanh-relu".into(), c));
+    let mut c = cfg(Architecture::Gated);
+    c.normalize_activations = NormalizeActivations::LayerNorm;
+    cases.push(("gated layer_norm".into(), c));
+    for (name, c) in cases {
+        let (b, m) = (13, c.d_sae);
+        let mut sae = Sae::new(c, &DEV, 0).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        perturb(&mut sae, &mut rng, 0.3);
+        sae.force_path(Some(StepPath::Dense));
+        let x = randn(&mut rng, &[b, 12], 1.0);
+        run(&mut sae, &x, 0.5, None);
+        assert_eq!(sae.last_path(), StepPath::Dense, "{name}");
+        let f = sae.last_feature_acts().to_vec();
+        let (mut want_cols, mut want_rows) = (vec![0f32; m], vec![0f32; b]);
+        for (i, v) in f.iter().enumerate() {
+            if *v != 0.0 {
+                want_cols[i % m] += 1.0;
+                want_rows[i / m] += 1.0;
+            }
+        }
+        let fired = want_rows.iter().sum::<f32>();
+        assert!(
+            fired > 0.0 && fired < (b * m) as f32,
+            "{name}: {fired} fired"
+        );
+        let (mut cols, mut rows) = (Tensor::zeros(&DEV, &[m]), Tensor::zeros(&DEV, &[b]));
+        sae.last_acts().col_counts(&mut cols);
+        sae.last_acts().row_counts(&mut rows);
+        assert_eq!(cols.to_vec(), want_cols, "{name}: per latent");
+        assert_eq!(rows.to_vec(), want_rows, "{name}: per row");
+        assert_eq!(sae.last_acts().shape(), (b, m), "{name}");
+    }
+}

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use kernels::{Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-use sae::Sae;
+use sae::{Sae, StepPath};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -167,23 +167,23 @@ pub fn run(a: &BenchArgs) -> Result<Value> {
         "fraction_of_gemm_peak": gflops / peak,
         "step_seconds_median": median,
         "peak_rss_mib": pipeline::sys::peak_rss_mib(),
+        // What the step holds by the formula (see `Sae::step_memory_formula`).
+        "step_memory_formula_mib": trainer.sae.step_memory_formula(
+            batch,
+            if sparse_path { StepPath::Sparse } else { StepPath::Dense },
+            (l0 * batch as f64) as usize,
+        ) as f64 / (1 << 20) as f64,
     }))
 }
 
 /// Active latents of the last step over `B × d_sae`.
 fn active_fraction(sae: &Sae) -> f64 {
-    let (n, total) = match sae.last_acts() {
-        sae::Acts::Dense(f) => {
-            let mut per_row = Tensor::zeros(&f.device(), &[f.rows()]);
-            kernels::ops::row_nonzero_counts(f, &mut per_row);
-            (kernels::ops::sum(&per_row) as usize, f.numel())
-        }
-        // JumpReLU's pattern also holds the estimator's inactive entries: count values.
-        sae::Acts::Sparse(c) => {
-            let mut per_row = Tensor::zeros(&c.device(), &[c.rows()]);
-            kernels::ops::csr_row_nonzero_counts(c, &mut per_row);
-            (kernels::ops::sum(&per_row) as usize, c.rows() * c.cols())
-        }
-    };
+    // JumpReLU's sparse pattern also holds the estimator's inactive entries: the row
+    // counts count values.
+    let acts = sae.last_acts();
+    let (rows, cols) = acts.shape();
+    let mut per_row = Tensor::zeros(sae.device(), &[rows]);
+    acts.row_counts(&mut per_row);
+    let (n, total) = (kernels::ops::sum(&per_row) as usize, rows * cols);
     n as f64 / total.max(1) as f64
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use kernels::{ops, Device, Tensor};
 use sae::io::{self, OutTensor};
 use sae::optim::{clip_grad_norm, Adam};
-use sae::{Acts, Params, Sae, StepInput, StepOutput};
+use sae::{Params, Sae, StepInput, StepOutput};
 use schemas::tensors::{B_DEC, W_DEC};
 use schemas::{Dtype, FinetuningMethod, SaeConfig, TrainConfig};
 use serde::{Deserialize, Serialize};
@@ -173,10 +173,7 @@ impl Trainer {
         })?;
         // Which latents fired in this batch.
         let mut fired = Tensor::zeros(&dev, &[m]);
-        match self.sae.last_acts() {
-            Acts::Dense(f) => ops::col_nonzero_counts(f, &mut fired),
-            Acts::Sparse(c) => ops::csr_col_nonzero_counts(c, &mut fired),
-        }
+        self.sae.last_acts().col_counts(&mut fired);
         for ((since, freq), n) in self
             .n_forward_passes_since_fired
             .iter_mut()
@@ -344,10 +341,7 @@ impl Trainer {
             json!(legacy_std),
         );
         let mut l0 = Tensor::zeros(self.sae.device(), &[x.rows()]);
-        match self.sae.last_acts() {
-            Acts::Dense(f) => ops::row_nonzero_counts(f, &mut l0),
-            Acts::Sparse(c) => ops::csr_row_nonzero_counts(c, &mut l0),
-        }
+        self.sae.last_acts().row_counts(&mut l0);
         m.insert("metrics/l0".into(), json!(ops::sum(&l0) / x.rows() as f64));
         if matches!(
             self.sae.cfg().architecture,

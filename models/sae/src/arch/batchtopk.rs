@@ -70,8 +70,8 @@ impl Arch for BatchTopK {
         self.core.path()
     }
 
-    fn hidden_pre(&self) -> &Tensor {
-        self.core.hidden()
+    fn hidden_pre(&self) -> std::borrow::Cow<'_, Tensor> {
+        std::borrow::Cow::Borrowed(self.core.hidden())
     }
 
     fn fold_w_dec_norm(&self, p: &mut Params, n: &Tensor) -> Result<()> {

@@ -10,12 +10,16 @@
 //! `sae_in @ (W_enc * e^r) + b_mag = (pi_gate - b_gate) * e^r + b_mag`. When the
 //! auxiliary path reads another input (run-time normalisation, reshaping) its gate
 //! differs from the main one and the step is dense.
+//!
+//! The dense path uses the same identity for the magnitudes, and runs a row block at a
+//! time: every `[B, d_sae]` matrix but `pi_gate` (the latents, the auxiliary gate and
+//! its ReLU, their gradients) is made per block and not kept.
 
 use super::{
-    choose_path, linear_counting_into, linear_into, Acts, Arch, Buffers, Losses, StepInput,
-    StepPath,
+    choose_path, linear_counting_into, linear_into, Acts, Arch, Buffers, LatentRows, Losses,
+    StepInput, StepPath,
 };
-use crate::common::Shared;
+use crate::common::{decode_rows, row_blocks, take_rows, Blocks, Shared};
 use crate::{Params, Result};
 use kernels::{ops, Csr, Device, Tensor};
 use schemas::tensors::{B_DEC, B_GATE, B_MAG, R_MAG, W_DEC, W_ENC};
@@ -23,22 +27,21 @@ use schemas::{NormalizeActivations, ReshapeActivations, SaeConfig};
 
 pub(crate) struct Gated {
     cfg: SaeConfig,
-    /// `W_enc * exp(r_mag)` `[d_in, d_sae]`.
-    w_mag: Tensor,
     /// Gate pre-activations `[B, d_sae]` on the processed input; on the sparse path,
     /// once the open gates are taken, the magnitude pre-activations (the step's one
     /// `[B, d_sae]` buffer).
     pi_gate: Tensor,
-    /// Magnitude pre-activations (SAELens's `hidden_pre`) `[B, d_sae]`.
-    h_mag: Tensor,
-    f: Tensor,
-    /// Auxiliary path: the input it sees (`x - b_dec` without run-time normalisation),
-    /// its gate pre-activations (when they differ from `pi_gate`), their ReLU, and
-    /// the gradient with respect to that ReLU.
+    /// `exp(r_mag)` and `b_mag - b_gate * exp(r_mag)`: the magnitudes are
+    /// `pi_gate * e + shift` `[d_sae]`.
+    e: Tensor,
+    shift: Tensor,
+    /// Dense path: its row blocks, the L1 scale `coefficient / B`, and the auxiliary
+    /// path's input when it is not `sae_in` (`x - b_dec` without run-time
+    /// normalisation) `[B, d_in]`.
+    blk: Blocks,
+    c: f32,
     aux_in: Option<Tensor>,
-    aux_gate: Option<Tensor>,
-    pi_act: Tensor,
-    d_pi_act: Tensor,
+    /// The gradient with respect to the auxiliary decode `[B, d_in]`.
     d_via: Tensor,
     path: StepPath,
     /// Sparse path: the open gates with `pi_gate` as values (= its ReLU there), the
@@ -55,14 +58,12 @@ impl Gated {
         let z = Tensor::zeros(device, &[0, 0]);
         Gated {
             cfg: cfg.clone(),
-            w_mag: z.clone(),
             pi_gate: z.clone(),
-            h_mag: z.clone(),
-            f: z.clone(),
+            e: Tensor::zeros(device, &[0]),
+            shift: Tensor::zeros(device, &[0]),
+            blk: Blocks::new(device),
+            c: 0.0,
             aux_in: None,
-            aux_gate: None,
-            pi_act: z.clone(),
-            d_pi_act: z.clone(),
             d_via: z,
             path: StepPath::Dense,
             gc: Csr::empty(device),
@@ -72,22 +73,151 @@ impl Gated {
         }
     }
 
+    /// `e = exp(r_mag)` and `shift = b_mag - b_gate * e`, so that the magnitudes are
+    /// `pi_gate * e + shift`.
+    fn magnitude_map(&mut self, p: &Params) {
+        self.e = p.get(R_MAG).clone();
+        ops::exp(p.get(R_MAG), &mut self.e);
+        let mut b_gate_e = p.get(B_GATE).clone();
+        ops::mul(&mut b_gate_e, &self.e);
+        self.shift = p.get(B_MAG).clone();
+        ops::axpy(&mut self.shift, -1.0, &b_gate_e);
+    }
+
+    /// The magnitudes of `gate` (a block of `pi_gate`) into `h`, and the latents
+    /// `ReLU(h) * (gate > 0)` into `f`.
+    fn block_latents(&self, gate: &Tensor, h: &mut Tensor, f: &mut Tensor) {
+        h.resize(gate.shape());
+        ops::copy(h, gate);
+        ops::scale_shift_cols(h, &self.e, &self.shift);
+        f.resize(gate.shape());
+        ops::relu(h, f);
+        ops::mask_positive(f, gate);
+    }
+
+    /// The auxiliary path's gate pre-activations for rows `start..start + rows`: those
+    /// of `pi_gate` (in `a` already) unless it reads another input.
+    fn aux_gate_rows(&self, p: &Params, start: usize, a: &mut Tensor, x: &mut Tensor) {
+        if let Some(xin) = &self.aux_in {
+            take_rows(xin, start, a.rows(), x);
+            linear_into(a, x, p.get(W_ENC), p.get(B_GATE));
+        }
+    }
+
+    /// The dense forward from the gate GEMM on, a row block at a time: the decode, the
+    /// L1 penalty's value and the auxiliary decode (without `b_dec`), returned.
+    fn dense_forward(&mut self, p: &Params, s: &mut Shared) -> (f64, Tensor) {
+        let dev = s.device.clone();
+        let b = s.batch();
+        self.aux_in = None;
+        if self.aux_input_differs() {
+            let mut xin = s.x.clone();
+            if self.cfg.apply_b_dec_to_input {
+                ops::add_row_vec(&mut xin, p.get(B_DEC), -1.0);
+            }
+            self.aux_in = Some(xin);
+        }
+        let mut via = Tensor::zeros(&dev, &[b, self.cfg.d_in]);
+        let mut l1 = 0.0;
+        let mut k = std::mem::replace(&mut self.blk, Blocks::new(&dev));
+        for (start, rows) in row_blocks(b) {
+            take_rows(&self.pi_gate, start, rows, &mut k.a);
+            self.block_latents(&k.a, &mut k.b, &mut k.c);
+            decode_rows(&mut s.recon, p.get(W_DEC), &k.c, start, &mut k.r);
+            // l1 = coefficient * mean_r sum_j relu(pi_gate) * ||W_dec[j]||
+            self.aux_gate_rows(p, start, &mut k.a, &mut k.x);
+            ops::relu(&k.a, &mut k.b);
+            l1 += ops::lp_sparsity(&k.b, Some(&s.n), 1.0, self.c, None, None);
+            decode_rows(&mut via, p.get(W_DEC), &k.b, start, &mut k.r);
+        }
+        self.blk = k;
+        (l1, via)
+    }
+
+    /// The dense backward, a row block at a time. Per block `a` holds the gate
+    /// pre-activations (then the gradient with respect to `ReLU(pi_gate)`), `b` the
+    /// magnitudes (then that ReLU), `c` the latents (then the magnitudes' gradient).
+    fn dense_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
+        let dev = s.device.clone();
+        let m = self.cfg.d_sae;
+        let w_dec = p.get(W_DEC);
+        ops::col_sums(&s.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
+        ops::col_sums(&self.d_via, g.get_mut(B_DEC), 1.0, 1.0);
+        let (mut db_mag, mut db_gate, mut dr) = (
+            Tensor::zeros(&dev, &[m]),
+            Tensor::zeros(&dev, &[m]),
+            Tensor::zeros(&dev, &[m]),
+        );
+        let mut k = std::mem::replace(&mut self.blk, Blocks::new(&dev));
+        for (start, rows) in row_blocks(s.batch()) {
+            take_rows(&self.pi_gate, start, rows, &mut k.a);
+            self.block_latents(&k.a, &mut k.b, &mut k.c);
+            // Main path: the decoder, then the magnitudes (the gate is a constant mask).
+            take_rows(&s.d_recon, start, rows, &mut k.r);
+            ops::matmul(g.get_mut(W_DEC), &k.c, true, &k.r, false, 1.0, 1.0);
+            ops::matmul(&mut k.c, &k.r, false, w_dec, true, 1.0, 0.0);
+            ops::mask_positive(&mut k.c, &k.b);
+            ops::mask_positive(&mut k.c, &k.a);
+            ops::col_sums(&k.c, &mut db_mag, 1.0, 1.0);
+            // d r_j = sum_r d_h * (sae_in @ W_enc * e^r)_j = sum_r d_h * h_mag - b_mag_j db_mag_j
+            ops::mul(&mut k.b, &k.c);
+            ops::col_sums(&k.b, &mut dr, 1.0, 1.0);
+            // The magnitudes' gradient reaches W_enc times e^r.
+            ops::mul_row_vec(&mut k.c, &self.e);
+
+            // Auxiliary path: via = ReLU(gate) @ W_dec + b_dec, and the L1 penalty on
+            // ReLU(gate), whose gradient `a` takes.
+            self.aux_gate_rows(p, start, &mut k.a, &mut k.x);
+            ops::relu(&k.a, &mut k.b);
+            take_rows(&self.d_via, start, rows, &mut k.r);
+            ops::matmul(g.get_mut(W_DEC), &k.b, true, &k.r, false, 1.0, 1.0);
+            ops::matmul(&mut k.a, &k.r, false, w_dec, true, 1.0, 0.0);
+            let dn = Some(&mut s.dn);
+            ops::lp_sparsity(&k.b, Some(&s.n), 1.0, self.c, Some(&mut k.a), dn);
+            // ReLU's backward: `b` is positive exactly where the gate is.
+            ops::mask_positive(&mut k.a, &k.b);
+            ops::col_sums(&k.a, &mut db_gate, 1.0, 1.0);
+
+            // Encoder: W_enc gets sae_in^T (d_h * e^r) and aux_in^T d_gate, one product
+            // when the two inputs are the same.
+            let gw = g.get_mut(W_ENC);
+            match &self.aux_in {
+                None => {
+                    ops::axpy(&mut k.c, 1.0, &k.a);
+                    take_rows(&s.sae_in, start, rows, &mut k.x);
+                    ops::matmul(gw, &k.x, true, &k.c, false, 1.0, 1.0);
+                }
+                Some(xin) => {
+                    take_rows(&s.sae_in, start, rows, &mut k.x);
+                    ops::matmul(gw, &k.x, true, &k.c, false, 1.0, 1.0);
+                    take_rows(xin, start, rows, &mut k.x);
+                    ops::matmul(gw, &k.x, true, &k.a, false, 1.0, 1.0);
+                }
+            }
+        }
+        self.blk = k;
+        ops::axpy(g.get_mut(B_MAG), 1.0, &db_mag);
+        let mut t = p.get(B_MAG).clone();
+        ops::mul(&mut t, &db_mag);
+        ops::axpy(&mut dr, -1.0, &t);
+        ops::axpy(g.get_mut(R_MAG), 1.0, &dr);
+        ops::axpy(g.get_mut(B_GATE), 1.0, &db_gate);
+        if self.cfg.apply_b_dec_to_input {
+            // Both encoders read `... - b_dec`: the magnitude one through W_enc * e^r.
+            ops::mul(&mut db_mag, &self.e);
+            ops::axpy(&mut db_gate, 1.0, &db_mag);
+            s.b_dec_through_encoder(p.get(W_ENC), &db_gate, g.get_mut(B_DEC));
+        }
+        s.norms_backward(p, g);
+    }
     /// The sparse forward from the gate GEMM on: open gates, magnitudes, decode.
     /// `split` has counted the open gates (`pi_gate > 0`) if the path choice needed it.
     fn sparse_forward(&mut self, p: &Params, s: &mut Shared, split: &ops::Split) {
         let dev = s.device.clone();
-        let empty = || Tensor::zeros(&dev, &[0, 0]);
-        (self.w_mag, self.h_mag, self.f) = (empty(), empty(), empty());
-        (self.pi_act, self.d_pi_act) = (empty(), empty());
+        self.blk.free();
         split.to_csr(&self.pi_gate, &mut self.gc, None);
         // pi_gate becomes the magnitudes: pi_gate * e^r + (b_mag - b_gate * e^r)
-        let mut e = p.get(R_MAG).clone();
-        ops::exp(p.get(R_MAG), &mut e);
-        let mut b_gate_e = p.get(B_GATE).clone();
-        ops::mul(&mut b_gate_e, &e);
-        let mut shift = p.get(B_MAG).clone();
-        ops::axpy(&mut shift, -1.0, &b_gate_e);
-        ops::scale_shift_cols(&mut self.pi_gate, &e, &shift);
+        ops::scale_shift_cols(&mut self.pi_gate, &self.e, &self.shift);
         let nnz = self.gc.nnz();
         self.hv = Tensor::zeros(&dev, &[nnz]);
         ops::csr_gather(&self.gc, &self.pi_gate, &mut self.hv);
@@ -128,9 +258,8 @@ impl Gated {
 
         // Encoder: W_enc gets sae_in^T (d_h * e^r + d_gate) (every entry has an open
         // gate, so ReLU passes d_pg), b_dec both paths' bias gradients through W_enc.
-        let mut e = p.get(R_MAG).clone();
-        ops::exp(p.get(R_MAG), &mut e);
-        ops::csr_scale_cols(&mut d_h, &e);
+        let e = &self.e;
+        ops::csr_scale_cols(&mut d_h, e);
         let mut d_gate = self.gc.clone();
         *d_gate.values_mut() = std::mem::replace(&mut self.d_pg, Tensor::zeros(&dev, &[0]));
         let mut db = Tensor::zeros(&dev, &[m]);
@@ -139,7 +268,7 @@ impl Gated {
         ops::axpy(d_h.values_mut(), 1.0, d_gate.values());
         ops::csr_t_matmul(g.get_mut(W_ENC), &d_h, &s.sae_in, true, 1.0, 1.0);
         if self.cfg.apply_b_dec_to_input {
-            ops::mul(&mut db_mag, &e);
+            ops::mul(&mut db_mag, e);
             ops::axpy(&mut db, 1.0, &db_mag);
             s.b_dec_through_encoder(p.get(W_ENC), &db, g.get_mut(B_DEC));
         }
@@ -226,6 +355,8 @@ impl Arch for Gated {
             false => choose_path(s, || split.nnz(&self.pi_gate), b, self.cfg.d_sae),
         };
         let c = input.coefficient as f32 / b as f32;
+        self.c = c;
+        self.magnitude_map(p);
         if self.path == StepPath::Sparse {
             self.sparse_forward(p, s, &split);
             ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
@@ -245,113 +376,23 @@ impl Arch for Gated {
         }
         self.gc = Csr::empty(&dev);
         self.fc = Csr::empty(&dev);
-        self.w_mag = Self::magnitude_weights(p);
-        linear_into(&mut self.h_mag, &s.sae_in, &self.w_mag, p.get(B_MAG));
-        self.f.resize(self.h_mag.shape());
-        ops::relu(&self.h_mag, &mut self.f);
-        ops::mask_positive(&mut self.f, &self.pi_gate);
-        ops::matmul(&mut s.recon, &self.f, false, p.get(W_DEC), false, 1.0, 0.0);
+        let (l1, via) = self.dense_forward(p, s);
         ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
         let mse = s.finish();
-
-        // Auxiliary path on x - b_dec.
-        (self.aux_in, self.aux_gate) = (None, None);
-        if self.aux_input_differs() {
-            let mut xin = s.x.clone();
-            if self.cfg.apply_b_dec_to_input {
-                ops::add_row_vec(&mut xin, p.get(B_DEC), -1.0);
-            }
-            let mut g = Tensor::zeros(&dev, &[0, 0]);
-            linear_into(&mut g, &xin, p.get(W_ENC), p.get(B_GATE));
-            self.aux_in = Some(xin);
-            self.aux_gate = Some(g);
-        }
-        let gate = self.aux_gate.as_ref().unwrap_or(&self.pi_gate);
-        self.pi_act.resize(gate.shape());
-        ops::relu(gate, &mut self.pi_act);
-        // l1 = coefficient * mean_r sum_j relu(pi_gate) * ||W_dec[j]||
-        self.d_pi_act.resize(gate.shape());
-        ops::fill(&mut self.d_pi_act, 0.0);
-        let l1 = ops::lp_sparsity(
-            &self.pi_act,
-            Some(&s.n),
-            1.0,
-            c,
-            Some(&mut self.d_pi_act),
-            Some(&mut s.dn),
-        );
-        let l1 = input.coefficient * l1 / b as f64;
-        let mut via = Tensor::zeros(&dev, &[b, self.cfg.d_in]);
-        ops::matmul(&mut via, &self.pi_act, false, p.get(W_DEC), false, 1.0, 0.0);
-        Ok(self.losses(p, s, via, mse, l1))
+        Ok(self.losses(p, s, via, mse, input.coefficient * l1 / b as f64))
     }
 
     fn train_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
         if self.path == StepPath::Sparse {
             return self.sparse_backward(p, s, g);
         }
-        let dev = s.device.clone();
-        // Main path: decoder, then the magnitude encoder (the gate is a constant mask).
-        ops::col_sums(&s.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
-        ops::matmul(g.get_mut(W_DEC), &self.f, true, &s.d_recon, false, 1.0, 1.0);
-        // The auxiliary path's decoder gradient next (the same order of sums into
-        // W_dec): then `relu(pi_gate)` is spent, and its buffer takes `d_f`, which the
-        // ReLU and the gate mask in place into `d_h`. The forward refills it, so no
-        // [B, d_sae] buffer is allocated here (`f` stays: the step's metrics read it).
-        ops::matmul(
-            g.get_mut(W_DEC),
-            &self.pi_act,
-            true,
-            &self.d_via,
-            false,
-            1.0,
-            1.0,
-        );
-        let mut d_h = std::mem::replace(&mut self.pi_act, Tensor::zeros(&dev, &[0, 0]));
-        ops::matmul(&mut d_h, &s.d_recon, false, p.get(W_DEC), true, 1.0, 0.0);
-        ops::mask_positive(&mut d_h, &self.h_mag);
-        ops::mask_positive(&mut d_h, &self.pi_gate);
-        // d(W_enc * e^r) = sae_in^T @ d_h; W_enc gets it times e^r, r_mag gets the
-        // column sums of it times W_enc * e^r.
-        let mut d_wmag = Tensor::zeros(&dev, self.w_mag.shape());
-        let db_mag = s.linear_backward(&s.sae_in, &d_h, &mut d_wmag);
-        self.pi_act = d_h;
-        if self.cfg.apply_b_dec_to_input {
-            s.b_dec_through_encoder(&self.w_mag, &db_mag, g.get_mut(B_DEC));
-        }
-        ops::axpy(g.get_mut(B_MAG), 1.0, &db_mag);
-        let mut prod = d_wmag.clone();
-        ops::mul(&mut prod, &self.w_mag);
-        ops::col_sums(&prod, g.get_mut(R_MAG), 1.0, 1.0);
-        let mut e = p.get(R_MAG).clone();
-        ops::exp(p.get(R_MAG), &mut e);
-        ops::mul_row_vec(&mut d_wmag, &e);
-        ops::axpy(g.get_mut(W_ENC), 1.0, &d_wmag);
-
-        // Auxiliary path: via = relu(pi_gate) @ W_dec + b_dec.
-        ops::col_sums(&self.d_via, g.get_mut(B_DEC), 1.0, 1.0);
-        ops::matmul(
-            &mut self.d_pi_act,
-            &self.d_via,
-            false,
-            p.get(W_DEC),
-            true,
-            1.0,
-            1.0,
-        );
-        // ReLU's backward in place (the forward refills `d_pi_act`).
-        let gate = self.aux_gate.as_ref().unwrap_or(&self.pi_gate);
-        ops::mask_positive(&mut self.d_pi_act, gate);
-        let aux_in = self.aux_in.as_ref().unwrap_or(&s.sae_in);
-        let d_gate = &self.d_pi_act;
-        s.encoder_backward_dense(&self.cfg, p.get(W_ENC), aux_in, d_gate, g, W_ENC, B_GATE);
-        s.norms_backward(p, g);
+        self.dense_backward(p, s, g);
     }
 
     fn acts(&self) -> Acts<'_> {
         match self.path {
             StepPath::Sparse => Acts::Sparse(&self.fc),
-            StepPath::Dense => Acts::Dense(&self.f),
+            StepPath::Dense => Acts::Rows(self),
         }
     }
 
@@ -359,10 +400,14 @@ impl Arch for Gated {
         self.path
     }
 
-    fn hidden_pre(&self) -> &Tensor {
+    fn hidden_pre(&self) -> std::borrow::Cow<'_, Tensor> {
         match self.path {
-            StepPath::Sparse => &self.pi_gate,
-            StepPath::Dense => &self.h_mag,
+            StepPath::Sparse => std::borrow::Cow::Borrowed(&self.pi_gate),
+            StepPath::Dense => {
+                let mut h = self.pi_gate.clone();
+                ops::scale_shift_cols(&mut h, &self.e, &self.shift);
+                std::borrow::Cow::Owned(h)
+            }
         }
     }
 
@@ -370,5 +415,22 @@ impl Arch for Gated {
         // r_mag needs no scaling: W_enc's scaling carries over to the magnitude path.
         super::fold_norms_into(p, n, &[B_GATE, B_MAG]);
         Ok(())
+    }
+}
+
+impl LatentRows for Gated {
+    fn device(&self) -> Device {
+        self.pi_gate.device()
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        (self.pi_gate.rows(), self.pi_gate.cols())
+    }
+
+    fn latents(&self, start: usize, out: &mut Tensor) {
+        let dev = self.device();
+        let (mut gate, mut h) = (Tensor::zeros(&dev, &[0, 0]), Tensor::zeros(&dev, &[0, 0]));
+        take_rows(&self.pi_gate, start, out.rows(), &mut gate);
+        self.block_latents(&gate, &mut h, out);
     }
 }

@@ -15,12 +15,18 @@
 //! estimator (and for the input's with `jumprelu_ste_to_input`). The pre-activation
 //! loss touches every sub-threshold entry of a dead latent, so steps with dead latents
 //! and that loss are dense.
+//!
+//! The dense path runs a row block at a time: the latents and the gradients with
+//! respect to them and to `h` are remade per block from `h`, the one full `[B, d_sae]`
+//! buffer. Losses whose gradient reaches `h` (the step loss through the estimator, the
+//! pre-activation loss) report their value in the forward pass and put their gradient
+//! on `h` in the backward pass; the rest of their gradient goes where it went before.
 
 use super::{
     choose_path, linear_into, n_dead, pre_activations, Acts, Arch, Buffers, Losses, StepInput,
     StepPath,
 };
-use crate::common::Shared;
+use crate::common::{decode_rows, row_blocks, take_rows, Blocks, Shared};
 use crate::{Params, Result};
 use kernels::{ops, Csr, Device, Tensor};
 use schemas::tensors::{B_DEC, B_ENC, LOG_THRESHOLD, THRESHOLD, W_DEC, W_ENC};
@@ -29,17 +35,17 @@ use schemas::{SaeConfig, SparsityLossMode};
 pub(crate) struct JumpRelu {
     cfg: SaeConfig,
     h: Tensor,
-    f: Tensor,
     /// The threshold used in the last forward pass `[d_sae]`.
     t: Tensor,
-    /// Gradients accumulated during the forward pass by the sparsity and
-    /// pre-activation losses: into `f` (tanh mode), `h` and the threshold. `d_h` is
-    /// there only when a loss adds to it (the step loss through the estimator to the
-    /// input, the pre-activation loss); without it the backward takes `d_h` in place
-    /// in `d_f`'s buffer, so a dense step holds three `[B, d_sae]` buffers, not four.
-    d_f: Tensor,
-    d_h: Option<Tensor>,
+    /// The threshold's gradient, begun by the losses in the forward pass.
     d_t: Tensor,
+    /// Dense path: its row blocks; the sparsity loss's scale `coefficient / B`; the
+    /// step loss's gradient with respect to each row's L0, when it reaches `h`; the
+    /// pre-activation loss's scale and dead-latent mask, when it ran.
+    blk: Blocks,
+    c: f32,
+    l0_grad: Option<Vec<f32>>,
+    pre_act: Option<(f32, Tensor)>,
     path: StepPath,
     /// Sparse path: the active entries (values `h`, which is the latent there) and the
     /// inactive ones inside the rectangle (values `h`); at each, `[nnz]`, the gradient
@@ -57,12 +63,13 @@ impl JumpRelu {
         let z = Tensor::zeros(device, &[0, 0]);
         JumpRelu {
             cfg: cfg.clone(),
-            h: z.clone(),
-            f: z.clone(),
+            h: z,
             t: Tensor::zeros(device, &[0]),
-            d_f: z,
-            d_h: None,
             d_t: Tensor::zeros(device, &[0]),
+            blk: Blocks::new(device),
+            c: 0.0,
+            l0_grad: None,
+            pre_act: None,
             path: StepPath::Dense,
             fc: Csr::empty(device),
             rc: Csr::empty(device),
@@ -114,7 +121,53 @@ impl JumpRelu {
         }
     }
 
-    /// Whether the sparsity loss fills `d_f` in the forward pass.
+    /// The dense backward, a row block at a time: per block `a` holds `h`, `b` the
+    /// latents (then `d_h` when a loss adds to it), `c` their gradient (else `d_h`).
+    fn dense_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
+        let dev = s.device.clone();
+        let m = self.cfg.d_sae;
+        let (bw, ste_in) = (
+            self.cfg.jumprelu_bandwidth as f32,
+            self.cfg.jumprelu_ste_to_input,
+        );
+        let (tanh, scale) = (self.tanh_mode(), self.cfg.jumprelu_tanh_scale as f32);
+        // The forward pass gave these losses' gradients to the threshold and `dn`.
+        let (mut no_dt, mut no_dn) = (Tensor::zeros(&dev, &[m]), Tensor::zeros(&dev, &[m]));
+        ops::col_sums(&s.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
+        let mut db = Tensor::zeros(&dev, &[m]);
+        let (t, k) = (&self.t, &mut self.blk);
+        for (start, rows) in row_blocks(s.batch()) {
+            take_rows(&self.h, start, rows, &mut k.a);
+            k.b.resize(k.a.shape());
+            ops::jumprelu(&k.a, t, &mut k.b);
+            let gw = g.get_mut(W_DEC);
+            s.decoder_backward_rows(p.get(W_DEC), &k.b, start, gw, &mut k.c, &mut k.r);
+            if tanh {
+                ops::tanh_sparsity(&k.b, &s.n, scale, self.c, &mut k.c, &mut no_dn);
+            }
+            let d_h = if self.l0_grad.is_some() || self.pre_act.is_some() {
+                ops::fill(&mut k.b, 0.0);
+                if let Some(l0_grad) = &self.l0_grad {
+                    let gr = crate::common::vector(&dev, l0_grad[start..start + rows].to_vec());
+                    ops::step_backward(&k.a, t, &gr, bw, true, &mut k.b, &mut self.d_t);
+                }
+                if let Some((cp, dead)) = &self.pre_act {
+                    let (dt, dn) = (&mut no_dt, &mut no_dn);
+                    ops::pre_act_loss(&k.a, t, dead, &s.n, *cp, &mut k.b, dt, dn);
+                }
+                ops::jumprelu_backward(&k.a, t, &k.c, bw, ste_in, &mut k.b, &mut self.d_t);
+                &k.b
+            } else {
+                ops::jumprelu_backward_in_place(&k.a, t, &mut k.c, bw, ste_in, &mut self.d_t);
+                &k.c
+            };
+            let gw = g.get_mut(W_ENC);
+            s.encoder_backward_rows(&s.sae_in, d_h, start, gw, &mut db, &mut k.x);
+        }
+        s.encoder_bias_backward(&self.cfg, p.get(W_ENC), &db, g, B_ENC);
+    }
+
+    /// Whether the sparsity loss is the tanh penalty.
     fn tanh_mode(&self) -> bool {
         self.cfg.jumprelu_sparsity_loss_mode == SparsityLossMode::Tanh
     }
@@ -186,9 +239,15 @@ impl Arch for JumpRelu {
             _ => StepPath::Dense,
         };
         let sparse = self.path == StepPath::Sparse;
+        let coef = input.coefficient;
+        let c = (coef / b as f64) as f32;
+        self.c = c;
+        let scale = self.cfg.jumprelu_tanh_scale as f32;
+        // The tanh loss's sum over the dense blocks (its gradient waits for the backward).
+        let mut tanh_sum = 0.0;
+        (self.l0_grad, self.pre_act) = (None, None);
         if sparse {
-            let empty = || Tensor::zeros(&dev, &[0, 0]);
-            (self.f, self.d_f, self.d_h) = (empty(), empty(), None);
+            self.blk.free();
             let split = split.expect("the sparse path runs on the CPU");
             split.to_csr(&self.h, &mut self.fc, Some(&mut self.rc));
             ops::csr_matmul(&mut s.recon, &self.fc, p.get(W_DEC), 1.0, 0.0);
@@ -197,34 +256,25 @@ impl Arch for JumpRelu {
             (self.df_r, self.dh_r) = (Tensor::zeros(&dev, &[nr]), Tensor::zeros(&dev, &[nr]));
         } else {
             (self.fc, self.rc) = (Csr::empty(&dev), Csr::empty(&dev));
-            self.f.resize(self.h.shape());
-            ops::jumprelu(&self.h, &self.t, &mut self.f);
-            ops::matmul(&mut s.recon, &self.f, false, p.get(W_DEC), false, 1.0, 0.0);
-            let step_to_input = !self.tanh_mode() && self.cfg.jumprelu_ste_to_input;
-            // Outside tanh mode `d_f` is zeroed by the backward, which fills it.
-            if self.tanh_mode() {
-                self.d_f.resize(self.h.shape());
-                ops::fill(&mut self.d_f, 0.0);
-            }
-            self.d_h = match step_to_input || pre_act_dense {
-                true => {
-                    let mut d_h = self
-                        .d_h
-                        .take()
-                        .unwrap_or_else(|| Tensor::zeros(&dev, &[0, 0]));
-                    d_h.resize(self.h.shape());
-                    ops::fill(&mut d_h, 0.0);
-                    Some(d_h)
+            let tanh = self.tanh_mode();
+            let k = &mut self.blk;
+            for (start, rows) in row_blocks(b) {
+                take_rows(&self.h, start, rows, &mut k.a);
+                k.b.resize(k.a.shape());
+                ops::jumprelu(&k.a, &self.t, &mut k.b);
+                if tanh {
+                    // The loss's value and `dn` now, `d_f` (here thrown away) per block
+                    // in the backward.
+                    k.c.resize(k.a.shape());
+                    tanh_sum += ops::tanh_sparsity(&k.b, &s.n, scale, c, &mut k.c, &mut s.dn);
                 }
-                false => None,
-            };
+                decode_rows(&mut s.recon, p.get(W_DEC), &k.b, start, &mut k.r);
+            }
         }
         ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
         let mse = s.finish();
 
         self.d_t = Tensor::zeros(&dev, &[m]);
-        let coef = input.coefficient;
-        let c = (coef / b as f64) as f32;
         let ste_in = self.cfg.jumprelu_ste_to_input;
         let l0_loss = match self.cfg.jumprelu_sparsity_loss_mode {
             SparsityLossMode::Step | SparsityLossMode::Quadratic => {
@@ -246,24 +296,21 @@ impl Arch for JumpRelu {
                             .unzip(),
                         _ => l0v.iter().map(|&l| (l as f64, c)).unzip(),
                     };
-                let g = crate::common::vector(&dev, grad);
                 if sparse {
+                    let g = crate::common::vector(&dev, grad);
                     for (a, dh) in [(&self.fc, &mut self.dh_a), (&self.rc, &mut self.dh_r)] {
                         ops::csr_step_backward(a, &self.t, &g, bw, ste_in, dh, &mut self.d_t);
                     }
                 } else if ste_in {
-                    let d_h = self
-                        .d_h
-                        .as_mut()
-                        .expect("allocated for the estimator's input");
-                    ops::step_backward(&self.h, &self.t, &g, bw, true, d_h, &mut self.d_t);
+                    // Reaches `h`: the backward's blocks take it, threshold and all.
+                    self.l0_grad = Some(grad);
                 } else {
+                    let g = crate::common::vector(&dev, grad);
                     ops::step_backward_threshold(&self.h, &self.t, &g, bw, &mut self.d_t);
                 }
                 coef * per_row.iter().sum::<f64>() / b as f64
             }
             SparsityLossMode::Tanh => {
-                let scale = self.cfg.jumprelu_tanh_scale as f32;
                 let sum = if sparse {
                     // Inactive entries (latent 0) add nothing to the sum or to dn, and
                     // c s n_j to their latent's gradient.
@@ -271,7 +318,7 @@ impl Arch for JumpRelu {
                     ops::scale(&mut self.df_r, c * scale);
                     ops::csr_tanh_sparsity(&self.fc, &s.n, scale, c, &mut self.df_a, &mut s.dn)
                 } else {
-                    ops::tanh_sparsity(&self.f, &s.n, scale, c, &mut self.d_f, &mut s.dn)
+                    tanh_sum
                 };
                 coef * sum / b as f64
             }
@@ -286,17 +333,19 @@ impl Arch for JumpRelu {
                 .filter(|_| n_dead(input.dead_neuron_mask) > 0);
             let v = match dead {
                 Some(dead) => {
+                    // The value and the gradients to the threshold and `dn` now, to `h`
+                    // per block in the backward (a dense step: see `pre_act_dense`).
                     let cp = (pa / b as f64) as f32;
-                    let sum = ops::pre_act_loss(
-                        &self.h,
-                        &self.t,
-                        dead,
-                        &s.n,
-                        cp,
-                        self.d_h.as_mut().expect("allocated when this loss runs"),
-                        &mut self.d_t,
-                        &mut s.dn,
-                    );
+                    let k = &mut self.blk;
+                    let mut sum = 0.0;
+                    for (start, rows) in row_blocks(b) {
+                        take_rows(&self.h, start, rows, &mut k.a);
+                        k.c.resize(k.a.shape());
+                        let (t, n) = (&self.t, &s.n);
+                        let (dt, dn) = (&mut self.d_t, &mut s.dn);
+                        sum += ops::pre_act_loss(&k.a, t, dead, n, cp, &mut k.c, dt, dn);
+                    }
+                    self.pre_act = Some((cp, dead.clone()));
                     pa * sum / b as f64
                 }
                 None => 0.0,
@@ -310,28 +359,7 @@ impl Arch for JumpRelu {
         if self.path == StepPath::Sparse {
             self.sparse_backward(p, s, g);
         } else {
-            if !self.tanh_mode() {
-                self.d_f.resize(self.h.shape());
-                ops::fill(&mut self.d_f, 0.0);
-            }
-            s.decoder_backward_dense(p, &self.f, g, &mut self.d_f, true);
-            let (bw, ste_in) = (
-                self.cfg.jumprelu_bandwidth as f32,
-                self.cfg.jumprelu_ste_to_input,
-            );
-            let d_h = match &mut self.d_h {
-                Some(d_h) => {
-                    let (h, t, d_f) = (&self.h, &self.t, &self.d_f);
-                    ops::jumprelu_backward(h, t, d_f, bw, ste_in, d_h, &mut self.d_t);
-                    &*d_h
-                }
-                None => {
-                    let (h, t) = (&self.h, &self.t);
-                    ops::jumprelu_backward_in_place(h, t, &mut self.d_f, bw, ste_in, &mut self.d_t);
-                    &self.d_f
-                }
-            };
-            s.encoder_backward_dense(&self.cfg, p.get(W_ENC), &s.sae_in, d_h, g, W_ENC, B_ENC);
+            self.dense_backward(p, s, g);
         }
         s.norms_backward(p, g);
         if self.cfg.jumprelu_log_threshold {
@@ -347,7 +375,12 @@ impl Arch for JumpRelu {
     fn acts(&self) -> Acts<'_> {
         match self.path {
             StepPath::Sparse => Acts::Sparse(&self.fc),
-            StepPath::Dense => Acts::Dense(&self.f),
+            // The threshold is >= 0 (clamped, or an exponential).
+            StepPath::Dense => Acts::Above {
+                pre: &self.h,
+                cut: &self.t,
+                tanh: false,
+            },
         }
     }
 
@@ -355,8 +388,8 @@ impl Arch for JumpRelu {
         self.path
     }
 
-    fn hidden_pre(&self) -> &Tensor {
-        &self.h
+    fn hidden_pre(&self) -> std::borrow::Cow<'_, Tensor> {
+        std::borrow::Cow::Borrowed(&self.h)
     }
 
     fn fold_w_dec_norm(&self, p: &mut Params, n: &Tensor) -> Result<()> {

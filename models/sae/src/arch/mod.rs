@@ -10,8 +10,9 @@ mod topk;
 
 use crate::common::Shared;
 use crate::{Params, Result};
-use kernels::{Device, Tensor};
+use kernels::{ops, Device, Tensor};
 use schemas::{Architecture, SaeConfig};
+use std::borrow::Cow;
 
 /// What a training step feeds the SAE (SAELens's `TrainStepInput`).
 pub struct StepInput<'a> {
@@ -30,6 +31,115 @@ pub struct StepInput<'a> {
 pub enum Acts<'a> {
     Dense(&'a Tensor),
     Sparse(&'a kernels::Csr),
+    /// Latents kept as their pre-activations, because a dense step makes them a row
+    /// block at a time: latent `(r, j)` is `pre[r, j]` where `pre[r, j] > cut[j]`
+    /// (`cut >= 0`) and 0 elsewhere, then through `tanh` when `tanh` is set.
+    Above {
+        pre: &'a Tensor,
+        cut: &'a Tensor,
+        tanh: bool,
+    },
+    /// Latents a dense step made a row block at a time and did not keep, remade on
+    /// demand a block at a time.
+    Rows(&'a dyn LatentRows),
+}
+
+/// Latents that can be remade a row block at a time (see [`Acts::Rows`]).
+pub trait LatentRows {
+    fn device(&self) -> Device;
+    /// `(rows, d_sae)`.
+    fn shape(&self) -> (usize, usize);
+    /// The latents of rows `start..start + out.rows()` into `out` `[rows, d_sae]`.
+    fn latents(&self, start: usize, out: &mut Tensor);
+}
+
+/// Runs `each(start, block)` over the latents of `rows`, a row block at a time.
+fn each_block(rows: &dyn LatentRows, mut each: impl FnMut(usize, &Tensor)) {
+    let (b, m) = rows.shape();
+    let mut block = Tensor::zeros(&rows.device(), &[0, 0]);
+    for (start, n) in crate::common::row_blocks(b) {
+        block.resize(&[n, m]);
+        rows.latents(start, &mut block);
+        each(start, &block);
+    }
+}
+
+impl Acts<'_> {
+    /// `out[j]` = how many rows fire latent `j` (`out` is `[d_sae]`).
+    pub fn col_counts(&self, out: &mut Tensor) {
+        match self {
+            Acts::Dense(f) => ops::col_nonzero_counts(f, out),
+            Acts::Sparse(c) => ops::csr_col_nonzero_counts(c, out),
+            Acts::Above { pre, cut, .. } => ops::step_count_cols(pre, cut, out),
+            Acts::Rows(rows) => {
+                let mut part = Tensor::zeros(&out.device(), &[out.numel()]);
+                ops::fill(out, 0.0);
+                each_block(*rows, |_, f| {
+                    ops::col_nonzero_counts(f, &mut part);
+                    ops::axpy(out, 1.0, &part);
+                });
+            }
+        }
+    }
+
+    /// `out[r]` = the L0 of row `r` (`out` is `[B]`).
+    pub fn row_counts(&self, out: &mut Tensor) {
+        match self {
+            Acts::Dense(f) => ops::row_nonzero_counts(f, out),
+            Acts::Sparse(c) => ops::csr_row_nonzero_counts(c, out),
+            Acts::Above { pre, cut, .. } => ops::step_count_rows(pre, cut, out),
+            Acts::Rows(rows) => {
+                // `out` as a column, so that each block's counts go to their rows.
+                let dev = out.device();
+                let mut col =
+                    std::mem::replace(out, Tensor::zeros(&dev, &[0])).reshape(&[rows.shape().0, 1]);
+                each_block(*rows, |start, f| {
+                    let mut part = Tensor::zeros(&dev, &[f.rows()]);
+                    ops::row_nonzero_counts(f, &mut part);
+                    ops::copy_into_rows(&mut col, start, &part.reshape(&[f.rows(), 1]));
+                });
+                *out = col.reshape(&[rows.shape().0]);
+            }
+        }
+    }
+
+    /// `(rows, d_sae)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Acts::Dense(f) => (f.rows(), f.cols()),
+            Acts::Sparse(c) => (c.rows(), c.cols()),
+            Acts::Above { pre, .. } => (pre.rows(), pre.cols()),
+            Acts::Rows(rows) => rows.shape(),
+        }
+    }
+
+    /// The latents as a dense `[B, d_sae]` tensor (allocates).
+    pub fn to_dense(&self) -> Tensor {
+        match self {
+            Acts::Dense(f) => (*f).clone(),
+            Acts::Sparse(c) => {
+                let mut d = Tensor::zeros(&c.device(), &[c.rows(), c.cols()]);
+                ops::csr_to_dense(c, &mut d);
+                d
+            }
+            Acts::Above { pre, cut, tanh } => {
+                let mut f = Tensor::zeros(&pre.device(), pre.shape());
+                ops::jumprelu(pre, cut, &mut f);
+                if *tanh {
+                    ops::tanh(&mut f);
+                }
+                f
+            }
+            Acts::Rows(rows) => {
+                let (b, m) = rows.shape();
+                let mut f = Tensor::zeros(&rows.device(), &[b, m]);
+                each_block(*rows, |start, block| {
+                    ops::copy_into_rows(&mut f, start, block)
+                });
+                f
+            }
+        }
+    }
 }
 
 /// Loss terms in the order SAELens reports them, `mse_loss` first.
@@ -112,7 +222,8 @@ pub(crate) trait Arch: Send + Sync {
     fn path(&self) -> StepPath {
         StepPath::Dense
     }
-    fn hidden_pre(&self) -> &Tensor;
+    /// Borrowed where the step keeps them whole.
+    fn hidden_pre(&self) -> Cow<'_, Tensor>;
 
     /// Folds decoder row norms into the encoder (`fold_W_dec_norm`).
     fn fold_w_dec_norm(&self, p: &mut Params, n: &Tensor) -> Result<()>;

@@ -4,13 +4,17 @@
 //!
 //! Two paths with the same math, chosen per step from the latents' density
 //! ([`super::choose_path`]): the dense one multiplies `[B, d_sae]` matrices as SAELens
-//! does; the sparse one keeps the active latents as CSR and runs the decoder, its
-//! gradients and the encoder-weight gradient over them only. Ghost grads are dense.
+//! does, a row block at a time (the latents and their gradient are remade per block
+//! from the pre-activations, the one full `[B, d_sae]` buffer); the sparse one keeps
+//! the active latents as CSR and runs the decoder, its gradients and the
+//! encoder-weight gradient over them only. Ghost grads are dense and whole-batch.
 
 use super::{
     choose_path, linear_into, pre_activations, Acts, Arch, Buffers, Losses, StepInput, StepPath,
 };
-use crate::common::{dense_batch_weights, per_item_mse, Shared};
+use crate::common::{
+    decode_rows, dense_batch_weights, per_item_mse, row_blocks, take_rows, Blocks, Shared,
+};
 use crate::{Params, Result};
 use kernels::{ops, Csr, Device, Tensor};
 use schemas::tensors::{B_DEC, B_ENC, W_DEC, W_ENC};
@@ -20,10 +24,11 @@ pub(crate) struct Standard {
     cfg: SaeConfig,
     /// Pre-activations `[B, d_sae]` (noised when `noise_scale > 0`).
     h: Tensor,
-    /// Latents `[B, d_sae]`.
-    f: Tensor,
-    /// Gradient with respect to `f`, filled by the sparsity loss in the forward pass.
-    d_f: Tensor,
+    /// The dense path's row blocks, and the cut its latents are read with (0).
+    blk: Blocks,
+    zero: Tensor,
+    /// The sparsity loss's scale `coefficient / B`, for the dense backward.
+    c: f32,
     /// Gradient with respect to `h` from ghost grads (only when they ran).
     d_h_ghost: Option<Tensor>,
     /// Ghost-grad decoder input `exp(h)` on dead latents and its gradient.
@@ -74,9 +79,10 @@ impl Standard {
         let z = Tensor::zeros(device, &[0, 0]);
         Standard {
             cfg: cfg.clone(),
-            h: z.clone(),
-            f: z.clone(),
-            d_f: z,
+            h: z,
+            blk: Blocks::new(device),
+            zero: Tensor::zeros(device, &[cfg.d_sae]),
+            c: 0.0,
             d_h_ghost: None,
             ghost: None,
             path: StepPath::Dense,
@@ -179,13 +185,14 @@ impl Arch for Standard {
             false => choose_path(s, || split.nnz(&self.h), b, self.cfg.d_sae),
         };
         let c = input.coefficient as f32 / b as f32;
+        self.c = c;
         let weighted = self.cfg.scale_sparsity_penalty_by_decoder_norm;
         let n = weighted.then_some(&s.n);
         let p_norm = self.cfg.lp_norm as f32;
         let sparsity = match self.path {
             StepPath::Sparse => {
-                // The dense buffers are not needed on this path: free them.
-                (self.f, self.d_f) = (Tensor::zeros(&dev, &[0, 0]), Tensor::zeros(&dev, &[0, 0]));
+                // The dense blocks are not needed on this path: free them.
+                self.blk.free();
                 split.to_csr(&self.h, &mut self.fc, None);
                 if self.cfg.activation_fn == ActivationFn::TanhRelu {
                     self.hv = self.fc.values().clone();
@@ -198,14 +205,17 @@ impl Arch for Standard {
             }
             StepPath::Dense => {
                 self.fc = Csr::empty(&dev);
-                self.f.resize(self.h.shape());
-                activate(&self.cfg, &self.h, &mut self.f);
-                ops::matmul(&mut s.recon, &self.f, false, p.get(W_DEC), false, 1.0, 0.0);
-                // Sparsity: coefficient * mean_r ||f_r * n||_p (n = 1 when unweighted).
-                self.d_f.resize(self.f.shape());
-                ops::fill(&mut self.d_f, 0.0);
-                let dn = if weighted { Some(&mut s.dn) } else { None };
-                ops::lp_sparsity(&self.f, n, p_norm, c, Some(&mut self.d_f), dn)
+                // Sparsity: coefficient * mean_r ||f_r * n||_p (n = 1 when unweighted);
+                // its gradient is taken with the backward's blocks.
+                let mut sum = 0.0;
+                let k = &mut self.blk;
+                for (start, rows) in row_blocks(b) {
+                    latents_rows(&self.cfg, (&self.h, &self.zero), start, rows, &mut k.b);
+                    let n = weighted.then_some(&s.n);
+                    sum += ops::lp_sparsity(&k.b, n, p_norm, c, None, None);
+                    decode_rows(&mut s.recon, p.get(W_DEC), &k.b, start, &mut k.r);
+                }
+                sum
             }
         };
         ops::add_row_vec(&mut s.recon, p.get(B_DEC), 1.0);
@@ -231,37 +241,59 @@ impl Arch for Standard {
         if self.path == StepPath::Sparse {
             return self.sparse_backward(p, s, g);
         }
-        let mut d_f = std::mem::replace(&mut self.d_f, Tensor::zeros(&s.device, &[0, 0]));
-        s.decoder_backward_dense(p, &self.f, g, &mut d_f, true);
-        // ReLU's backward in place: `d_f` becomes `d_h` (the forward refills it), so
-        // the step holds no fourth [B, d_sae] buffer.
-        let mut d_h = match self.cfg.activation_fn {
-            ActivationFn::Relu => {
-                ops::mask_positive(&mut d_f, &self.h);
-                d_f
+        let weighted = self.cfg.scale_sparsity_penalty_by_decoder_norm;
+        let p_norm = self.cfg.lp_norm as f32;
+        ops::col_sums(&s.d_recon, g.get_mut(B_DEC), 1.0, 1.0);
+        let mut db = Tensor::zeros(&s.device, &[self.cfg.d_sae]);
+        let mut dn = std::mem::replace(&mut s.dn, Tensor::zeros(&s.device, &[0]));
+        // Per block: `b` the latents (then `d_h` for tanh-relu), `c` their gradient
+        // (then `d_h` for ReLU), `a` the pre-activations for tanh-relu.
+        let k = &mut self.blk;
+        let tanh = self.cfg.activation_fn == ActivationFn::TanhRelu;
+        for (start, rows) in row_blocks(s.batch()) {
+            latents_rows(&self.cfg, (&self.h, &self.zero), start, rows, &mut k.b);
+            let gw = g.get_mut(W_DEC);
+            s.decoder_backward_rows(p.get(W_DEC), &k.b, start, gw, &mut k.c, &mut k.r);
+            let (n, dn) = match weighted {
+                true => (Some(&s.n), Some(&mut dn)),
+                false => (None, None),
+            };
+            ops::lp_sparsity(&k.b, n, p_norm, self.c, Some(&mut k.c), dn);
+            let d_h = match tanh {
+                // The latents are positive exactly where the pre-activations are.
+                false => {
+                    ops::mask_positive(&mut k.c, &k.b);
+                    &mut k.c
+                }
+                true => {
+                    take_rows(&self.h, start, rows, &mut k.a);
+                    ops::tanh_relu_backward(&k.a, &k.c, &mut k.b);
+                    &mut k.b
+                }
+            };
+            if let Some(dg) = &self.d_h_ghost {
+                take_rows(dg, start, rows, &mut k.a);
+                ops::axpy(d_h, 1.0, &k.a);
             }
-            ActivationFn::TanhRelu => {
-                let mut d_h = Tensor::zeros(&s.device, self.h.shape());
-                ops::tanh_relu_backward(&self.h, &d_f, &mut d_h);
-                d_h
-            }
-        };
-        if let Some(dg) = &self.d_h_ghost {
-            ops::axpy(&mut d_h, 1.0, dg);
+            let gw = g.get_mut(W_ENC);
+            s.encoder_backward_rows(&s.sae_in, d_h, start, gw, &mut db, &mut k.x);
         }
+        s.dn = dn;
+        s.encoder_bias_backward(&self.cfg, p.get(W_ENC), &db, g, B_ENC);
         if let Some((e, d_ghost)) = &self.ghost {
             ops::matmul(g.get_mut(W_DEC), e, true, d_ghost, false, 1.0, 1.0);
         }
-        s.encoder_backward_dense(&self.cfg, p.get(W_ENC), &s.sae_in, &d_h, g, W_ENC, B_ENC);
         s.norms_backward(p, g);
-        // Kept as the next dense forward's `d_f` buffer (it refills it).
-        self.d_f = d_h;
     }
 
     fn acts(&self) -> Acts<'_> {
         match self.path {
             StepPath::Sparse => Acts::Sparse(&self.fc),
-            StepPath::Dense => Acts::Dense(&self.f),
+            StepPath::Dense => Acts::Above {
+                pre: &self.h,
+                cut: &self.zero,
+                tanh: self.cfg.activation_fn == ActivationFn::TanhRelu,
+            },
         }
     }
 
@@ -269,8 +301,8 @@ impl Arch for Standard {
         self.path
     }
 
-    fn hidden_pre(&self) -> &Tensor {
-        &self.h
+    fn hidden_pre(&self) -> std::borrow::Cow<'_, Tensor> {
+        std::borrow::Cow::Borrowed(&self.h)
     }
 
     fn fold_w_dec_norm(&self, p: &mut Params, n: &Tensor) -> Result<()> {
@@ -282,6 +314,22 @@ impl Arch for Standard {
 /// ReLU, or SAELens 5's `tanh-relu`.
 fn activate(cfg: &SaeConfig, h: &Tensor, f: &mut Tensor) {
     ops::relu(h, f);
+    if cfg.activation_fn == ActivationFn::TanhRelu {
+        ops::tanh(f);
+    }
+}
+
+/// The latents of rows `start..start + rows` of the pre-activations `h` into `f`
+/// (`zero` is a zero cut `[d_sae]`).
+fn latents_rows(
+    cfg: &SaeConfig,
+    (h, zero): (&Tensor, &Tensor),
+    start: usize,
+    rows: usize,
+    f: &mut Tensor,
+) {
+    f.resize(&[rows, cfg.d_sae]);
+    ops::jumprelu_rows(h, start, zero, f);
     if cfg.activation_fn == ActivationFn::TanhRelu {
         ops::tanh(f);
     }

@@ -433,8 +433,8 @@ impl Arch for TopK {
         self.path()
     }
 
-    fn hidden_pre(&self) -> &Tensor {
-        self.hidden()
+    fn hidden_pre(&self) -> std::borrow::Cow<'_, Tensor> {
+        std::borrow::Cow::Borrowed(self.hidden())
     }
 
     fn fold_w_dec_norm(&self, p: &mut Params, n: &Tensor) -> Result<()> {

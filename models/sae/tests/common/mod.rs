@@ -224,7 +224,7 @@ pub fn check_step(
     );
     assert_close(
         &what("hidden_pre"),
-        &head_rows(sae.last_hidden_pre(), 16),
+        &head_rows(&sae.last_hidden_pre(), 16),
         &r.get(&format!("{case}.hidden_pre")),
         tol.fwd,
     );
