@@ -279,6 +279,19 @@ pub fn relu(h: &[f32], f: &mut [f32]) {
         .for_each(|(f, h)| f.iter_mut().zip(h).for_each(|(f, &h)| *f = h.max(0.0)));
 }
 
+/// Gated latents from gate pre-activations: `f = ReLU(g * e[j] + shift[j])` where
+/// `g > 0`, else 0 (the bits of `scale_shift_cols`, `relu` and `mask_positive`).
+pub fn gated_latents(g: &[f32], cols: usize, e: &[f32], shift: &[f32], f: &mut [f32]) {
+    f.par_chunks_mut(cols)
+        .zip(g.par_chunks(cols))
+        .with_min_len(grain(cols))
+        .for_each(|(f, g)| {
+            for (((f, &g), &e), &t) in f.iter_mut().zip(g).zip(e).zip(shift) {
+                *f = if g > 0.0 { (g * e + t).max(0.0) } else { 0.0 };
+            }
+        });
+}
+
 /// `dh = df * (h > 0)`
 pub fn relu_backward(h: &[f32], df: &[f32], dh: &mut [f32]) {
     dh.par_chunks_mut(FLAT_GRAIN)

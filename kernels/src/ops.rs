@@ -342,6 +342,34 @@ pub fn jumprelu_rows(h: &Tensor, start: usize, t: &Tensor, f: &mut Tensor) {
     );
 }
 
+/// A gated SAE's latents for a block of rows of its gate pre-activations `g`:
+/// `f = ReLU(g * e[j] + shift[j]) * (g > 0)` over `g[start..start + f.rows, :]`, the
+/// bits of [`scale_shift_cols`], [`relu`] and [`mask_positive`] in one pass.
+pub fn gated_latents_rows(g: &Tensor, start: usize, e: &Tensor, shift: &Tensor, f: &mut Tensor) {
+    let (r, c) = dims2(g);
+    let (fr, fc) = dims2(f);
+    assert!(
+        fc == c && start + fr <= r,
+        "gated_latents_rows: {:?}[{start}..{}] into {:?}",
+        g.shape(),
+        start + fr,
+        f.shape()
+    );
+    is_vec(e, c, "gated_latents_rows scale");
+    is_vec(shift, c, "gated_latents_rows shift");
+    #[cfg(feature = "cuda")]
+    if g.gpu().is_some() {
+        let mut gate = Tensor::zeros(&g.device(), &[fr, c]);
+        copy_rows(g, start, &mut gate);
+        let mut h = gate.clone();
+        scale_shift_cols(&mut h, e, shift);
+        relu(&h, f);
+        return mask_positive(f, &gate);
+    }
+    let g = &g.cpu()[start * c..(start + fr) * c];
+    cpu::gated_latents(g, c, e.cpu(), shift.cpu(), f.cpu_mut());
+}
+
 /// Backward of [`jumprelu`] with the rectangle-kernel straight-through estimator of
 /// width `bandwidth`: adds `df*(h>t)` to `dh` (plus the estimator when
 /// `ste_to_input`), adds `-sum_r (t/bw) rect((h-t)/bw) df` to `dt`.

@@ -1533,3 +1533,51 @@ fn batch_topk_takes_the_largest_with_ties_in_row_major_order() {
         }
     }
 }
+
+/// A gated block's latents in one pass are the bits of copying the rows, then
+/// `scale_shift_cols`, `relu` and `mask_positive`; zeros and NaN gates included; and the
+/// same rows of `jumprelu_rows` are `jumprelu`'s.
+#[test]
+fn block_latents_in_one_pass_are_the_composed_ops() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(44);
+    let (r, c) = (7, 37);
+    let mut g = rand_vec(&mut rng, r * c);
+    g[3] = 0.0;
+    g[4] = -0.0;
+    g[5] = f32::NAN;
+    let g = t(&[r, c], g);
+    let e = t(
+        &[c],
+        rand_vec(&mut rng, c)
+            .iter()
+            .map(|v| v.abs() + 0.5)
+            .collect(),
+    );
+    let shift = t(&[c], rand_vec(&mut rng, c));
+    let cut = t(
+        &[c],
+        rand_vec(&mut rng, c).iter().map(|v| v.abs()).collect(),
+    );
+    for (start, rows) in [(0, 7), (2, 3), (6, 1)] {
+        let mut gate = t(&[rows, c], vec![0.; rows * c]);
+        copy_rows(&g, start, &mut gate);
+        let mut h = gate.clone();
+        scale_shift_cols(&mut h, &e, &shift);
+        let mut want = t(&[rows, c], vec![0.; rows * c]);
+        relu(&h, &mut want);
+        mask_positive(&mut want, &gate);
+        let mut got = t(&[rows, c], vec![1.; rows * c]);
+        gated_latents_rows(&g, start, &e, &shift, &mut got);
+        let canon = |x: &Tensor| {
+            let z = |v: &f32| if *v == 0.0 { 0 } else { v.to_bits() };
+            x.to_vec().iter().map(z).collect::<Vec<_>>()
+        };
+        // Signs of zero aside (relu may keep -0), the same bits.
+        assert_eq!(canon(&got), canon(&want), "gated rows {start}+{rows}");
+        let mut want = t(&[rows, c], vec![0.; rows * c]);
+        jumprelu(&gate, &cut, &mut want);
+        let mut got = t(&[rows, c], vec![1.; rows * c]);
+        jumprelu_rows(&g, start, &cut, &mut got);
+        assert_eq!(bits(&got), bits(&want), "jumprelu rows {start}+{rows}");
+    }
+}

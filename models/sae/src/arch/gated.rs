@@ -35,6 +35,8 @@ pub(crate) struct Gated {
     /// `pi_gate * e + shift` `[d_sae]`.
     e: Tensor,
     shift: Tensor,
+    /// Zeros `[d_sae]`: the cut of the penalised `ReLU(pi_gate)`.
+    zero: Tensor,
     /// Dense path: its row blocks, the L1 scale `coefficient / B`, and the auxiliary
     /// path's input when it is not `sae_in` (`x - b_dec` without run-time
     /// normalisation) `[B, d_in]`.
@@ -61,6 +63,7 @@ impl Gated {
             pi_gate: z.clone(),
             e: Tensor::zeros(device, &[0]),
             shift: Tensor::zeros(device, &[0]),
+            zero: Tensor::zeros(device, &[cfg.d_sae]),
             blk: Blocks::new(device),
             c: 0.0,
             aux_in: None,
@@ -84,23 +87,31 @@ impl Gated {
         ops::axpy(&mut self.shift, -1.0, &b_gate_e);
     }
 
-    /// The magnitudes of `gate` (a block of `pi_gate`) into `h`, and the latents
-    /// `ReLU(h) * (gate > 0)` into `f`.
-    fn block_latents(&self, gate: &Tensor, h: &mut Tensor, f: &mut Tensor) {
-        h.resize(gate.shape());
-        ops::copy(h, gate);
-        ops::scale_shift_cols(h, &self.e, &self.shift);
-        f.resize(gate.shape());
-        ops::relu(h, f);
-        ops::mask_positive(f, gate);
+    /// The latents of rows `start..start + rows` into `f`.
+    fn latents_rows(&self, start: usize, rows: usize, f: &mut Tensor) {
+        f.resize(&[rows, self.cfg.d_sae]);
+        ops::gated_latents_rows(&self.pi_gate, start, &self.e, &self.shift, f);
     }
 
-    /// The auxiliary path's gate pre-activations for rows `start..start + rows`: those
-    /// of `pi_gate` (in `a` already) unless it reads another input.
-    fn aux_gate_rows(&self, p: &Params, start: usize, a: &mut Tensor, x: &mut Tensor) {
-        if let Some(xin) = &self.aux_in {
-            take_rows(xin, start, a.rows(), x);
-            linear_into(a, x, p.get(W_ENC), p.get(B_GATE));
+    /// The penalised `ReLU` of the auxiliary path's gate pre-activations for rows
+    /// `start..start + rows` into `f`: those of `pi_gate` unless it reads another
+    /// input (then `h` and `x` are scratch).
+    fn aux_relu_rows(
+        &self,
+        p: &Params,
+        (start, rows): (usize, usize),
+        f: &mut Tensor,
+        h: &mut Tensor,
+        x: &mut Tensor,
+    ) {
+        f.resize(&[rows, self.cfg.d_sae]);
+        match &self.aux_in {
+            None => ops::jumprelu_rows(&self.pi_gate, start, &self.zero, f),
+            Some(xin) => {
+                take_rows(xin, start, rows, x);
+                linear_into(h, x, p.get(W_ENC), p.get(B_GATE));
+                ops::relu(h, f);
+            }
         }
     }
 
@@ -121,12 +132,10 @@ impl Gated {
         let mut l1 = 0.0;
         let mut k = std::mem::replace(&mut self.blk, Blocks::new(&dev));
         for (start, rows) in row_blocks(b) {
-            take_rows(&self.pi_gate, start, rows, &mut k.a);
-            self.block_latents(&k.a, &mut k.b, &mut k.c);
+            self.latents_rows(start, rows, &mut k.c);
             decode_rows(&mut s.recon, p.get(W_DEC), &k.c, start, &mut k.r);
             // l1 = coefficient * mean_r sum_j relu(pi_gate) * ||W_dec[j]||
-            self.aux_gate_rows(p, start, &mut k.a, &mut k.x);
-            ops::relu(&k.a, &mut k.b);
+            self.aux_relu_rows(p, (start, rows), &mut k.b, &mut k.a, &mut k.x);
             l1 += ops::lp_sparsity(&k.b, Some(&s.n), 1.0, self.c, None, None);
             decode_rows(&mut via, p.get(W_DEC), &k.b, start, &mut k.r);
         }
@@ -134,9 +143,9 @@ impl Gated {
         (l1, via)
     }
 
-    /// The dense backward, a row block at a time. Per block `a` holds the gate
-    /// pre-activations (then the gradient with respect to `ReLU(pi_gate)`), `b` the
-    /// magnitudes (then that ReLU), `c` the latents (then the magnitudes' gradient).
+    /// The dense backward, a row block at a time. Per block `c` holds the latents
+    /// (then the auxiliary gate's gradient), `a` their gradient (then the magnitudes',
+    /// times `e^r`), `b` the penalised `ReLU(gate)`.
     fn dense_backward(&mut self, p: &Params, s: &mut Shared, g: &mut Params) {
         let dev = s.device.clone();
         let m = self.cfg.d_sae;
@@ -150,48 +159,44 @@ impl Gated {
         );
         let mut k = std::mem::replace(&mut self.blk, Blocks::new(&dev));
         for (start, rows) in row_blocks(s.batch()) {
-            take_rows(&self.pi_gate, start, rows, &mut k.a);
-            self.block_latents(&k.a, &mut k.b, &mut k.c);
             // Main path: the decoder, then the magnitudes (the gate is a constant mask).
-            take_rows(&s.d_recon, start, rows, &mut k.r);
-            ops::matmul(g.get_mut(W_DEC), &k.c, true, &k.r, false, 1.0, 1.0);
-            ops::matmul(&mut k.c, &k.r, false, w_dec, true, 1.0, 0.0);
-            ops::mask_positive(&mut k.c, &k.b);
-            ops::mask_positive(&mut k.c, &k.a);
-            ops::col_sums(&k.c, &mut db_mag, 1.0, 1.0);
+            self.latents_rows(start, rows, &mut k.c);
+            s.decoder_backward_rows(w_dec, &k.c, start, g.get_mut(W_DEC), &mut k.a, &mut k.r);
+            // The latents are positive exactly where the gate is open and the
+            // magnitude positive, and equal the magnitude there.
+            ops::mask_positive(&mut k.a, &k.c);
+            ops::col_sums(&k.a, &mut db_mag, 1.0, 1.0);
             // d r_j = sum_r d_h * (sae_in @ W_enc * e^r)_j = sum_r d_h * h_mag - b_mag_j db_mag_j
-            ops::mul(&mut k.b, &k.c);
-            ops::col_sums(&k.b, &mut dr, 1.0, 1.0);
-            // The magnitudes' gradient reaches W_enc times e^r.
-            ops::mul_row_vec(&mut k.c, &self.e);
+            ops::mul(&mut k.c, &k.a);
+            ops::col_sums(&k.c, &mut dr, 1.0, 1.0);
+            ops::mul_row_vec(&mut k.a, &self.e);
 
             // Auxiliary path: via = ReLU(gate) @ W_dec + b_dec, and the L1 penalty on
-            // ReLU(gate), whose gradient `a` takes.
-            self.aux_gate_rows(p, start, &mut k.a, &mut k.x);
-            ops::relu(&k.a, &mut k.b);
+            // ReLU(gate).
+            self.aux_relu_rows(p, (start, rows), &mut k.b, &mut k.c, &mut k.x);
             take_rows(&self.d_via, start, rows, &mut k.r);
             ops::matmul(g.get_mut(W_DEC), &k.b, true, &k.r, false, 1.0, 1.0);
-            ops::matmul(&mut k.a, &k.r, false, w_dec, true, 1.0, 0.0);
+            k.c.resize(k.b.shape());
+            ops::matmul(&mut k.c, &k.r, false, w_dec, true, 1.0, 0.0);
             let dn = Some(&mut s.dn);
-            ops::lp_sparsity(&k.b, Some(&s.n), 1.0, self.c, Some(&mut k.a), dn);
+            ops::lp_sparsity(&k.b, Some(&s.n), 1.0, self.c, Some(&mut k.c), dn);
             // ReLU's backward: `b` is positive exactly where the gate is.
-            ops::mask_positive(&mut k.a, &k.b);
-            ops::col_sums(&k.a, &mut db_gate, 1.0, 1.0);
+            ops::mask_positive(&mut k.c, &k.b);
+            ops::col_sums(&k.c, &mut db_gate, 1.0, 1.0);
 
             // Encoder: W_enc gets sae_in^T (d_h * e^r) and aux_in^T d_gate, one product
             // when the two inputs are the same.
             let gw = g.get_mut(W_ENC);
+            take_rows(&s.sae_in, start, rows, &mut k.x);
             match &self.aux_in {
                 None => {
-                    ops::axpy(&mut k.c, 1.0, &k.a);
-                    take_rows(&s.sae_in, start, rows, &mut k.x);
-                    ops::matmul(gw, &k.x, true, &k.c, false, 1.0, 1.0);
+                    ops::axpy(&mut k.a, 1.0, &k.c);
+                    ops::matmul(gw, &k.x, true, &k.a, false, 1.0, 1.0);
                 }
                 Some(xin) => {
-                    take_rows(&s.sae_in, start, rows, &mut k.x);
-                    ops::matmul(gw, &k.x, true, &k.c, false, 1.0, 1.0);
-                    take_rows(xin, start, rows, &mut k.x);
                     ops::matmul(gw, &k.x, true, &k.a, false, 1.0, 1.0);
+                    take_rows(xin, start, rows, &mut k.x);
+                    ops::matmul(gw, &k.x, true, &k.c, false, 1.0, 1.0);
                 }
             }
         }
@@ -428,9 +433,6 @@ impl LatentRows for Gated {
     }
 
     fn latents(&self, start: usize, out: &mut Tensor) {
-        let dev = self.device();
-        let (mut gate, mut h) = (Tensor::zeros(&dev, &[0, 0]), Tensor::zeros(&dev, &[0, 0]));
-        take_rows(&self.pi_gate, start, out.rows(), &mut gate);
-        self.block_latents(&gate, &mut h, out);
+        self.latents_rows(start, out.rows(), out);
     }
 }

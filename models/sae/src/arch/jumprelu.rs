@@ -259,13 +259,12 @@ impl Arch for JumpRelu {
             let tanh = self.tanh_mode();
             let k = &mut self.blk;
             for (start, rows) in row_blocks(b) {
-                take_rows(&self.h, start, rows, &mut k.a);
-                k.b.resize(k.a.shape());
-                ops::jumprelu(&k.a, &self.t, &mut k.b);
+                k.b.resize(&[rows, m]);
+                ops::jumprelu_rows(&self.h, start, &self.t, &mut k.b);
                 if tanh {
                     // The loss's value and `dn` now, `d_f` (here thrown away) per block
                     // in the backward.
-                    k.c.resize(k.a.shape());
+                    k.c.resize(&[rows, m]);
                     tanh_sum += ops::tanh_sparsity(&k.b, &s.n, scale, c, &mut k.c, &mut s.dn);
                 }
                 decode_rows(&mut s.recon, p.get(W_DEC), &k.b, start, &mut k.r);
