@@ -907,17 +907,22 @@ pub fn min_positive(x: &[f32]) -> Option<f32> {
         .reduce_with(f32::min)
 }
 
-/// Number of nonzero entries in each column.
-pub fn col_nonzero_counts(x: &[f32], cols: usize, out: &mut [f32]) {
+/// `out[j]` = the number of rows `r` with `hit(x[r, j], j)`.
+fn col_counts_where(
+    x: &[f32],
+    cols: usize,
+    out: &mut [f32],
+    hit: impl Fn(f32, usize) -> bool + Sync,
+) {
     let acc = x
         .par_chunks(cols)
         .fold_chunks(
             BLOCK_ROWS,
             || vec![0f64; cols],
             |mut acc, row| {
-                acc.iter_mut()
-                    .zip(row)
-                    .for_each(|(a, &v)| *a += (v != 0.0) as u8 as f64);
+                for (j, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
+                    *a += hit(v, j) as u8 as f64;
+                }
                 acc
             },
         )
@@ -926,23 +931,14 @@ pub fn col_nonzero_counts(x: &[f32], cols: usize, out: &mut [f32]) {
     out.iter_mut().zip(acc).for_each(|(o, a)| *o = a as f32);
 }
 
+/// Number of nonzero entries in each column.
+pub fn col_nonzero_counts(x: &[f32], cols: usize, out: &mut [f32]) {
+    col_counts_where(x, cols, out, |v, _| v != 0.0)
+}
+
 /// `out[j] = number of r with h[r, j] > t[j]` (how often a JumpReLU latent fired).
 pub fn step_count_cols(h: &[f32], cols: usize, t: &[f32], out: &mut [f32]) {
-    let acc = h
-        .par_chunks(cols)
-        .fold_chunks(
-            BLOCK_ROWS,
-            || vec![0f64; cols],
-            |mut acc, row| {
-                acc.iter_mut()
-                    .zip(row.iter().zip(t))
-                    .for_each(|(a, (h, t))| *a += (h > t) as u8 as f64);
-                acc
-            },
-        )
-        .collect::<Vec<_>>();
-    let acc = sum_in_order(acc, cols);
-    out.iter_mut().zip(acc).for_each(|(o, a)| *o = a as f32);
+    col_counts_where(h, cols, out, |v, j| v > t[j])
 }
 
 /// Number of nonzero entries in each row.
