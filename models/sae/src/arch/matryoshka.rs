@@ -3,10 +3,11 @@
 //! Optionally (`use_matryoshka_aux_loss`) each level's dead latents reconstruct that
 //! level's residual.
 //!
-//! With `use_sparse_activations` the prefix decodes are sparse too: level `l` decodes
-//! the selected latents with their values zeroed from column `w_l` on (one CSR product
-//! per level, `L k d` per token instead of the dense path's `d m`), and its backward is
-//! the same masked products.
+//! With `use_sparse_activations` the prefix decodes are sparse too: the selected
+//! latents are split by level segment (columns `[w_{l-1}, w_l)`), the inner levels'
+//! decodes are running sums of the segments' products and the outer level's is the
+//! main decode, so every selected latent is decoded once; its backward takes each
+//! segment once against the sum of the gradients of the levels it feeds.
 
 use super::batchtopk::update_threshold;
 use super::topk::{Select, TopK};
@@ -20,32 +21,26 @@ use schemas::SaeConfig;
 pub(crate) struct Matryoshka {
     core: TopK,
     levels: Vec<usize>,
-    /// Per level, `1` on the columns it decodes and `0` after (`[d_sae]`).
-    prefix_masks: Vec<Tensor>,
     /// Decoder input, dense `[B, d_sae]` (dense path only).
     fs: Tensor,
     /// Gradient of each inner level's loss with respect to its decode, before output
     /// normalisation (`[B, d_in]` per level except the outermost).
     d_inner: Vec<Tensor>,
+    /// Sparse path: the decoder input's entries in each inner level's segment, with
+    /// each entry's position in the whole decoder input.
+    segs: Vec<(Csr, Vec<u32>)>,
 }
 
 impl Matryoshka {
     pub fn new(cfg: &SaeConfig, device: &Device) -> Matryoshka {
         let core = TopK::new(cfg, device, Select::Batch);
         let levels = cfg.matryoshka_levels();
-        let prefix_masks = levels
-            .iter()
-            .map(|&w| {
-                let v = (0..cfg.d_sae).map(|j| (j < w) as u8 as f32).collect();
-                crate::common::vector(device, v)
-            })
-            .collect();
         Matryoshka {
             core,
             levels,
-            prefix_masks,
             fs: Tensor::zeros(device, &[0, 0]),
             d_inner: Vec::new(),
+            segs: Vec::new(),
         }
     }
 
@@ -54,15 +49,21 @@ impl Matryoshka {
     fn prefix_decodes(&self, p: &Params, s: &Shared) -> Vec<Tensor> {
         let (b, d) = (s.batch(), self.core.cfg.d_in);
         if self.core.sparse {
-            return (0..self.levels.len())
-                .map(|l| {
-                    let mut o = Tensor::zeros(&s.device, &[b, d]);
-                    ops::csr_matmul(&mut o, &self.prefix(l), p.get(W_DEC), 1.0, 0.0);
+            let mut decoded = Tensor::zeros(&s.device, &[b, d]);
+            let mut out: Vec<Tensor> = self
+                .segs
+                .iter()
+                .map(|(seg, _)| {
+                    ops::csr_matmul(&mut decoded, seg, p.get(W_DEC), 1.0, 1.0);
+                    let mut o = decoded.clone();
                     ops::add_row_vec(&mut o, p.get(B_DEC), 1.0);
                     finish_output(&mut o, s.norm.as_ref());
                     o
                 })
                 .collect();
+            // The outer level decodes every selected latent: the main reconstruction.
+            out.push(s.sae_out.clone());
+            return out;
         }
         let mut decoded = Tensor::zeros(&s.device, &[b, d]);
         ops::add_row_vec(&mut decoded, p.get(B_DEC), 1.0);
@@ -79,31 +80,62 @@ impl Matryoshka {
         out
     }
 
-    /// The decoder input with its values zeroed from level `l`'s width on.
-    fn prefix(&self, l: usize) -> Csr {
-        let mut f = self.core.fs.clone();
-        ops::csr_scale_cols(&mut f, &self.prefix_masks[l]);
-        f
+    /// The decoder input's entries in each inner level's segment (columns
+    /// `[w_{l-1}, w_l)`), with their positions in it. Columns ascend within a row, so a
+    /// row's entries of one segment are a run.
+    fn split_segments(&self) -> Vec<(Csr, Vec<u32>)> {
+        let fs = &self.core.fs;
+        let (offsets, cols, vals) = (
+            fs.offsets_to_vec(),
+            fs.indices_to_vec(),
+            fs.values().to_vec(),
+        );
+        let mut lo = 0;
+        self.levels[..self.levels.len() - 1]
+            .iter()
+            .map(|&hi| {
+                let (mut o, mut c, mut v, mut at) = (vec![0u32], vec![], vec![], vec![]);
+                for r in 0..fs.rows() {
+                    for e in offsets[r] as usize..offsets[r + 1] as usize {
+                        if (lo..hi).contains(&(cols[e] as usize)) {
+                            c.push(cols[e]);
+                            v.push(vals[e]);
+                            at.push(e as u32);
+                        }
+                    }
+                    o.push(c.len() as u32);
+                }
+                lo = hi;
+                let seg = Csr::from_parts(&fs.device(), fs.rows(), fs.cols(), o, c, v);
+                (seg, at)
+            })
+            .collect()
     }
 
     /// The inner levels' backward over the selected latents only: weight gradients and
-    /// the decoder input's gradient at its stored entries.
+    /// the decoder input's gradient at its stored entries. Segment `l` feeds the levels
+    /// from `l` on, so it meets the sum of their decode gradients, once.
     fn sparse_inner_backward(&self, p: &Params, g: &mut Params) -> Tensor {
         let dev = self.core.fs.device();
-        let nnz = self.core.fs.nnz();
-        let mut extra = Tensor::zeros(&dev, &[nnz]);
-        for (l, d) in self.d_inner.iter().enumerate() {
-            let mut f = self.prefix(l);
-            ops::csr_t_matmul(g.get_mut(W_DEC), &f, d, false, 1.0, 1.0);
-            ops::col_sums(d, g.get_mut(B_DEC), 1.0, 1.0);
-            // d @ W_dec^T at the entries, zero past the level's width
-            let mut at = Tensor::zeros(&dev, &[nnz]);
-            ops::csr_sampled_dot(&f, d, p.get(W_DEC), &mut at);
-            *f.values_mut() = at;
-            ops::csr_scale_cols(&mut f, &self.prefix_masks[l]);
-            ops::axpy(&mut extra, 1.0, f.values());
+        let mut extra = vec![0f32; self.core.fs.nnz()];
+        let mut acc = Tensor::zeros(&dev, &[0, 0]);
+        for (l, (seg, at)) in self.segs.iter().enumerate().rev() {
+            let d = &self.d_inner[l];
+            match acc.numel() {
+                0 => acc = d.clone(),
+                _ => ops::axpy(&mut acc, 1.0, d),
+            }
+            ops::csr_t_matmul(g.get_mut(W_DEC), seg, &acc, false, 1.0, 1.0);
+            let mut dots = Tensor::zeros(&dev, &[seg.nnz()]);
+            ops::csr_sampled_dot(seg, &acc, p.get(W_DEC), &mut dots);
+            for (&e, v) in at.iter().zip(dots.to_vec()) {
+                extra[e as usize] = v;
+            }
         }
-        extra
+        if acc.numel() > 0 {
+            ops::col_sums(&acc, g.get_mut(B_DEC), 1.0, 1.0);
+        }
+        crate::common::vector(&dev, extra)
     }
 
     /// Columns `[a, b)` of the decoder input and rows `[a, b)` of `W_dec`.
@@ -137,6 +169,10 @@ impl Arch for Matryoshka {
         b: &mut Buffers,
     ) -> Result<Losses> {
         let mse = self.core.forward_core(p, s, input);
+        self.segs = match self.core.sparse {
+            true => self.split_segments(),
+            false => Vec::new(),
+        };
         if !self.core.sparse {
             self.fs = Tensor::zeros(&s.device, &[s.batch(), self.core.cfg.d_sae]);
             ops::csr_to_dense(&self.core.fs, &mut self.fs);
