@@ -35,6 +35,21 @@ fn is_vec(v: &Tensor, n: usize, what: &str) {
     );
 }
 
+/// Checks that `block` fits rows `start..start + block.rows` of `whole` with the same
+/// columns; returns the column count.
+fn row_block(whole: &Tensor, start: usize, block: &Tensor, what: &str) -> usize {
+    let (r, c) = dims2(whole);
+    let (br, bc) = dims2(block);
+    assert!(
+        bc == c && start + br <= r,
+        "{what}: rows {start}..{} of {:?} against a block {:?}",
+        start + br,
+        whole.shape(),
+        block.shape()
+    );
+    c
+}
+
 fn dims2(t: &Tensor) -> (usize, usize) {
     (t.rows(), t.cols())
 }
@@ -318,15 +333,8 @@ pub fn jumprelu(h: &Tensor, t: &Tensor, f: &mut Tensor) {
 
 /// [`jumprelu`] of a block of rows: `f = jumprelu(h[start..start + f.rows, :], t)`.
 pub fn jumprelu_rows(h: &Tensor, start: usize, t: &Tensor, f: &mut Tensor) {
-    let (r, c) = dims2(h);
-    let (fr, fc) = dims2(f);
-    assert!(
-        fc == c && start + fr <= r,
-        "jumprelu_rows: {:?}[{start}..{}] into {:?}",
-        h.shape(),
-        start + fr,
-        f.shape()
-    );
+    let c = row_block(h, start, f, "jumprelu_rows");
+    let fr = f.rows();
     is_vec(t, c, "jumprelu_rows threshold");
     #[cfg(feature = "cuda")]
     if h.gpu().is_some() {
@@ -346,15 +354,8 @@ pub fn jumprelu_rows(h: &Tensor, start: usize, t: &Tensor, f: &mut Tensor) {
 /// `f = ReLU(g * e[j] + shift[j]) * (g > 0)` over `g[start..start + f.rows, :]`, the
 /// bits of [`scale_shift_cols`], [`relu`] and [`mask_positive`] in one pass.
 pub fn gated_latents_rows(g: &Tensor, start: usize, e: &Tensor, shift: &Tensor, f: &mut Tensor) {
-    let (r, c) = dims2(g);
-    let (fr, fc) = dims2(f);
-    assert!(
-        fc == c && start + fr <= r,
-        "gated_latents_rows: {:?}[{start}..{}] into {:?}",
-        g.shape(),
-        start + fr,
-        f.shape()
-    );
+    let c = row_block(g, start, f, "gated_latents_rows");
+    let fr = f.rows();
     is_vec(e, c, "gated_latents_rows scale");
     is_vec(shift, c, "gated_latents_rows shift");
     #[cfg(feature = "cuda")]
@@ -853,15 +854,8 @@ pub fn add_cols(dst: &mut Tensor, start: usize, src: &Tensor) {
 
 /// `dst = src[start..start + dst.rows, :]` (a block of rows).
 pub fn copy_rows(src: &Tensor, start: usize, dst: &mut Tensor) {
-    let (r, c) = dims2(src);
-    let (dr, dc) = dims2(dst);
-    assert!(
-        dc == c && start + dr <= r,
-        "copy_rows: {:?}[{start}..{}] into {:?}",
-        src.shape(),
-        start + dr,
-        dst.shape()
-    );
+    let c = row_block(src, start, dst, "copy_rows");
+    let dr = dst.rows();
     on_cuda!(dst, |g| g.copy_range(dst.cu_mut(), src.cu(), start * c));
     dst.cpu_mut()
         .copy_from_slice(&src.cpu()[start * c..(start + dr) * c]);
@@ -869,14 +863,8 @@ pub fn copy_rows(src: &Tensor, start: usize, dst: &mut Tensor) {
 
 /// `dst[start..start + src.rows, :] = src`.
 pub fn copy_into_rows(dst: &mut Tensor, start: usize, src: &Tensor) {
-    let (r, c) = dims2(dst);
-    let (sr, sc) = dims2(src);
-    assert!(
-        sc == c && start + sr <= r,
-        "copy_into_rows: {:?} into {:?} at row {start}",
-        src.shape(),
-        dst.shape()
-    );
+    let c = row_block(dst, start, src, "copy_into_rows");
+    let sr = src.rows();
     on_cuda!(dst, |g| g.copy_range_into(
         dst.cu_mut(),
         start * c,
@@ -887,14 +875,8 @@ pub fn copy_into_rows(dst: &mut Tensor, start: usize, src: &Tensor) {
 
 /// `dst[start..start + src.rows, :] += src`.
 pub fn add_rows(dst: &mut Tensor, start: usize, src: &Tensor) {
-    let (r, c) = dims2(dst);
-    let (sr, sc) = dims2(src);
-    assert!(
-        sc == c && start + sr <= r,
-        "add_rows: {:?} into {:?} at row {start}",
-        src.shape(),
-        dst.shape()
-    );
+    let c = row_block(dst, start, src, "add_rows");
+    let sr = src.rows();
     on_cuda!(dst, |g| g.axpy(dst.cu_mut(), start * c, 1.0, src.cu()));
     cpu::axpy(
         &mut dst.cpu_mut()[start * c..(start + sr) * c],

@@ -263,25 +263,26 @@ pub(crate) fn decode_rows(
     ops::copy_into_rows(out, start, r);
 }
 
-impl Shared {
-    /// A row block's share of the decoder's backward (less the `b_dec` gradient, a
-    /// whole-batch column sum): `d W_dec += acts^T @ d_recon[rows]` and
-    /// `d_acts = d_recon[rows] @ W_dec^T` (resized). Leaves `d_recon`'s block in `r`.
-    pub fn decoder_backward_rows(
-        &self,
-        w_dec: &Tensor,
-        acts: &Tensor,
-        start: usize,
-        g_w_dec: &mut Tensor,
-        d_acts: &mut Tensor,
-        r: &mut Tensor,
-    ) {
-        take_rows(&self.d_recon, start, acts.rows(), r);
-        ops::matmul(g_w_dec, acts, true, r, false, 1.0, 1.0);
-        d_acts.resize(acts.shape());
-        ops::matmul(d_acts, r, false, w_dec, true, 1.0, 0.0);
-    }
+/// A row block's share of a decoder's backward, given the decode's output gradient
+/// `d_out` (less the `b_dec` gradient, a whole-batch column sum):
+/// `d W_dec += acts^T @ d_out[rows]` and `d_acts = d_out[rows] @ W_dec^T` (resized).
+/// Leaves `d_out`'s block in `r`.
+pub(crate) fn decoder_backward_rows(
+    d_out: &Tensor,
+    w_dec: &Tensor,
+    acts: &Tensor,
+    start: usize,
+    g_w_dec: &mut Tensor,
+    d_acts: &mut Tensor,
+    r: &mut Tensor,
+) {
+    take_rows(d_out, start, acts.rows(), r);
+    ops::matmul(g_w_dec, acts, true, r, false, 1.0, 1.0);
+    d_acts.resize(acts.shape());
+    ops::matmul(d_acts, r, false, w_dec, true, 1.0, 0.0);
+}
 
+impl Shared {
     /// A row block's share of the encoder-weight gradient: `dw += input[rows]^T @ d_h`
     /// and `db += sum_r d_h` (`x` is scratch). [`Shared::encoder_bias_backward`] ends it.
     pub fn encoder_backward_rows(

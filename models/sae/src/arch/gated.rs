@@ -19,7 +19,7 @@ use super::{
     choose_path, linear_counting_into, linear_into, Acts, Arch, Buffers, LatentRows, Losses,
     StepInput, StepPath,
 };
-use crate::common::{decode_rows, row_blocks, take_rows, Blocks, Shared};
+use crate::common::{decode_rows, decoder_backward_rows, row_blocks, take_rows, Blocks, Shared};
 use crate::{Params, Result};
 use kernels::{ops, Csr, Device, Tensor};
 use schemas::tensors::{B_DEC, B_GATE, B_MAG, R_MAG, W_DEC, W_ENC};
@@ -161,7 +161,8 @@ impl Gated {
         for (start, rows) in row_blocks(s.batch()) {
             // Main path: the decoder, then the magnitudes (the gate is a constant mask).
             self.latents_rows(start, rows, &mut k.c);
-            s.decoder_backward_rows(w_dec, &k.c, start, g.get_mut(W_DEC), &mut k.a, &mut k.r);
+            let gw = g.get_mut(W_DEC);
+            decoder_backward_rows(&s.d_recon, w_dec, &k.c, start, gw, &mut k.a, &mut k.r);
             // The latents are positive exactly where the gate is open and the
             // magnitude positive, and equal the magnitude there.
             ops::mask_positive(&mut k.a, &k.c);
@@ -174,10 +175,8 @@ impl Gated {
             // Auxiliary path: via = ReLU(gate) @ W_dec + b_dec, and the L1 penalty on
             // ReLU(gate).
             self.aux_relu_rows(p, (start, rows), &mut k.b, &mut k.c, &mut k.x);
-            take_rows(&self.d_via, start, rows, &mut k.r);
-            ops::matmul(g.get_mut(W_DEC), &k.b, true, &k.r, false, 1.0, 1.0);
-            k.c.resize(k.b.shape());
-            ops::matmul(&mut k.c, &k.r, false, w_dec, true, 1.0, 0.0);
+            let gw = g.get_mut(W_DEC);
+            decoder_backward_rows(&self.d_via, w_dec, &k.b, start, gw, &mut k.c, &mut k.r);
             let dn = Some(&mut s.dn);
             ops::lp_sparsity(&k.b, Some(&s.n), 1.0, self.c, Some(&mut k.c), dn);
             // ReLU's backward: `b` is positive exactly where the gate is.

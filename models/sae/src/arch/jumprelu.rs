@@ -26,7 +26,7 @@ use super::{
     choose_path, linear_into, n_dead, pre_activations, Acts, Arch, Buffers, Losses, StepInput,
     StepPath,
 };
-use crate::common::{decode_rows, row_blocks, take_rows, Blocks, Shared};
+use crate::common::{decode_rows, decoder_backward_rows, row_blocks, take_rows, Blocks, Shared};
 use crate::{Params, Result};
 use kernels::{ops, Csr, Device, Tensor};
 use schemas::tensors::{B_DEC, B_ENC, LOG_THRESHOLD, THRESHOLD, W_DEC, W_ENC};
@@ -141,7 +141,15 @@ impl JumpRelu {
             k.b.resize(k.a.shape());
             ops::jumprelu(&k.a, t, &mut k.b);
             let gw = g.get_mut(W_DEC);
-            s.decoder_backward_rows(p.get(W_DEC), &k.b, start, gw, &mut k.c, &mut k.r);
+            decoder_backward_rows(
+                &s.d_recon,
+                p.get(W_DEC),
+                &k.b,
+                start,
+                gw,
+                &mut k.c,
+                &mut k.r,
+            );
             if tanh {
                 ops::tanh_sparsity(&k.b, &s.n, scale, self.c, &mut k.c, &mut no_dn);
             }

@@ -13,7 +13,8 @@ use super::{
     choose_path, linear_into, pre_activations, Acts, Arch, Buffers, Losses, StepInput, StepPath,
 };
 use crate::common::{
-    decode_rows, dense_batch_weights, per_item_mse, row_blocks, take_rows, Blocks, Shared,
+    decode_rows, decoder_backward_rows, dense_batch_weights, per_item_mse, row_blocks, take_rows,
+    Blocks, Shared,
 };
 use crate::{Params, Result};
 use kernels::{ops, Csr, Device, Tensor};
@@ -253,7 +254,15 @@ impl Arch for Standard {
         for (start, rows) in row_blocks(s.batch()) {
             latents_rows(&self.cfg, (&self.h, &self.zero), start, rows, &mut k.b);
             let gw = g.get_mut(W_DEC);
-            s.decoder_backward_rows(p.get(W_DEC), &k.b, start, gw, &mut k.c, &mut k.r);
+            decoder_backward_rows(
+                &s.d_recon,
+                p.get(W_DEC),
+                &k.b,
+                start,
+                gw,
+                &mut k.c,
+                &mut k.r,
+            );
             let (n, dn) = match weighted {
                 true => (Some(&s.n), Some(&mut dn)),
                 false => (None, None),
