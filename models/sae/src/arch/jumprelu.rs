@@ -140,16 +140,8 @@ impl JumpRelu {
             take_rows(&self.h, start, rows, &mut k.a);
             k.b.resize(k.a.shape());
             ops::jumprelu(&k.a, t, &mut k.b);
-            let gw = g.get_mut(W_DEC);
-            decoder_backward_rows(
-                &s.d_recon,
-                p.get(W_DEC),
-                &k.b,
-                start,
-                gw,
-                &mut k.c,
-                &mut k.r,
-            );
+            let (w, gw) = (p.get(W_DEC), g.get_mut(W_DEC));
+            decoder_backward_rows(&s.d_recon, w, &k.b, start, gw, &mut k.c, &mut k.r);
             if tanh {
                 ops::tanh_sparsity(&k.b, &s.n, scale, self.c, &mut k.c, &mut no_dn);
             }

@@ -253,16 +253,8 @@ impl Arch for Standard {
         let tanh = self.cfg.activation_fn == ActivationFn::TanhRelu;
         for (start, rows) in row_blocks(s.batch()) {
             latents_rows(&self.cfg, (&self.h, &self.zero), start, rows, &mut k.b);
-            let gw = g.get_mut(W_DEC);
-            decoder_backward_rows(
-                &s.d_recon,
-                p.get(W_DEC),
-                &k.b,
-                start,
-                gw,
-                &mut k.c,
-                &mut k.r,
-            );
+            let (w, gw) = (p.get(W_DEC), g.get_mut(W_DEC));
+            decoder_backward_rows(&s.d_recon, w, &k.b, start, gw, &mut k.c, &mut k.r);
             let (n, dn) = match weighted {
                 true => (Some(&s.n), Some(&mut dn)),
                 false => (None, None),
